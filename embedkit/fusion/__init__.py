@@ -1,0 +1,26 @@
+"""Fusion classifiers on stored embeddings, their metrics and splits."""
+
+from embedkit.fusion.estimator import FusionClassifier, LogisticBaseline, NotFittedEmbedkitError
+from embedkit.fusion.evaluate import (
+    compute_metrics,
+    detect_task,
+    expected_calibration_error,
+    kfold_indices,
+    split_indices,
+    summarize_runs,
+)
+from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
+
+__all__ = [
+    "EarlyFusionHead",
+    "FusionClassifier",
+    "LateFusionHead",
+    "LogisticBaseline",
+    "NotFittedEmbedkitError",
+    "compute_metrics",
+    "detect_task",
+    "expected_calibration_error",
+    "kfold_indices",
+    "split_indices",
+    "summarize_runs",
+]

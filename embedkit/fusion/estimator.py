@@ -1,0 +1,483 @@
+"""Scikit-learn style classifiers on stored embeddings: the fusion heads and a logistic baseline.
+
+X is a float matrix with the modality blocks side by side (block widths in `modality_dims`) or
+a dict {modality: 2-D array}. y is 1-D labels (binary / multiclass) or a 2-D 0/1 indicator
+matrix (multilabel). A fitted estimator saves to a folder as `model.safetensors` +
+`estimator.json` and loads back without pickle, so a model folder from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.special import expit, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from embedkit.errors import EmbedkitError
+from embedkit.fusion.evaluate import detect_task
+from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
+
+WEIGHTS_FILE, META_FILE = "model.safetensors", "estimator.json"
+
+
+class NotFittedEmbedkitError(EmbedkitError, NotFittedError):
+    """predict before fit: a user error for the CLI, a NotFittedError for scikit-learn tools."""
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks shared by both estimators
+
+
+def _as_matrix(X, modality_dims=None, names=None):
+    """Return (float32 matrix with the blocks side by side, block widths, block names or None).
+
+    names: at predict time, the modality order seen in fit, so a dict's key order does not matter.
+    """
+    try:
+        if isinstance(X, dict):
+            X = {str(k): v for k, v in X.items()}
+            if names is not None:
+                if set(X) != set(names):
+                    raise EmbedkitError(f"X has modalities {sorted(X)}, the model was fitted on {names}")
+                X = {k: X[k] for k in names}
+            blocks = [np.asarray(v, dtype=np.float32) for v in X.values()]
+            if not blocks or any(b.ndim != 2 for b in blocks):
+                raise EmbedkitError("a dict X must map each modality name to a 2-D array (rows x features)")
+            if len({len(b) for b in blocks}) > 1:
+                raise EmbedkitError(f"modality blocks have different row counts: {[len(b) for b in blocks]}")
+            dims, names = tuple(b.shape[1] for b in blocks), list(X)
+            if modality_dims is not None and tuple(modality_dims) != dims:
+                raise EmbedkitError(f"modality_dims {tuple(modality_dims)} do not match the dict's block widths {dims}")
+            X = np.concatenate(blocks, axis=1)
+        else:
+            X = np.asarray(X, dtype=np.float32)
+            if X.ndim != 2:
+                raise EmbedkitError(f"X must be 2-D (rows x features), got shape {X.shape}")
+            dims = (X.shape[1],) if modality_dims is None else tuple(int(d) for d in modality_dims)
+            if min(dims) < 1 or sum(dims) != X.shape[1]:
+                raise EmbedkitError(f"modality_dims {dims} must be positive and sum to X's {X.shape[1]} columns")
+    except (TypeError, ValueError) as e:
+        raise EmbedkitError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
+    if len(X) == 0:
+        raise EmbedkitError("X has no rows")
+    bad = int((~np.isfinite(X)).any(axis=1).sum())
+    if bad:
+        raise EmbedkitError(f"X has {bad} of {len(X)} rows with NaN or infinite values; drop or impute them first")
+    return X, dims, names
+
+
+def _encode_labels(y, classes=None, task=None):
+    """Fit (classes=None) or apply the label encoding. Returns (task, classes, targets): targets are
+    class indices for binary/multiclass and a float32 0/1 matrix for multilabel."""
+    columns = getattr(y, "columns", None)  # a pandas DataFrame names its labels
+    y = np.asarray(y)
+    task = task or detect_task(y)
+    if task == "multilabel":
+        if y.ndim != 2 or (classes is not None and y.shape[1] != len(classes)):
+            raise EmbedkitError(f"multilabel y must be a 0/1 matrix with one column per label, got shape {y.shape}")
+        targets = y.astype(np.float32)
+        if classes is None:
+            classes = np.asarray([str(c) for c in columns]) if columns is not None else np.arange(y.shape[1])
+            if (targets.min(0) == targets.max(0)).all():
+                raise EmbedkitError("every label column of y holds one value only; nothing to learn")
+        return task, classes, targets
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.ravel()
+    if y.dtype.kind == "f" and np.isnan(y).any():
+        raise EmbedkitError(f"y has {int(np.isnan(y).sum())} missing labels (NaN); drop those rows first")
+    if classes is None:
+        classes, idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise EmbedkitError(f"y has {len(classes)} class(es) {classes.tolist()}; a classifier needs at least two")
+        return task, classes, idx.ravel().astype(np.int64)
+    index = {c: i for i, c in enumerate(classes.tolist())}
+    try:
+        return task, classes, np.array([index[c] for c in y.tolist()], dtype=np.int64)
+    except KeyError as e:
+        raise EmbedkitError(f"y holds label {e.args[0]!r} not seen in fit (classes {classes.tolist()})") from None
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _write(folder, tensors: dict, meta: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE))
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    return folder
+
+
+def _read(folder, fmt: str):
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise EmbedkitError(f"{folder} is not a saved model folder (needs {WEIGHTS_FILE} and {META_FILE})")
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != fmt:
+        raise EmbedkitError(f"{folder} holds a {meta.get('format')!r} model, not {fmt!r}")
+    return meta, load_file(str(folder / WEIGHTS_FILE))
+
+
+class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
+    """What both estimators share: input checks, standardisation, labels out, common metadata."""
+
+    def _check_fitted(self):
+        if not hasattr(self, "classes_"):
+            raise NotFittedEmbedkitError(f"this {type(self).__name__} is not fitted yet: call fit first")
+
+    def _check_X(self, X) -> np.ndarray:
+        self._check_fitted()
+        X, dims, _ = _as_matrix(X, names=self.modalities_ if isinstance(X, dict) else None)
+        if X.shape[1] != self.n_features_in_ or (self.modalities_ and len(dims) > 1 and dims != self.modality_dims_):
+            raise EmbedkitError(f"X has {X.shape[1]} columns, the model was fitted on {self.n_features_in_}")
+        return X
+
+    def _fit_scaling(self, X):
+        # Statistics of the training rows only; a constant feature gets scale 1 (stays 0, not NaN).
+        self.mean_ = X.mean(axis=0, dtype=np.float64)
+        self.scale_ = X.std(axis=0, dtype=np.float64)
+        self.scale_[self.scale_ == 0] = 1.0
+
+    def _standardise(self, X) -> np.ndarray:
+        # float32 throughout: a float64 copy of a large embedding matrix would double memory.
+        return (X - self.mean_.astype(np.float32)) / self.scale_.astype(np.float32)
+
+    def _index(self, proba) -> np.ndarray:
+        """Predicted class index (binary/multiclass) or 0/1 indicator matrix (multilabel)."""
+        if self.task_ == "multiclass":
+            return proba.argmax(axis=1)
+        p = proba[:, 1] if self.task_ == "binary" else proba
+        return (p >= self.threshold).astype(np.int64)
+
+    def predict(self, X):
+        """Original labels (binary: positive when p >= threshold); multilabel: 0/1 indicator matrix."""
+        idx = self._index(self.predict_proba(X))
+        return idx if self.task_ == "multilabel" else self.classes_[idx]
+
+    def _fitted_meta(self) -> dict:
+        return {
+            "params": self.get_params(),
+            "task": self.task_,
+            "classes": self.classes_.tolist(),
+            "classes_dtype": self.classes_.dtype.str,  # round-trips ints, strings and bools
+            "n_features_in": self.n_features_in_,
+            "modality_dims": list(self.modality_dims_),
+            "modalities": self.modalities_,
+            "fit_seconds": self.fit_seconds_,
+        }
+
+    def _restore_meta(self, meta: dict):
+        self.task_ = meta["task"]
+        self.classes_ = np.asarray(meta["classes"], dtype=np.dtype(meta["classes_dtype"]))
+        self.n_features_in_ = meta["n_features_in"]
+        self.modality_dims_ = tuple(meta["modality_dims"])
+        self.modalities_ = meta["modalities"]
+        self.fit_seconds_ = meta["fit_seconds"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class FusionClassifier(_EmbeddingClassifier):
+    """Early or late fusion head on standardised embeddings, trained with AdamW.
+
+    Defaults are the values the reference code executed (Restrepo et al.), with its defects
+    fixed: binary class weighting works, and model selection uses a validation set (eval_set),
+    never the test set.
+
+    noise_std: Gaussian noise added to every modality block during training only, after
+    standardisation. Standardised features have unit std, so noise_std is relative to each
+    embedding feature's own scale (0.1 = 10 % of a feature's spread). predict adds none.
+    """
+
+    def __init__(
+        self,
+        fusion="early",  # "early" (one head on the concatenation; unimodal with one block) or "late"
+        modality_dims=None,  # block widths of X's columns; None = a single block
+        hidden_dim=128,  # early-fusion hidden width, as in the reference
+        late_hidden_dim=64,  # per-modality width of late fusion, as in the reference
+        dropout=0.0,  # the reference code ran with 0 (its README says 0.2)
+        epochs=30,  # reference
+        lr=1e-3,  # reference AdamW learning rate
+        batch_size=64,  # reference
+        weight_decay=0.01,  # AdamW's own default, which the reference kept
+        class_weight="balanced",  # reference; None turns weighting off
+        patience=None,  # epochs without validation improvement before stopping; needs eval_set
+        noise_std=0.0,  # training-time noise, in units of feature std (see class docstring)
+        threshold=0.5,  # binary and multilabel decision threshold on the probability
+        random_state=0,  # seeds init, shuffling, dropout and noise; None = a fresh seed
+        device="cpu",
+    ):
+        self.fusion = fusion
+        self.modality_dims = modality_dims
+        self.hidden_dim = hidden_dim
+        self.late_hidden_dim = late_hidden_dim
+        self.dropout = dropout
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.class_weight = class_weight
+        self.patience = patience
+        self.noise_std = noise_std
+        self.threshold = threshold
+        self.random_state = random_state
+        self.device = device
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _build_model(self) -> nn.Module:
+        n_out = 1 if self.task_ == "binary" else len(self.classes_)
+        if self.fusion == "early":
+            return EarlyFusionHead(list(self.modality_dims_), self.hidden_dim, self.dropout, n_out)
+        return LateFusionHead(list(self.modality_dims_), self.late_hidden_dim, self.dropout, n_out)
+
+    def _loss(self, targets) -> nn.Module:
+        """The task's loss with 'balanced' weights. Binary uses pos_weight = n_neg / n_pos (the
+        reference's binary weighting did nothing); multilabel the same per label."""
+        n = len(targets)
+        if self.task_ == "multiclass":
+            counts = np.bincount(targets, minlength=len(self.classes_))
+            w = n / (len(self.classes_) * counts) if self.class_weight == "balanced" else None
+        else:
+            pos = targets.sum(axis=0) if self.task_ == "multilabel" else np.array([targets.sum()])
+            w = (n - pos) / np.maximum(pos, 1) if self.class_weight == "balanced" else None
+        self.loss_weight_ = None if w is None else np.asarray(w, dtype=np.float64)
+        w = None if w is None else torch.tensor(w, dtype=torch.float32)
+        return nn.CrossEntropyLoss(weight=w) if self.task_ == "multiclass" else nn.BCEWithLogitsLoss(pos_weight=w)
+
+    def _targets_tensor(self, targets) -> torch.Tensor:
+        if self.task_ == "multiclass":
+            return torch.from_numpy(targets)
+        t = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        return t[:, None] if self.task_ == "binary" else t
+
+    def _proba(self, logits: torch.Tensor) -> np.ndarray:
+        logits = logits.double()  # float64 so rows sum to 1 to rounding
+        if self.task_ == "multiclass":
+            return torch.softmax(logits, dim=1).cpu().numpy()
+        p = torch.sigmoid(logits).cpu().numpy()
+        return np.column_stack([1 - p[:, 0], p[:, 0]]) if self.task_ == "binary" else p
+
+    def _check_params(self):
+        if self.fusion not in ("early", "late"):
+            raise EmbedkitError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
+        if self.class_weight not in ("balanced", None):
+            raise EmbedkitError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if int(self.epochs) < 1 or int(self.batch_size) < 2:
+            raise EmbedkitError("epochs must be >= 1 and batch_size >= 2")
+
+    # -- API ------------------------------------------------------------------------------
+
+    def fit(self, X, y, eval_set=None):
+        """Train; with eval_set=(X_val, y_val) keep the epoch with the best validation macro-F1
+        (ties: lower validation loss) and stop after `patience` epochs without improvement."""
+        t_fit = time.perf_counter()
+        self._check_params()
+        X, dims, names = _as_matrix(X, self.modality_dims)
+        task, classes, targets = _encode_labels(y)
+        if len(targets) != len(X):
+            raise EmbedkitError(f"X has {len(X)} rows but y has {len(targets)}")
+        if self.fusion == "late" and len(dims) < 2:
+            raise EmbedkitError("fusion='late' needs at least two modality blocks: pass modality_dims or a dict X")
+        self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
+        self.n_features_in_ = X.shape[1]
+        self._fit_scaling(X)
+        dev = torch.device(self.device)
+        Xt, yt = torch.from_numpy(self._standardise(X)).to(dev), self._targets_tensor(targets).to(dev)
+        loss_fn = self._loss(targets).to(dev)
+        val = None
+        if eval_set is not None:
+            X_val, y_val = eval_set
+            _, _, val_targets = _encode_labels(y_val, self.classes_, self.task_)
+            Xv = torch.from_numpy(self._standardise(self._check_X(X_val))).to(dev)
+            val = (Xv, self._targets_tensor(val_targets).to(dev), val_targets)
+
+        seed = self.random_state if self.random_state is not None else int(np.random.default_rng().integers(2**62))
+        self.history_, best_key, best_state, stale = [], None, None, 0
+        with torch.random.fork_rng(devices=[]):  # seed init and dropout without touching the caller's RNG
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)  # shuffling and noise
+            self.model_ = self._build_model().to(dev)
+            opt = torch.optim.AdamW(self.model_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            for epoch in range(1, int(self.epochs) + 1):
+                t0 = time.perf_counter()
+                row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, yt, loss_fn, opt, gen)}
+                row["val_loss"], row["val_macro_f1"] = self._validate(val, loss_fn) if val else (None, None)
+                row["seconds"] = time.perf_counter() - t0
+                self.history_.append(row)
+                if val is None:
+                    continue
+                key = (row["val_macro_f1"], -row["val_loss"])
+                if best_key is None or key > best_key:
+                    best_key, stale, self.best_epoch_ = key, 0, epoch
+                    best_state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
+                else:
+                    stale += 1
+                    if self.patience is not None and stale >= self.patience:
+                        break
+        if best_state is None:
+            self.best_epoch_ = len(self.history_)
+        else:
+            self.model_.load_state_dict(best_state)
+        self.model_.eval()
+        self.n_parameters_ = sum(p.numel() for p in self.model_.parameters())
+        self.fit_seconds_ = time.perf_counter() - t_fit
+        return self
+
+    def _train_epoch(self, Xt, yt, loss_fn, opt, gen) -> float:
+        # Index tensors held in memory instead of a DataLoader: no per-row collate, no workers.
+        self.model_.train()
+        n, bs = len(Xt), int(self.batch_size)
+        perm = torch.randperm(n, generator=gen).to(Xt.device)
+        total, seen = torch.zeros((), device=Xt.device), 0
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            if len(idx) < 2:  # BatchNorm cannot normalise a batch of one row in training
+                continue
+            xb = Xt[idx]
+            if self.noise_std > 0:
+                xb = xb + self.noise_std * torch.randn(xb.shape, generator=gen).to(xb.device)
+            loss = loss_fn(self.model_(xb), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+            seen += len(idx)
+        return float(total) / seen
+
+    @torch.no_grad()
+    def _validate(self, val, loss_fn) -> tuple[float, float]:
+        Xv, yv, targets = val
+        self.model_.eval()
+        logits = self.model_(Xv)
+        pred = self._index(self._proba(logits))  # the same path as predict, so scores reproduce
+        labels = list(range(len(self.classes_)))
+        f1 = f1_score(targets.astype(np.int64), pred, average="macro", labels=labels, zero_division=0)
+        return float(loss_fn(logits, yv)), float(f1)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Binary (n, 2) [1-p, p]; multiclass softmax (n, k); multilabel sigmoid (n, L)."""
+        Xt = torch.from_numpy(self._standardise(self._check_X(X))).to(self.device)
+        self.model_.eval()
+        with torch.no_grad():
+            return self._proba(self.model_(Xt))
+
+    def model_bytes(self) -> int:
+        """Bytes of the head's parameters and buffers (BatchNorm statistics included)."""
+        self._check_fitted()
+        tensors = list(self.model_.parameters()) + list(self.model_.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, folder) -> Path:
+        """Write model.safetensors (weights, mean_, scale_) and estimator.json; no pickle."""
+        self._check_fitted()
+        tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        tensors["mean_"], tensors["scale_"] = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
+        meta = {"format": "embedkit.FusionClassifier", "format_version": 1, **self._fitted_meta()}
+        meta.update(best_epoch=self.best_epoch_, history=self.history_, loss_weight=self.loss_weight_)
+        return _write(folder, tensors, meta)
+
+    @classmethod
+    def load(cls, folder, device=None) -> "FusionClassifier":
+        """A fitted estimator from save(); device overrides the saved one (e.g. 'cpu')."""
+        meta, tensors = _read(folder, "embedkit.FusionClassifier")
+        params = dict(meta["params"], device=device or meta["params"]["device"])
+        if params["modality_dims"] is not None:
+            params["modality_dims"] = tuple(params["modality_dims"])
+        est = cls(**params)
+        est._restore_meta(meta)
+        est.best_epoch_, est.history_ = meta["best_epoch"], meta["history"]
+        est.loss_weight_ = None if meta["loss_weight"] is None else np.asarray(meta["loss_weight"])
+        est.mean_, est.scale_ = tensors.pop("mean_").numpy(), tensors.pop("scale_").numpy()
+        est.model_ = est._build_model()
+        est.model_.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
+        est.model_.to(est.device).eval()
+        est.n_parameters_ = sum(p.numel() for p in est.model_.parameters())
+        return est
+
+
+class LogisticBaseline(_EmbeddingClassifier):
+    """StandardScaler + LogisticRegression (one-vs-rest for multilabel) on the concatenated blocks.
+
+    The baseline a fusion head has to beat. Predictions come from the stored coef_/intercept_, so
+    a loaded model computes exactly what the fitted one did.
+    """
+
+    threshold = 0.5  # binary / multilabel decision threshold, as LogisticRegression.predict
+
+    def __init__(self, C=1.0, class_weight="balanced", max_iter=1000, random_state=0):
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        t_fit = time.perf_counter()
+        X, dims, names = _as_matrix(X)
+        task, classes, targets = _encode_labels(y)
+        if len(targets) != len(X):
+            raise EmbedkitError(f"X has {len(X)} rows but y has {len(targets)}")
+        self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
+        self.n_features_in_ = X.shape[1]
+        scaler = StandardScaler().fit(X)
+        self.mean_, self.scale_ = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
+        Xs = self._standardise(X)
+        lr = LogisticRegression(
+            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+        )
+        if task == "multilabel":
+            constant = [str(c) for c, col in zip(classes, targets.T) if col.min() == col.max()]
+            if constant:
+                raise EmbedkitError(f"label columns {constant} hold one value only; drop them for LogisticBaseline")
+            ovr = OneVsRestClassifier(lr).fit(Xs, targets.astype(np.int64))
+            coef = np.vstack([e.coef_ for e in ovr.estimators_])
+            intercept = np.concatenate([e.intercept_ for e in ovr.estimators_])
+        else:
+            lr.fit(Xs, targets)
+            coef, intercept = lr.coef_, lr.intercept_
+        self.coef_, self.intercept_ = coef.astype(np.float64), intercept.astype(np.float64)
+        self.fit_seconds_ = time.perf_counter() - t_fit
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        return self._standardise(self._check_X(X)).astype(np.float64) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Same shapes as FusionClassifier.predict_proba."""
+        z = self.decision_function(X)
+        if self.task_ == "multiclass":
+            return softmax(z, axis=1)
+        p = expit(z)
+        return np.column_stack([1 - p[:, 0], p[:, 0]]) if self.task_ == "binary" else p
+
+    def save(self, folder) -> Path:
+        self._check_fitted()
+        names = ("coef_", "intercept_", "mean_", "scale_")
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in names}
+        return _write(folder, tensors, {"format": "embedkit.LogisticBaseline", "format_version": 1, **self._fitted_meta()})
+
+    @classmethod
+    def load(cls, folder) -> "LogisticBaseline":
+        meta, tensors = _read(folder, "embedkit.LogisticBaseline")
+        est = cls(**meta["params"])
+        est._restore_meta(meta)
+        for k, v in tensors.items():
+            setattr(est, k, v.numpy())
+        return est

@@ -1,0 +1,58 @@
+"""What every input layout turns into: a list of items plus the options that described them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Item:
+    """One sample: an image, a text, or both, with its labels.
+
+    `id` is the join key across modalities: stable, derived from the relative path (or the
+    manifest's id column), never from row order alone.
+    """
+
+    id: str
+    image_path: Path | None = None
+    text: str | None = None  # in-memory text (manifest column or template); None if from a file
+    text_path: Path | None = None  # a report file, read when its batch is embedded
+    labels: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # other columns carried through to Parquet
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None or self.text_path is not None
+
+
+@dataclass
+class SourceOptions:
+    """How to read a data folder or a metadata table; mirrors the `extract` flags one to one.
+
+    A data manifest (data_manifests/*.toml) resolves to one of these too.
+    """
+
+    metadata: Path | None = None  # CSV or JSONL table; None means: scan the folder
+    id_col: str | None = None  # default: image path without extension, else row number
+    image_col: str | None = None  # paths relative to the data folder
+    text_col: str | None = None  # a column holding the report text
+    text_file_col: str | None = None  # a column holding a path to a report file
+    text_template: str | None = None  # a sentence built from tabular columns, see templates.py
+    label_cols: list[str] = field(default_factory=list)
+    split_col: str | None = None
+    meta_cols: list[str] | None = None  # None: carry every other column through
+    allow_leakage: bool = False  # a template naming a label column is refused unless this is set
+
+
+@dataclass
+class SkippedInput:
+    """An input that could not be used: recorded in errors.parquet, never silently dropped."""
+
+    id: str | None
+    path: str | None
+    stage: str  # scan | pair | decode | read | embed
+    reason: str
+    modality: str | None = None  # which embedding lost this input; None when found at scan time

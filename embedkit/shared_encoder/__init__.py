@@ -1,0 +1,22 @@
+"""A shared image+text encoder trained by embedkit itself, and a light projection on frozen embeddings.
+
+See REFERENCE.md sections 2-3. Extraction uses SharedEncoderRunner; training uses pretrain.
+"""
+
+from embedkit.shared_encoder.config import SharedEncoderConfig, count_parameters, matched_separate_config
+from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.retrieval import retrieval_metrics
+from embedkit.shared_encoder.runner import SharedEncoderRunner, load_shared_encoder
+from embedkit.shared_encoder.train import pretrain
+
+__all__ = [
+    "SharedEncoderConfig",
+    "count_parameters",
+    "matched_separate_config",
+    "SharedEncoder",
+    "clip_loss",
+    "retrieval_metrics",
+    "SharedEncoderRunner",
+    "load_shared_encoder",
+    "pretrain",
+]

@@ -1,0 +1,138 @@
+"""SharedEncoderConfig: the sizes of one shared image+text transformer (REFERENCE.md section 2).
+
+The paper trains ViT-B/16 at 224 px, width 768, 12 layers. Those defaults would take days on a
+2-core laptop, so every default here is scaled down to train in minutes on a laptop CPU
+(about 100 GFLOP/s fp32). Widths, depths and image sizes are the knobs that cost time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from embedkit.errors import EmbedkitError
+
+MODALITY_MODES = ("concat", "add", "token")
+
+
+@dataclass
+class SharedEncoderConfig:
+    width: int = 256  # residual width of every block (paper: 768)
+    depth: int = 6  # number of transformer blocks, shared + specific (paper: 12)
+    heads: int = 4  # attention heads; head dim = width / heads = 64
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
+    image_size: int = 112  # square input side; 96-128 keeps 36-64 patches (paper: 224)
+    patch_size: int = 16  # ViT-B/16 patches -> (112/16)^2 = 49 image tokens
+    max_text_len: int = 64  # BERT word pieces incl. [CLS]/[SEP] (paper's CLIP context: 77)
+    embed_dim: int = 256  # shared output space (paper: 512)
+    vocab_size: int = 0  # 0 = len(tokenizer), filled in when training starts
+    pad_token_id: int = 0  # filled from the tokenizer too
+    # How a block knows which modality it is looking at (blocks are shared, so it must be told):
+    # "concat": a learnable modality vector concatenated to every token; the stems then emit
+    #           width - modality_dim channels (paper: 748 + 20 = 768);
+    # "add":    a learnable modality vector added to every token;
+    # "token":  one learnable modality token inserted in the sequence after CLS.
+    modality_mode: str = "concat"
+    modality_dim: int = 8  # the paper's 20 of 768, scaled to width 256 (only used by "concat")
+    n_specific_early: int = 0  # modality-specific blocks at the start of the stack (ablation)
+    n_specific_late: int = 0  # modality-specific blocks at the end of the stack (ablation)
+    text_pool: str = "cls"  # "cls" (the [CLS] position) or "mean" over the attention mask
+    logit_scale_init: float = 1 / 0.07  # CLIP's temperature init
+    logit_scale_max: float = 100.0  # CLIP's cap, keeps the softmax from saturating
+    tokenizer: str = "minilm"  # a tokenizer folder, or "minilm" (the offline MiniLM package)
+    shared: bool = True  # False: two separate stacks of `depth` blocks (the baseline)
+
+    @property
+    def token_width(self) -> int:
+        """Width the stems, CLS and positional embeddings produce before the modality is added."""
+        return self.width - self.modality_dim if self.modality_mode == "concat" else self.width
+
+    def validate(self) -> "SharedEncoderConfig":
+        problems = []
+        if self.modality_mode not in MODALITY_MODES:
+            problems.append(f"modality_mode must be one of {', '.join(MODALITY_MODES)}")
+        if self.width % self.heads:
+            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.modality_mode == "concat" and not 0 < self.modality_dim < self.width:
+            problems.append("modality_dim must be between 1 and width - 1")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.n_specific_early < 0 or self.n_specific_late < 0:
+            problems.append("n_specific_early/late must be >= 0")
+        if self.n_specific_early + self.n_specific_late > self.depth:
+            problems.append("n_specific_early + n_specific_late exceeds depth")
+        if self.text_pool not in ("cls", "mean"):
+            problems.append("text_pool must be 'cls' or 'mean'")
+        if self.max_text_len < 3:
+            problems.append("max_text_len must be at least 3 ([CLS], one token, [SEP])")
+        if problems:
+            raise EmbedkitError("shared encoder config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SharedEncoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise EmbedkitError(f"shared encoder config has unknown keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SharedEncoderConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EmbedkitError(f"cannot read shared encoder config {path}: {type(e).__name__}") from None
+
+
+def count_parameters(cfg: SharedEncoderConfig, exclude_token_embedding: bool = False) -> int:
+    """Parameters of the model `cfg` describes, counted on the meta device (no memory, no time)."""
+    from embedkit.shared_encoder.model import SharedEncoder  # model imports config, not vice versa
+
+    with torch.device("meta"):
+        model = SharedEncoder(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_token_embedding:
+        n -= model.tok_embed.weight.numel()
+    return n
+
+
+def matched_separate_config(
+    cfg: SharedEncoderConfig, exclude_token_embedding: bool = False, tolerance: float = 0.10
+) -> SharedEncoderConfig:
+    """The separate-encoders baseline with (about) the shared model's parameter budget.
+
+    Two stacks cost about twice the block parameters, so we search smaller widths (multiples of
+    2*heads so the head dim stays even) and depths and keep the closest total, preferring the
+    deepest candidate among near-equals. With exclude_token_embedding=True the vocab table is
+    left out of the budget: it is large (30522 x width) but costs no compute, and counting it
+    lets the baseline keep almost the full width of both stacks.
+    """
+    cfg.validate()
+    target = count_parameters(cfg, exclude_token_embedding)
+    best = None
+    step = 2 * cfg.heads
+    for depth in range(cfg.depth, 0, -1):
+        for width in range(cfg.width, step * 4 - 1, -step):
+            if cfg.modality_mode == "concat" and width - cfg.modality_dim < 8:
+                continue
+            cand = replace(cfg, width=width, depth=depth, shared=False, n_specific_early=0, n_specific_late=0)
+            n = count_parameters(cand, exclude_token_embedding)
+            err = abs(n - target) / target
+            # Prefer depth (keeps the stacks comparable) unless another shape is clearly closer.
+            if best is None or err < best[0] - 0.01:
+                best = (err, cand)
+            if n < target:  # narrower only drifts further below the budget
+                break
+    if best[0] > tolerance:
+        raise EmbedkitError(f"no separate-encoder shape within {tolerance:.0%} of the shared budget")
+    return best[1]

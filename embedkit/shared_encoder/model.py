@@ -1,0 +1,141 @@
+"""SharedEncoder: one transformer stack for images and text (REFERENCE.md section 2).
+
+Shared (shared=True): every transformer block, its LayerNorms included, is one nn.Module used
+for both modalities. Modality-specific: the stems (patch conv / token embedding), positional
+embeddings, CLS, the modality vector or token, optional early/late specific blocks, the final
+LayerNorm and the projection into the joint space. shared=False builds two full stacks from the
+same code: the separate-encoders baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from embedkit.shared_encoder.config import SharedEncoderConfig
+
+MODALITIES = ("image", "text")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, int(mlp_ratio * width))
+        self.out = nn.Linear(int(mlp_ratio * width), width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: [B,1,1,L], True = attend
+        x = x + self.proj(a.transpose(1, 2).reshape(B, L, W))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class SharedEncoder(nn.Module):
+    def __init__(self, cfg: SharedEncoderConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        W, tw = cfg.width, cfg.token_width
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+
+        # Stems. The text CLS is the [CLS] row of the token embedding: the BERT tokenizer already
+        # puts it first, and the row is text-only, so it is the modality-specific text CLS.
+        self.patch_embed = nn.Conv2d(3, tw, cfg.patch_size, cfg.patch_size)
+        self.tok_embed = nn.Embedding(cfg.vocab_size or 1, tw)
+        self.cls_image = nn.Parameter(torch.zeros(1, 1, tw))
+        self.pos_image = nn.Parameter(torch.zeros(1, 1 + n_patches, tw))
+        self.pos_text = nn.Parameter(torch.zeros(1, cfg.max_text_len, tw))
+        mod_dim = cfg.modality_dim if cfg.modality_mode == "concat" else W
+        self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, mod_dim)) for m in MODALITIES})
+
+        # Blocks: per modality the stack is early-specific + shared + late-specific.
+        def stack(n: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio) for _ in range(n))
+
+        if cfg.shared:
+            n_early, n_late = cfg.n_specific_early, cfg.n_specific_late
+            self.shared_blocks = stack(cfg.depth - n_early - n_late)
+        else:
+            n_early, n_late = cfg.depth, 0
+            self.shared_blocks = stack(0)
+        self.early = nn.ModuleDict({m: stack(n_early) for m in MODALITIES})
+        self.late = nn.ModuleDict({m: stack(n_late) for m in MODALITIES})
+
+        self.ln_final = nn.ModuleDict({m: nn.LayerNorm(W) for m in MODALITIES})
+        self.head = nn.ModuleDict({m: nn.Linear(W, cfg.embed_dim, bias=False) for m in MODALITIES})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        if self.logit_scale.device.type != "meta":  # parameter counting builds on meta: skip
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            if isinstance(m, Block):
+                # GPT-2: residual output projections scaled by depth keep the residual stream O(1).
+                for lin in (m.proj, m.out):
+                    nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+        for p in [self.cls_image, self.pos_image, self.pos_text, *self.modality.values()]:
+            nn.init.normal_(p, std=0.02)
+
+    def blocks(self, modality: str) -> list[Block]:
+        """The blocks one modality runs through, in order; shared ones are the same objects."""
+        return [*self.early[modality], *self.shared_blocks, *self.late[modality]]
+
+    def _encode(self, x: torch.Tensor, modality: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, L, token_width] with CLS at 0 and positions added; mask: [B, L] bool or None."""
+        B, L, _ = x.shape
+        mod = self.modality[modality].expand(B, -1, -1)
+        if self.cfg.modality_mode == "concat":
+            x = torch.cat([x, mod.expand(B, L, -1)], dim=-1)
+        elif self.cfg.modality_mode == "add":
+            x = x + mod
+        else:  # "token": inserted right after CLS, always attended to
+            x = torch.cat([x[:, :1], mod, x[:, 1:]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        for block in self.blocks(modality):
+            x = block(x, attn_mask)
+        x = self.ln_final[modality](x)
+        if modality == "text" and self.cfg.text_pool == "mean":
+            w = mask.unsqueeze(-1).to(x.dtype)
+            pooled = (x * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            pooled = x[:, 0]
+        return F.normalize(self.head[modality](pooled), dim=-1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: [B, 3, image_size, image_size] normalised with mean/std 0.5 -> [B, embed_dim]."""
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, n_patches, tw]
+        x = torch.cat([self.cls_image.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_image
+        return self._encode(x, "image", None)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids/attention_mask: [B, L<=max_text_len] from the tokenizer -> [B, embed_dim]."""
+        L = input_ids.shape[1]
+        x = self.tok_embed(input_ids) + self.pos_text[:, :L]
+        return self._encode(x, "text", attention_mask.bool())
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), scale
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on row-aligned pairs: each row's own partner is its only positive."""
+    logits = scale * img @ txt.T
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

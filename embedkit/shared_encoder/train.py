@@ -1,0 +1,316 @@
+"""pretrain(): train a SharedEncoder from scratch with the CLIP loss on image/text pairs, on a CPU.
+
+Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
+a split held out by image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine), and
+checkpoints written after every epoch so an interrupted run resumes where it stopped.
+
+Files in out_dir (no pickle anywhere):
+  model.safetensors, config.json, tokenizer files  - the self-contained model folder
+  train_state.safetensors                          - AdamW moment tensors
+  train_state.json                                 - epoch, step, seed, settings, loss history
+  metrics.json                                     - losses, held-out retrieval, timings, sizes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
+from embedkit.errors import EmbedkitError
+from embedkit.items import Item, SkippedInput
+from embedkit.shared_encoder.config import SharedEncoderConfig
+from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.retrieval import retrieval_metrics
+from embedkit.shared_encoder.runner import CONFIG, WEIGHTS, image_preprocess, load_tokenizer, tokenize
+
+STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "metrics.json"
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dict:
+    """Decode each distinct image once, tokenise each text once; unusable pairs are recorded."""
+    pre = image_preprocess(cfg)
+    images, image_of_path, kept, texts, image_index, skipped = [], {}, [], [], [], []
+    for item in pairs:
+        path = str(item.image_path) if item.image_path is not None else None
+        if path is None or not item.has_text:
+            skipped.append(SkippedInput(item.id, path, "pair", "needs both an image and a text"))
+            continue
+        text = item.text
+        if text is None:
+            try:
+                text = Path(item.text_path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                skipped.append(SkippedInput(item.id, str(item.text_path), "read", f"cannot read text file ({type(e).__name__})"))
+                continue
+        if not text.strip():
+            skipped.append(SkippedInput(item.id, path, "read", "empty text"))
+            continue
+        if path not in image_of_path:
+            try:
+                images.append(decode_image(path, pre))
+                image_of_path[path] = len(images) - 1
+            except ImageDecodeError as e:
+                image_of_path[path] = str(e)  # the reason, reused for every pair of this image
+        if isinstance(image_of_path[path], str):
+            skipped.append(SkippedInput(item.id, path, "decode", image_of_path[path]))
+            continue
+        kept.append(item.id)
+        texts.append(text)
+        image_index.append(image_of_path[path])
+    if len(kept) < 2:
+        raise EmbedkitError(f"shared encoder training needs at least 2 usable image/text pairs, got {len(kept)}")
+    # Pad to max_text_len once; each batch is trimmed to its own longest text later.
+    ids, mask, n_truncated = tokenize(tokenizer, texts, cfg.max_text_len, padding="max_length")
+    return {
+        "ids": kept,
+        "images": np.stack(images),  # uint8 [n_images, S, S, 3]: 37 KB per image at 112 px
+        "image_index": torch.tensor(image_index),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "skipped": skipped,
+        "n_truncated": n_truncated,
+    }
+
+
+def split_by_image(image_index: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out whole images (seeded), so no image is in both train and validation."""
+    groups = torch.unique(image_index)
+    n_val = min(round(val_fraction * len(groups)), len(groups) - 1) if val_fraction > 0 else 0
+    perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
+    is_val = torch.isin(image_index, groups[perm[:n_val]])
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+
+
+def pixel_batch(data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig) -> torch.Tensor:
+    crops = [data["images"][i] for i in data["image_index"][rows].tolist()]
+    return torch.from_numpy(normalize_batch(crops, image_preprocess(cfg)))
+
+
+def text_batch(data: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = data["attention_mask"][rows]
+    L = int(mask.sum(1).max())  # trim padding shared by the whole batch: attention cost is O(L^2)
+    return data["input_ids"][rows, :L], mask[:, :L]
+
+
+def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
+    """Light augmentation: a random square covering min_scale..1 of the area, resized back."""
+    S = x.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(len(x)):
+        side = max(1, round(S * math.sqrt(min_scale + (1 - min_scale) * torch.rand(1, generator=g).item())))
+        top, left = (torch.randint(0, S - side + 1, (2,), generator=g)).tolist()
+        crop = x[i : i + 1, :, top : top + side, left : left + side]
+        out[i] = F.interpolate(crop, size=(S, S), mode="bilinear", align_corners=False)[0]
+    return out
+
+
+@torch.inference_mode()
+def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_size: int = 128):
+    model.eval()
+    img, txt = [], []
+    for b in rows.split(batch_size):
+        img.append(model.encode_image(pixel_batch(data, b, cfg)))
+        txt.append(model.encode_text(*text_batch(data, b)))
+    return torch.cat(img), torch.cat(txt)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _save_checkpoint(out: Path, model, opt, cfg, state: dict, metrics: dict) -> None:
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(out / WEIGHTS, lambda p: save_file(weights, str(p)))
+    _atomic_write(out / CONFIG, cfg.save)
+    moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    _atomic_write(out / STATE, lambda p: save_file(moments, str(p)))
+    _atomic_write(out / METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    # Written last: train_state.json names an epoch only once everything of that epoch is on disk.
+    _atomic_write(out / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2) + "\n"))
+
+
+def _load_checkpoint(out: Path, model, opt) -> None:
+    model.load_state_dict(load_file(out / WEIGHTS), strict=True)
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, t in load_file(out / STATE).items():
+        pid, name = key.split(".", 1)
+        sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)
+
+
+def _fingerprint(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- training
+
+def pretrain(
+    pairs: list[Item],
+    out_dir: str | Path,
+    cfg: SharedEncoderConfig,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    weight_decay: float = 0.2,
+    betas: tuple[float, float] = (0.9, 0.98),
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    resume: bool = True,
+    progress: bool = True,
+    warmup_fraction: float = 0.05,
+    augment: bool = False,
+) -> dict:
+    """Train on image/text pairs, checkpoint every epoch into out_dir, return the metrics dict.
+
+    resume=True continues from the last completed epoch in out_dir when the config, data and
+    settings match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.vocab_size == 0:
+        cfg = replace(cfg, vocab_size=len(tokenizer))
+    elif cfg.vocab_size < len(tokenizer):
+        raise EmbedkitError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    cfg.validate()
+    tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
+
+    data = prepare_pairs(pairs, cfg, tokenizer)
+    if data["skipped"]:
+        print(f"shared encoder: skipped {len(data['skipped'])} pairs (reasons in {out / METRICS})", file=sys.stderr)
+    train_rows, val_rows = split_by_image(data["image_index"], val_fraction, seed)
+    n_train = len(train_rows)
+    if n_train < 2:
+        raise EmbedkitError("fewer than 2 training pairs left after the held-out split: lower val_fraction")
+    bs = min(batch_size, n_train)
+    steps_per_epoch = n_train // bs  # the remainder is dropped: a tiny last batch is a noisy contrastive batch
+    total_steps = epochs * steps_per_epoch
+    warmup = max(1, round(warmup_fraction * total_steps))
+    prepare_s = time.perf_counter() - t0
+
+    torch.manual_seed(seed)
+    model = SharedEncoder(cfg)
+    # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=tuple(betas)
+    )
+
+    settings = {
+        "config": cfg.to_dict(),
+        "data": _fingerprint(data["ids"]),
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "betas": list(betas),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "warmup_fraction": warmup_fraction,
+        "augment": augment,
+    }
+    start_epoch, step, history = 0, 0, []
+    if resume and (out / STATE_JSON).is_file():
+        saved = json.loads((out / STATE_JSON).read_text())
+        if saved["settings"] != settings:
+            changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+            raise EmbedkitError(f"{out} holds a run with different {', '.join(changed)}: use another folder or resume=False")
+        _load_checkpoint(out, model, opt)
+        start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
+
+    def lr_at(s: int) -> float:  # linear warmup, then cosine to zero over the whole run
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), console=Console(stderr=True), disable=not progress,
+    )
+    with bar:
+        task = bar.add_task("shared encoder", total=max(0, epochs - start_epoch) * steps_per_epoch, loss=float("nan"))
+        for epoch in range(start_epoch, epochs):
+            te = time.perf_counter()
+            bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
+            # The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = train_rows[torch.randperm(n_train, generator=g)]
+            model.train()
+            losses = []
+            for b in order[: steps_per_epoch * bs].view(steps_per_epoch, bs):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                pixels = pixel_batch(data, b, cfg)
+                if augment:
+                    pixels = random_resized_crop(pixels, g)
+                img, txt, scale = model(pixels, *text_batch(data, b))
+                loss = clip_loss(img, txt, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():  # CLIP's cap: a temperature below 1/100 saturates the softmax
+                    model.logit_scale.clamp_(max=math.log(cfg.logit_scale_max))
+                step += 1
+                losses.append(loss.item())
+                bar.update(task, advance=1, loss=losses[-1])
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "seconds": round(time.perf_counter() - te, 3),
+                "logit_scale": float(model.logit_scale.exp()),
+            }
+            if len(val_rows) >= 2:
+                record["val"] = retrieval_metrics(*embed_rows(model, data, val_rows, cfg))
+            history.append(record)
+            state = {"epoch": epoch + 1, "step": step, "seed": seed, "settings": settings, "history": history}
+            metrics = _metrics(data, cfg, model, history, n_train, len(val_rows), prepare_s, steps_per_epoch, bs)
+            _save_checkpoint(out, model, opt, cfg, state, metrics)
+    if start_epoch >= epochs:  # nothing left to train: report what is on disk
+        return json.loads((out / METRICS).read_text())
+    return metrics
+
+
+def _metrics(data, cfg, model, history, n_train, n_val, prepare_s, steps_per_epoch, bs) -> dict:
+    train_s = sum(h["seconds"] for h in history)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "n_pairs_used": len(data["ids"]),
+        "n_images": int(len(data["images"])),
+        "n_train": n_train,
+        "n_val": n_val,
+        "skipped": [asdict(s) for s in data["skipped"]],
+        "n_text_truncated": data["n_truncated"],
+        "parameters": {"total": n_params, "non_embedding": n_params - model.tok_embed.weight.numel()},
+        "epochs": history,
+        "train_loss": [h["train_loss"] for h in history],
+        "val_retrieval": history[-1].get("val") if history else None,
+        "timings": {
+            "prepare_s": round(prepare_s, 3),
+            "train_s": round(train_s, 3),
+            "pairs_per_s": round(len(history) * steps_per_epoch * bs / train_s, 1) if train_s else None,
+        },
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,226 @@
+"""Input layouts -> items, validated before any model loads.
+
+Three layouts, detected in this order:
+  table         a CSV / JSONL / JSON manifest (`--metadata`), or rows from a data manifest
+  class folders every file sits in a first-level sub-folder, and there are >= 2 of them:
+                the folder name is the label `label` (ImageFolder style)
+  paired folder images and same-stem report files (case01.jpg + case01.txt), any depth
+Class folders may hold reports too; they pair the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedkit.errors import EmbedkitError
+from embedkit.items import Item, SkippedInput, SourceOptions
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+TEXT_EXTS = {".txt", ".md"}
+TABLE_EXTS = {".csv", ".jsonl", ".json", ".tsv"}
+
+
+@dataclass
+class SourceScan:
+    """The validated inputs and what the user should be told about them."""
+
+    layout: str
+    items: list[Item]
+    skipped: list[SkippedInput] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        images = sum(i.image_path is not None for i in self.items)
+        texts = sum(i.has_text for i in self.items)
+        pairs = sum(i.image_path is not None and i.has_text for i in self.items)
+        reasons = Counter(s.stage for s in self.skipped)
+        return {"items": len(self.items), "images": images, "texts": texts, "pairs": pairs,
+                "images_without_text": images - pairs, "texts_without_image": texts - pairs,
+                "skipped": len(self.skipped), **{f"skipped_{k}": v for k, v in sorted(reasons.items())}}
+
+
+def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[dict] | None = None) -> SourceScan:
+    """Find every item under `root` (or in `rows`, from a data manifest)."""
+    root = Path(root)
+    opts = opts or SourceOptions()
+    if not root.exists():
+        raise EmbedkitError(f"data folder '{root}' does not exist")
+    if rows is not None:
+        return items_from_table(rows, root, opts, layout="data manifest")
+    if opts.metadata is not None:
+        return items_from_table(read_table(opts.metadata), root, opts, layout=f"table {Path(opts.metadata).name}")
+    if not root.is_dir():
+        raise EmbedkitError(f"'{root}' is a file: pass a data folder, or a table with --metadata")
+    return scan_folder(root)
+
+
+# ---------------------------------------------------------------- folders
+
+
+def scan_folder(root: Path) -> SourceScan:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    top_dirs = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
+    at_root = [p for p in files if p.parent == root]
+    class_folders = not any(p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS for p in at_root) and len(top_dirs) >= 2
+
+    images: dict[str, Path] = {}
+    reports: dict[str, Path] = {}
+    skipped: list[SkippedInput] = []
+    for p in files:
+        rel = p.relative_to(root)
+        key = rel.with_suffix("").as_posix()
+        ext = p.suffix.lower()
+        bucket = images if ext in IMAGE_EXTS else reports if ext in TEXT_EXTS else None
+        if bucket is None:
+            if not (p.parent == root and ext in TABLE_EXTS):  # a metadata table at the root is expected
+                skipped.append(SkippedInput(key, rel.as_posix(), "scan", f"not an image or report ({ext or 'no extension'})"))
+            continue
+        if key in bucket:
+            skipped.append(SkippedInput(key, rel.as_posix(), "scan",
+                                        f"duplicate id: {bucket[key].relative_to(root).as_posix()} has the same stem"))
+            continue
+        bucket[key] = p
+
+    items = []
+    for key in sorted(images.keys() | reports.keys()):
+        labels = {"label": key.split("/", 1)[0]} if class_folders else {}
+        items.append(Item(id=key, image_path=images.get(key), text_path=reports.get(key), labels=labels))
+    if images and reports:  # a paired layout: say which halves are missing, but keep both halves
+        for it in items:
+            if it.image_path is None or it.text_path is None:
+                missing = "image" if it.image_path is None else "report"
+                path = (it.image_path or it.text_path).relative_to(root).as_posix()
+                skipped.append(SkippedInput(it.id, path, "pair", f"no {missing} file with the same stem"))
+    layout = "class sub-folders (label = folder name)" if class_folders else "folder"
+    kinds = " + ".join(k for k, d in (("images", images), ("same-stem reports", reports)) if d)
+    return SourceScan(f"{layout}: {kinds or 'no images or reports'}", items, skipped)
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a CSV/TSV, JSONL or JSON-array file. CSV cells become int/float/None where they parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbedkitError(f"metadata file '{path}' does not exist")
+    ext = path.suffix.lower()
+    try:
+        if ext in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+                return [{k: _parse_cell(v) for k, v in row.items() if k is not None} for row in reader]
+        if ext == ".jsonl":
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise EmbedkitError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
+            return rows
+        if ext == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise EmbedkitError(f"{path.name}: expected a JSON array of objects")
+            return data
+    except UnicodeDecodeError:
+        raise EmbedkitError(f"{path.name} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise EmbedkitError(f"{path.name}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    raise EmbedkitError(f"metadata file '{path.name}' must be .csv, .tsv, .jsonl or .json")
+
+
+def _parse_cell(v: str | None):
+    if v is None or v.strip() == "":
+        return None
+    s = v.strip()
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+        return None if math.isnan(f) else f
+    except ValueError:
+        return v
+
+
+def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: str) -> SourceScan:
+    if not rows:
+        raise EmbedkitError("the metadata table has no rows")
+    columns = set().union(*(r.keys() for r in rows))
+    named = {"--id-col": opts.id_col, "--image-col": opts.image_col, "--text-col": opts.text_col,
+             "--text-file-col": opts.text_file_col, "--split-col": opts.split_col}
+    for flag, col in list(named.items()) + [("--label-col", c) for c in opts.label_cols]:
+        if col and col not in columns:
+            raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: {', '.join(sorted(columns))}")
+    if not (opts.image_col or opts.text_col or opts.text_file_col or opts.text_template):
+        raise EmbedkitError("name what to embed: --image-col, --text-col, --text-file-col or --text-template")
+    template = None
+    if opts.text_template:
+        from embedkit.templates import check_template_fields, parse_template
+
+        template = parse_template(opts.text_template)
+        check_template_fields(template, columns, "--text-template")
+        leaked = [c for c in opts.label_cols if c in template.fields]
+        if leaked and not opts.allow_leakage:
+            raise EmbedkitError(f"the text template names the label column(s) {', '.join(leaked)}: the text would "
+                                f"contain the answer (pass --allow-leakage if this is intended)")
+
+    used = {opts.id_col, opts.image_col, opts.text_col, opts.text_file_col, opts.split_col, *opts.label_cols}
+    meta_cols = opts.meta_cols if opts.meta_cols is not None else sorted(c for c in columns if c not in used)
+    items, skipped, seen = [], [], {}
+    for n, row in enumerate(rows):
+        image = row.get(opts.image_col) if opts.image_col else None
+        if opts.id_col:
+            key = row.get(opts.id_col)
+            key = None if key is None else str(key)
+        elif image:
+            key = Path(str(image)).with_suffix("").as_posix()
+        else:
+            key = f"row{n:06d}"  # text-only table without an id column: row order is the only key
+        where = f"row {n + 1}"
+        if key is None or key == "":
+            skipped.append(SkippedInput(None, where, "scan", f"empty id ({opts.id_col})"))
+            continue
+        if key in seen:
+            skipped.append(SkippedInput(key, where, "scan", f"duplicate id (first seen in row {seen[key] + 1})"))
+            continue
+        seen[key] = n
+        item = Item(id=key, labels={c: row.get(c) for c in opts.label_cols},
+                    split=None if not opts.split_col or row.get(opts.split_col) is None else str(row[opts.split_col]),
+                    meta={c: row.get(c) for c in meta_cols})
+        if image:
+            path = root / str(image)
+            if path.is_file():
+                item.image_path = path
+            else:
+                skipped.append(SkippedInput(key, str(image), "scan", "image file not found"))
+        elif opts.image_col:
+            skipped.append(SkippedInput(key, where, "scan", f"no image path in column '{opts.image_col}'"))
+        if template is not None:
+            item.text = template.render(row)
+        elif opts.text_col:
+            value = row.get(opts.text_col)
+            item.text = None if value is None else str(value)
+            if item.text is None or not item.text.strip():
+                skipped.append(SkippedInput(key, where, "read", f"empty text in column '{opts.text_col}'"))
+                item.text = None
+        elif opts.text_file_col and row.get(opts.text_file_col):
+            path = root / str(row[opts.text_file_col])
+            if path.is_file():
+                item.text_path = path
+            else:
+                skipped.append(SkippedInput(key, str(row[opts.text_file_col]), "scan", "report file not found"))
+        if item.image_path is not None or item.has_text:
+            items.append(item)
+    return SourceScan(layout, items, skipped)
