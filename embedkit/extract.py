@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,7 @@ class ExtractConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     decode_workers: int = 1  # threads decoding the next image batch while the model runs
     trust_remote_code: bool = False
+    rows_per_part: int = 8192  # rows per Parquet part file: the most a crash can cost to recompute
     overwrite: bool = False
     strict: bool = False  # first bad input aborts the run
     progress: bool = True
@@ -186,7 +189,8 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
     schema = build_schema(encoder.dim, columns, provenance)
-    writer = PartWriter(directory, schema)
+    writer = PartWriter(directory, schema, rows_per_part=config.rows_per_part,
+                        row_group_size=min(256, config.rows_per_part))
 
     def write(batch: list[Item], vectors: np.ndarray) -> None:
         with costs.stage("write"):
@@ -246,12 +250,12 @@ def _embed_images(pending, hashes, encoder, config, costs, skipped, root, write,
         return ok, arrays, bad
 
     with ThreadPoolExecutor(max_workers=max(1, config.decode_workers)) as pool:
-        ahead = [pool.submit(decode, b) for b in batches[: config.decode_workers + 1]]
-        for k in range(len(batches)):
-            ok, arrays, bad = ahead[k].result()
-            nxt = k + len(ahead)
-            if nxt < len(batches):
-                ahead.append(pool.submit(decode, batches[nxt]))  # decode ahead while the model runs
+        queue = iter(batches)
+        ahead = deque(pool.submit(decode, b) for b in islice(queue, config.decode_workers + 1))
+        for batch in batches:
+            ok, arrays, bad = ahead.popleft().result()
+            for nxt in islice(queue, 1):
+                ahead.append(pool.submit(decode, nxt))  # decode ahead while the model runs
             for it, reason in bad:
                 for dup in by_hash[hashes[it.id]]:
                     _skip(skipped, config, SkippedInput(dup.id, _rel(dup.image_path, root), "decode", reason), "image")
@@ -264,8 +268,7 @@ def _embed_images(pending, hashes, encoder, config, costs, skipped, root, write,
                 index = [n for n, it in enumerate(ok) for _ in by_hash[hashes[it.id]]]
                 write(rows, vectors[index])
                 res.unique_inputs_embedded += len(ok)
-            advance(sum(len(by_hash[hashes[it.id]]) for it in batches[k]))
-            ahead[k] = None  # free the decoded arrays
+            advance(sum(len(by_hash[hashes[it.id]]) for it in batch))
 
 
 def _embed_texts(pending, encoder, config, costs, skipped, root, write, advance, res) -> None:

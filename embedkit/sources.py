@@ -2,7 +2,7 @@
 
 Three layouts, detected in this order:
   table         a CSV / JSONL / JSON manifest (`--metadata`), or rows from a data manifest
-  class folders every file sits in a first-level sub-folder, and there are >= 2 of them:
+  class folders every image sits directly in a first-level sub-folder, and there are >= 2:
                 the folder name is the label `label` (ImageFolder style)
   paired folder images and same-stem report files (case01.jpg + case01.txt), any depth
 Class folders may hold reports too; they pair the same way.
@@ -64,8 +64,9 @@ def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[
 def scan_folder(root: Path) -> SourceScan:
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
     top_dirs = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
-    at_root = [p for p in files if p.parent == root]
-    class_folders = not any(p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS for p in at_root) and len(top_dirs) >= 2
+    # ImageFolder style: every image sits exactly one level down, in >= 2 sub-folders
+    depths = {len(p.relative_to(root).parts) for p in files if p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS}
+    class_folders = depths == {2} and len(top_dirs) >= 2
 
     images: dict[str, Path] = {}
     reports: dict[str, Path] = {}

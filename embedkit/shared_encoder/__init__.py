@@ -6,7 +6,8 @@ See REFERENCE.md sections 2-3. Extraction uses SharedEncoderRunner; training use
 from embedkit.shared_encoder.config import SharedEncoderConfig, count_parameters, matched_separate_config
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
 from embedkit.shared_encoder.retrieval import retrieval_metrics
-from embedkit.shared_encoder.runner import SharedEncoderRunner, load_shared_encoder
+from embedkit.shared_encoder.project import ProjectionHeads, fit_projection
+from embedkit.shared_encoder.runner import SharedEncoderRunner, load_shared_encoder, save_shared_encoder
 from embedkit.shared_encoder.train import pretrain
 
 __all__ = [
@@ -18,5 +19,8 @@ __all__ = [
     "retrieval_metrics",
     "SharedEncoderRunner",
     "load_shared_encoder",
+    "save_shared_encoder",
+    "ProjectionHeads",
+    "fit_projection",
     "pretrain",
 ]

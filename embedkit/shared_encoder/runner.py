@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from embedkit.encoders.preprocess import ImagePreprocess
 from embedkit.errors import EmbedkitError
@@ -49,6 +49,19 @@ def tokenize(tokenizer, texts: list[str], max_len: int, padding: str = "longest"
     else:
         n_truncated = sum(len(ids) > max_len for ids in tokenizer(list(texts))["input_ids"])
     return enc["input_ids"], enc["attention_mask"], n_truncated
+
+
+def save_shared_encoder(model: SharedEncoder, tokenizer, path: str | Path) -> None:
+    """Write a self-contained model folder (weights, config, tokenizer); the training state is separate."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / (WEIGHTS + ".tmp")
+    save_file(weights, str(tmp))
+    tmp.replace(path / WEIGHTS)  # a crash mid-save leaves the previous weights intact
+    model.cfg.save(path / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
 
 
 def load_shared_encoder(path: str | Path):

