@@ -47,6 +47,15 @@ def extract(
     overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
+                                             "pip install 'embedkit[ray]')."),
+    address: Optional[str] = typer.Option(None, help="--engine ray: a Ray cluster ('auto', ray://HOST:10001); "
+                                                     "default: start Ray on this machine."),
+    actors: Optional[int] = typer.Option(None, min=1, help="--engine ray: encoder actors (default: as many as "
+                                                           "the cluster's CPUs or GPUs fit)."),
+    cpus_per_actor: float = typer.Option(1.0, min=0.01, help="--engine ray: CPUs (and torch threads) per actor."),
+    gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--engine ray: GPUs per actor (e.g. 1, or 0.5 to "
+                                                            "share one)."),
 ):
     """Embed every image and report into Parquet (resumes; bad inputs go to errors.parquet)."""
     from embedkit.extract import ExtractConfig
@@ -65,7 +74,9 @@ def extract(
     config = ExtractConfig(image_model=_none(image_model), text_model=_none(text_model), image_pooling=image_pooling,
                            text_pooling=text_pooling, max_length=max_length, device=device, dtype=dtype,
                            batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
-                           overwrite=overwrite, strict=strict, progress=progress)
+                           overwrite=overwrite, strict=strict, progress=progress, engine=engine,
+                           ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
+                           ray_gpus_per_actor=gpus_per_actor)
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
 
@@ -108,6 +119,157 @@ def models():
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
                       ("[green]yes[/] " if r["available"] else "[red]no[/] ") + r["where"])
     console.print(table)
+
+
+@app.command()
+def datasets(folder: Optional[Path] = typer.Option(None, help="Another folder of manifests.")):
+    """List the shipped data manifests: what each dataset is, its access and its tasks."""
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.manifests import list_manifests
+
+    table = Table(title="data manifests (use with: embedkit extract ROOT --manifest NAME)")
+    for col in ("name", "access", "license", "modalities", "tasks"):
+        table.add_column(col)
+    for m in list_manifests(folder):
+        table.add_row(m.path.stem, m.access, m.license, "+".join(m.modalities), ", ".join(m.tasks))
+    console.print(table)
+
+
+@app.command()
+def train(
+    emb: Path = typer.Argument(..., help="An `embedkit extract` output folder."),
+    label: List[str] = typer.Option(..., help="Label column; repeat for multilabel (0/1 columns)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
+    fusion: str = typer.Option("late", help="early, late, image, text or logistic."),
+    hidden_dim: int = typer.Option(128, help="Early fusion hidden width."),
+    late_hidden_dim: int = typer.Option(64, help="Late fusion per-modality width."),
+    dropout: float = typer.Option(0.0),
+    epochs: int = typer.Option(30),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(64),
+    weight_decay: float = typer.Option(0.01),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation gain."),
+    no_class_weight: bool = typer.Option(False, help="Do not re-weight classes."),
+    align_lambda: Optional[float] = typer.Option(None, help="Modality-gap shift (1 closes the gap between means)."),
+    align_sweep: Optional[str] = typer.Option(None, help="START:STOP:STEP, lambda chosen on validation."),
+    learned_lambda: bool = typer.Option(False, help="Learn lambda jointly with the classifier."),
+    noise_std: float = typer.Option(0.0, help="Gaussian noise on standardised embeddings during training."),
+    seeds: int = typer.Option(1, min=1, help="Repeat over seeds for mean, std and 95% interval."),
+    cv: Optional[int] = typer.Option(None, min=2, help="k-fold cross-validation instead of one split."),
+    seed: int = typer.Option(0),
+    image_model: Optional[str] = typer.Option(None, help="Which image embeddings, if several were extracted."),
+    text_model: Optional[str] = typer.Option(None, help="Which text embeddings, if several were extracted."),
+):
+    """Train a fusion classifier on embeddings, select on validation, test once; spread over seeds/folds."""
+    from embedkit.train import TrainConfig
+    from embedkit.train import train as run
+
+    models = {k: v for k, v in (("image", image_model), ("text", text_model)) if v}
+    cfg = TrainConfig(labels=list(label), fusion=fusion, hidden_dim=hidden_dim, late_hidden_dim=late_hidden_dim,
+                      dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                      class_weight=None if no_class_weight else "balanced", patience=patience,
+                      noise_std=noise_std, align_lambda=align_lambda, align_sweep=align_sweep,
+                      learned_lambda=learned_lambda, seeds=seeds, cv=cv, seed=seed, models=models)
+    metrics = run(emb, out, cfg)
+    _print_metrics(metrics, out)
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from embedkit.console import console
+
+    spread = metrics["spread"]
+    t = Table(title=f"{out} · test set, {spread['n_runs']} {spread['over']} (mean ± std, 95% interval)")
+    for col in ("metric", "test", "95% interval", "validation"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece"):
+        s, v = spread["test"].get(k), spread["val"].get(k)
+        if s is None:
+            continue
+        t.add_row(k, f"{s['mean']:.3f} ± {s['std']:.3f}", f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
+                  f"{v['mean']:.3f}" if v else "-")
+    console.print(t)
+    c = metrics["costs"]
+    console.print(f"train {c['train_seconds']:.2f} s · predict {c['predict_seconds']:.3f} s · "
+                  f"peak RSS {c['peak_rss_mb']:.0f} MB · model {c['model_bytes'] / 1024:.0f} KiB")
+    if metrics.get("alignment"):
+        console.print(f"alignment: lambda {metrics['alignment']['lambda']}"
+                      + (" (chosen on validation)" if metrics["alignment"].get("sweep") else ""))
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A model folder from `embedkit train`."),
+    emb: Path = typer.Argument(..., help="Embeddings of new data, extracted with the same encoders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Parquet file: id, predicted, prob_<class>."),
+):
+    """Predict labels for new embeddings (the training-time alignment is applied)."""
+    from embedkit.console import say
+    from embedkit.train import predict as run
+
+    r = run(model, emb, out)
+    say(f"{r['rows']} predictions -> {r['out']} ({r['predict_seconds']:.3f} s)")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="A model folder from `embedkit train`."),
+    emb: Path = typer.Argument(..., help="Labelled embeddings, e.g. a second clinic's."),
+    label: List[str] = typer.Option([], help="Label column(s); default: those the model was trained on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+):
+    """Compute the training metrics for a trained model on another labelled embedding set."""
+    import json
+
+    from embedkit.train import evaluate as run
+
+    r = run(model, emb, list(label) or None, out)
+    m = r["eval"]
+    typer.echo(json.dumps({k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}))
+
+
+@app.command()
+def gap(
+    emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings in one space."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Also show the statistics after this shift."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for gap.json and gap_pca.png."),
+):
+    """Modality-gap diagnostics: gap norm, pair cosine, cone effect, PCA plot."""
+    import json
+
+    from embedkit.fusion.align import gap_stats, plot_gap_pca
+    from embedkit.store import load_embeddings
+
+    es = load_embeddings(emb, modalities=["image", "text"])
+    stats = gap_stats(es.embeddings["image"], es.embeddings["text"], lambda_=lambda_)
+    out = out or emb
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "gap.json").write_text(json.dumps(stats, indent=2))
+    plot_gap_pca(es.embeddings["image"], es.embeddings["text"], Path(out) / "gap_pca.png", lambda_=lambda_)
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep everything here (default: a temp folder)."),
+    n: int = typer.Option(300, help="Synthetic cases."),
+    seeds: int = typer.Option(3, min=1),
+):
+    """End to end on a generated SYNTHETIC clinic: extract, train every fusion, one table of results and costs."""
+    import tempfile
+
+    from embedkit.console import console
+    from embedkit.demo import DemoConfig, format_summary, run_demo
+
+    with tempfile.TemporaryDirectory(prefix="embedkit-demo-") as tmp:
+        folder = out or Path(tmp)
+        summary = run_demo(folder, DemoConfig(n=n, seeds=seeds))
+        console.print(format_summary(summary))
+        console.print(summary["gap_shift"] if summary["gap_shift"] != "run" else "")
+        console.print(f"total {summary['total_seconds']:.0f} s" + (f"; everything kept in {out}" if out else ""))
 
 
 def main() -> None:

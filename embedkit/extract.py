@@ -1,4 +1,4 @@
-"""The local engine: items -> batches -> encoder -> Parquet, resumable and streaming.
+"""The extraction pipeline: items -> batches -> encoder -> Parquet, resumable and streaming.
 
 For each requested modality:
   1. hash every input (sha256 of the file, or of the text) and compare with what `--out` holds:
@@ -9,6 +9,8 @@ For each requested modality:
      texts: sorted by length so a batch pads to similar lengths (sentence-transformers' trick);
   4. rows stream into row groups of atomically-renamed part files (see store.py).
 Bad inputs become rows of errors.parquet; `strict` turns the first one into a failure.
+Only step 3 differs by engine: "local" embeds in this process (below), "ray" in Ray actors
+(engines/ray_engine.py); both yield the same batches to the same writer.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False  # first bad input aborts the run
     progress: bool = True
+    engine: str = "local"  # "local": this process; "ray": Ray actors (pip install 'embedkit[ray]')
+    ray_address: str | None = None  # None: start a local Ray with every core; "auto" or ray://...: join a cluster
+    ray_actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) fit, at most one per batch
+    ray_cpus_per_actor: float = 1.0  # also the actor's torch threads (unless `threads` is set)
+    ray_gpus_per_actor: float = 0.0  # > 0: each actor reserves (a share of) a GPU
 
 
 @dataclass
@@ -94,6 +101,10 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     from embedkit.console import say
 
     config = config or ExtractConfig()
+    if config.engine != "local":
+        from embedkit.engines import check_engine
+
+        check_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
     costs = Costs()
     data, out = Path(data), Path(out)
     with costs.stage("scan"):
@@ -175,12 +186,11 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         res.bytes = dir_bytes(directory) if directory.exists() else 0
         return res
 
-    # 2. load the model (only now that there is work)
-    from embedkit.encoders import create_encoder
-
+    # 2. load the model (only now that there is work), here or in the engine's workers
+    groups, batches = _plan(modality, pending, hashes, config.batch_size)
     with costs.stage("load_model"):
-        encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads)
-    provenance = {**encoder.provenance(), "label_columns": label_cols, "metadata_columns": meta_cols,
+        encoder_provenance, embedded = _open_engine(modality, spec, batches, config, costs)
+    provenance = {**encoder_provenance, "label_columns": label_cols, "metadata_columns": meta_cols,
                   "versions": _versions(), "layout": scan.layout, "data_root": str(root.resolve())}
     if directory.exists():
         check_same_encoder(directory, provenance)
@@ -188,7 +198,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         res.rows_dropped = drop_rows(directory, stale)
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
-    schema = build_schema(encoder.dim, columns, provenance)
+    schema = build_schema(encoder_provenance["dim"], columns, provenance)
     writer = PartWriter(directory, schema, rows_per_part=config.rows_per_part,
                         row_group_size=min(256, config.rows_per_part))
 
@@ -209,10 +219,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
             done = bar.tasks[task].completed + n
             bar.update(task, advance=n, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}/s")
 
-        if modality == "image":
-            _embed_images(pending, hashes, encoder, config, costs, skipped, root, write, advance, res)
-        else:
-            _embed_texts(pending, encoder, config, costs, skipped, root, write, advance, res)
+        _write_batches(modality, embedded, groups, config, skipped, root, write, advance, res)
     writer.close()
     provenance["truncated_texts"] = res.truncated_texts
     res.rows_embedded = writer.rows_written
@@ -225,16 +232,57 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     return res
 
 
-def _embed_images(pending, hashes, encoder, config, costs, skipped, root, write, advance, res) -> None:
+def _plan(modality: str, pending: list[Item], hashes: dict[str, str], batch_size: int):
+    """The batches every engine embeds, and for each embedded item the ids that receive its vector."""
+    if modality == "image":
+        # identical files are embedded once and written under every id that points at them
+        by_hash: dict[str, list[Item]] = {}
+        for it in pending:
+            by_hash.setdefault(hashes[it.id], []).append(it)
+        groups = {group[0].id: group for group in by_hash.values()}
+    else:
+        # length-sorted batching: longest first so the first batch shows the memory peak
+        order = sorted(pending, key=lambda it: -(len(it.text) if it.text is not None else _size(it.text_path)))
+        groups = {it.id: [it] for it in order}
+    units = [group[0] for group in groups.values()]
+    return groups, [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
+
+
+def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], config: ExtractConfig, costs: Costs):
+    """The one step that differs by engine. Returns (encoder provenance, lazy stream of embedded batches):
+    each element is (batch, ok items, their vectors, [(bad item, reason)], texts truncated)."""
+    if config.engine == "ray":
+        from embedkit.engines.ray_engine import open_ray
+
+        return open_ray(modality, spec, batches, config, costs)
+    from embedkit.encoders import create_encoder
+
+    encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads)
+    embed = _embed_images if modality == "image" else _embed_texts
+    return encoder.provenance(), embed(batches, encoder, config, costs)
+
+
+def _write_batches(modality, embedded, groups, config, skipped, root, write, advance, res) -> None:
+    """Shared by every engine: record bad inputs, write each vector under every id that shares it."""
+    stage = "decode" if modality == "image" else "read"
+    for batch, ok, vectors, bad, n_truncated in embedded:
+        for it, reason in bad:
+            for dup in groups[it.id]:
+                _skip(skipped, config, SkippedInput(dup.id, _rel(_path(dup, modality), root) or "(inline)", stage,
+                                                    reason), modality)
+        if ok:
+            rows = [dup for it in ok for dup in groups[it.id]]
+            index = [n for n, it in enumerate(ok) for _ in groups[it.id]]
+            write(rows, vectors[index])
+            res.unique_inputs_embedded += len(ok)
+        res.truncated_texts += n_truncated
+        advance(sum(len(groups[it.id]) for it in batch))
+
+
+def _embed_images(batches, encoder, config, costs):
     from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
 
     pre = encoder.preprocess
-    # identical files are embedded once and written under every id that points at them
-    by_hash: dict[str, list[Item]] = {}
-    for it in pending:
-        by_hash.setdefault(hashes[it.id], []).append(it)
-    uniques = [group[0] for group in by_hash.values()]
-    batches = [uniques[i:i + config.batch_size] for i in range(0, len(uniques), config.batch_size)]
     buffer = np.empty((config.batch_size, 3, pre.crop, pre.crop), dtype=np.float32)
 
     def decode(batch: list[Item]):
@@ -256,43 +304,31 @@ def _embed_images(pending, hashes, encoder, config, costs, skipped, root, write,
             ok, arrays, bad = ahead.popleft().result()
             for nxt in islice(queue, 1):
                 ahead.append(pool.submit(decode, nxt))  # decode ahead while the model runs
-            for it, reason in bad:
-                for dup in by_hash[hashes[it.id]]:
-                    _skip(skipped, config, SkippedInput(dup.id, _rel(dup.image_path, root), "decode", reason), "image")
+            vectors = None
             if ok:
                 with costs.stage("preprocess"):
                     pixels = normalize_batch(arrays, pre, out=buffer)
                 with costs.stage("model"):
                     vectors = encoder.embed(pixels)
-                rows = [dup for it in ok for dup in by_hash[hashes[it.id]]]
-                index = [n for n, it in enumerate(ok) for _ in by_hash[hashes[it.id]]]
-                write(rows, vectors[index])
-                res.unique_inputs_embedded += len(ok)
-            advance(sum(len(by_hash[hashes[it.id]]) for it in batch))
+            yield batch, ok, vectors, bad, 0
 
 
-def _embed_texts(pending, encoder, config, costs, skipped, root, write, advance, res) -> None:
-    # length-sorted batching: longest first so the first batch shows the memory peak
-    order = sorted(pending, key=lambda it: -(len(it.text) if it.text is not None else _size(it.text_path)))
-    for i in range(0, len(order), config.batch_size):
-        batch = order[i:i + config.batch_size]
-        ok, texts = [], []
+def _embed_texts(batches, encoder, config, costs):
+    for batch in batches:
+        ok, texts, bad = [], [], []
         with costs.stage("read"):
             for it in batch:
                 text, reason = _read_text(it)
                 if reason:
-                    _skip(skipped, config, SkippedInput(it.id, _rel(_path(it, "text"), root) or "(inline)", "read",
-                                                        reason), "text")
+                    bad.append((it, reason))
                 else:
                     ok.append(it)
                     texts.append(text)
+        vectors, n_truncated = None, 0
         if ok:
             with costs.stage("model"):
                 vectors, n_truncated = encoder.embed(texts)
-            res.truncated_texts += n_truncated
-            write(ok, vectors)
-            res.unique_inputs_embedded += len(ok)
-        advance(len(batch))
+        yield batch, ok, vectors, bad, n_truncated
 
 
 def _read_text(it: Item) -> tuple[str | None, str | None]:

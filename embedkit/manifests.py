@@ -6,12 +6,10 @@ Every error names the manifest file, the key and its line, so a user can fix the
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +20,7 @@ else:  # pragma: no cover - Python 3.10
 
 from embedkit.errors import EmbedkitError
 from embedkit.items import SourceOptions
+from embedkit.sources import read_table
 from embedkit.templates import format_value, is_missing, parse_template
 
 ACCESS = ("open", "credentialed", "on request")
@@ -126,11 +125,18 @@ def _is_kind(kind: str, v: Any) -> bool:
 
 def _key(v: Any) -> str | None:
     """Canonical form for matching values: strips, ignores case, and "2", "2.0", 2 and 2.0 are one value."""
+    if type(v) is str:
+        return _str_key(v)
     if is_missing(v):
         return None
     if isinstance(v, bool):
         return str(v).lower()
     return format_value(v).casefold()
+
+
+@lru_cache(maxsize=1 << 16)  # label codes, view names and the like repeat on every row of a big table
+def _str_key(v: str) -> str | None:
+    return None if is_missing(v) else format_value(v).casefold()
 
 
 # --- the manifest ---------------------------------------------------------------------------------------------
@@ -313,8 +319,9 @@ class DatasetManifest:
             rows, cols = self._read(root, j.file, ("metadata", "joins", i, "file"))
             for col in j.on:
                 if col not in cols:
-                    raise self.error(("metadata", "joins", i, "on"), f"column '{col}' is missing from data file {j.file}")
-            joined.append((j, rows, cols))
+                    raise self.error(("metadata", "joins", i, "on"),
+                                     f"column '{col}' is missing from data file {j.file}")
+            joined.append((j, _index(rows, j.on), cols))
         join_cols = {c for _, _, cols in joined for c in cols}
 
         out: list[dict] = []
@@ -324,8 +331,8 @@ class DatasetManifest:
             if self.split_from_file:
                 for row in rows:
                     row[self.split_col] = self.split_from_file.get(name)
-            for j, other, _ in joined:
-                rows = _join(rows, other, j.on)
+            for j, index, _ in joined:
+                rows = _join(rows, index, j.on)
             out.extend(rows)
 
         for f in self.filters:
@@ -356,9 +363,10 @@ class DatasetManifest:
         if not path.is_file():
             raise self.error(key, f"data file {name} not found under {root}")
         try:
-            return _read_table(path)
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            raise self.error(key, f"cannot read data file {name}: {e}") from None
+            rows = read_table(path)
+        except EmbedkitError as e:
+            raise self.error(key, f"cannot read data file: {e}") from None
+        return rows, list(dict.fromkeys(k for r in rows for k in r))
 
     def _check_columns(self, cols: list[str], join_cols: set[str], name: str) -> None:
         have = set(cols) | join_cols
@@ -409,45 +417,22 @@ def _fill(tmpl, row: dict) -> str | None:
     return tmpl.render(row)
 
 
-def _join(rows: list[dict], other: list[dict], on: list[str]) -> list[dict]:
-    """Inner join; one output row per match; columns the left row already has keep the left value."""
+def _index(rows: list[dict], on: list[str]) -> dict[tuple, list[dict]]:
     index: dict[tuple, list[dict]] = {}
-    for o in other:
-        index.setdefault(tuple(_key(o.get(c)) for c in on), []).append(o)
+    for r in rows:
+        key = tuple(_key(r.get(c)) for c in on)
+        if None not in key:  # a missing key matches nothing, not other missing keys
+            index.setdefault(key, []).append(r)
+    return index
+
+
+def _join(rows: list[dict], index: dict[tuple, list[dict]], on: list[str]) -> list[dict]:
+    """Inner join; one output row per match; columns the left row already has keep the left value."""
     out = []
     for r in rows:
         for o in index.get(tuple(_key(r.get(c)) for c in on), ()):
             out.append({**o, **r})
     return out
-
-
-def _read_table(path: Path) -> tuple[list[dict], list[str]]:
-    name = path.name.lower().removesuffix(".gz")
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        if name.endswith((".csv", ".tsv")):
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            rows = [{k: v for k, v in r.items() if k is not None} for r in reader]
-            return rows, list(reader.fieldnames or [])
-        if name.endswith(".jsonl"):
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"line {n}: {e.msg}") from None
-        else:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"line {e.lineno}: {e.msg}") from None
-            if not isinstance(rows, list):
-                raise ValueError("a .json metadata file must hold an array of objects")
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError("every row must be an object")
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    return rows, cols
 
 
 # --- loading and validation -----------------------------------------------------------------------------------
@@ -509,9 +494,8 @@ def load_manifest(path: str | Path) -> DatasetManifest:
     files = meta["files"]
     if not files:
         c.fail(("metadata", "files"), "name at least one metadata file")
-    for f in files + [s["file"] for s in meta.get("joins", []) if isinstance(s.get("file"), str)]:
-        if not f.lower().removesuffix(".gz").endswith(TABLE_SUFFIXES):
-            c.fail(("metadata", "files"), f"'{f}' is not a .csv, .tsv, .jsonl or .json file (optionally .gz)")
+    for f in files:
+        _check_suffix(c, ("metadata", "files"), f)
     for f in meta.get("split_from_file", {}):
         if f not in files:
             c.fail(("metadata", "split_from_file"), f"'{f}' is not one of metadata.files")
@@ -519,6 +503,7 @@ def load_manifest(path: str | Path) -> DatasetManifest:
     joins = []
     for i, j in enumerate(meta.get("joins", [])):
         c.table(j, _JOIN, ("metadata", "joins", i))
+        _check_suffix(c, ("metadata", "joins", i, "file"), j["file"])
         joins.append(Join(j["file"], [j["on"]] if isinstance(j["on"], str) else j["on"]))
     filters = []
     for i, f in enumerate(meta.get("filters", [])):
@@ -587,6 +572,11 @@ def load_manifest(path: str | Path) -> DatasetManifest:
             if col not in declared:
                 c.fail(("leakage", "fields"), f"names column '{col}', which is not in metadata.columns")
     return m
+
+
+def _check_suffix(c: _Checker, path: tuple, name: str) -> None:
+    if not name.lower().removesuffix(".gz").endswith(TABLE_SUFFIXES):
+        c.fail(path, f"'{name}' is not a .csv, .tsv, .jsonl or .json file (optionally .gz)")
 
 
 def _label(c: _Checker, lab: dict, path: tuple) -> Label:

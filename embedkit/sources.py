@@ -11,8 +11,8 @@ Class folders may hold reports too; they pair the same way.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,50 +109,46 @@ def _hidden(rel: Path) -> bool:
 
 
 def read_table(path: str | Path) -> list[dict]:
-    """Rows of a CSV/TSV, JSONL or JSON-array file. CSV cells become int/float/None where they parse."""
+    """Rows of a CSV/TSV, JSONL or JSON-array file, optionally gzipped.
+
+    Empty CSV cells become None; other cells stay strings (templates still format "45.6" with {age:.0f}).
+    """
     path = Path(path)
     if not path.is_file():
         raise EmbedkitError(f"metadata file '{path}' does not exist")
-    ext = path.suffix.lower()
+    ext = Path(path.name.lower().removesuffix(".gz")).suffix
+    if ext not in TABLE_EXTS:
+        raise EmbedkitError(f"metadata file '{path.name}' must be .csv, .tsv, .jsonl or .json (optionally .gz)")
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        if ext in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8-sig") as f:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            if ext in (".csv", ".tsv"):
                 reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
                 return [{k: _parse_cell(v) for k, v in row.items() if k is not None} for row in reader]
-        if ext == ".jsonl":
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise EmbedkitError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
-            return rows
-        if ext == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise EmbedkitError(f"{path.name}: expected a JSON array of objects")
-            return data
+            if ext == ".jsonl":
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise EmbedkitError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
+            else:
+                rows = json.load(f)
     except UnicodeDecodeError:
         raise EmbedkitError(f"{path.name} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise EmbedkitError(f"{path.name}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    raise EmbedkitError(f"metadata file '{path.name}' must be .csv, .tsv, .jsonl or .json")
+    except (OSError, csv.Error) as e:
+        raise EmbedkitError(f"{path.name}: cannot be read ({e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise EmbedkitError(f"{path.name}: expected a JSON array of objects (JSONL: one object per line)")
+    return rows
 
 
 def _parse_cell(v: str | None):
-    if v is None or v.strip() == "":
-        return None
-    s = v.strip()
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        f = float(s)
-        return None if math.isnan(f) else f
-    except ValueError:
-        return v
+    # Empty cells are missing values; everything else stays text, so ids like "000123" survive.
+    return None if v is None or v.strip() == "" else v
 
 
 def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: str) -> SourceScan:

@@ -41,6 +41,16 @@ TINY = SharedEncoderConfig(
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from a second thread, and on 2 busy cores OpenMP spin-waiting
+    # makes them 10-100x slower; restored afterwards for the rest of the test session.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> SharedEncoderConfig:
     return replace(TINY, vocab_size=200, **kw)
 

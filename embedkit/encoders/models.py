@@ -62,6 +62,8 @@ class ImageEncoder(Encoder):
         if family == "clip":
             return self._out(_features(self.model.get_image_features(pixel_values=x)))
         if family == "efficientnet":
+            # channels-last lets oneDNN run the depthwise convolutions about 2x faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
             return self._out(self.model.extract_features(x).mean(dim=(2, 3)))
         if family == "shared":
             return self._out(self.model.embed_images(x))
@@ -118,8 +120,8 @@ def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec.family == "efficientnet":
-        enc = ImageEncoder(spec, _load_efficientnet_lite0().to(dt), dev, dt)
-        return enc
+        model = _load_efficientnet_lite0().to(dtype=dt, memory_format=torch.channels_last)
+        return ImageEncoder(spec, model, dev, dt)
     if spec.family == "shared":
         raise EmbedkitError("shared encoders are not wired into extraction yet")
     from transformers import AutoModel, CLIPModel

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess

@@ -2,6 +2,7 @@
 
 from embedkit.fusion.estimator import FusionClassifier, LogisticBaseline, NotFittedEmbedkitError
 from embedkit.fusion.evaluate import (
+    InvalidInputError,
     compute_metrics,
     detect_task,
     expected_calibration_error,
@@ -14,6 +15,7 @@ from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
 __all__ = [
     "EarlyFusionHead",
     "FusionClassifier",
+    "InvalidInputError",
     "LateFusionHead",
     "LogisticBaseline",
     "NotFittedEmbedkitError",

@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from embedkit.errors import EmbedkitError
-from embedkit.fusion.evaluate import detect_task
+from embedkit.fusion.evaluate import InvalidInputError, detect_task
 from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "estimator.json"
@@ -45,36 +45,40 @@ def _as_matrix(X, modality_dims=None, names=None):
 
     names: at predict time, the modality order seen in fit, so a dict's key order does not matter.
     """
+    if any(hasattr(b, "toarray") for b in (X.values() if isinstance(X, dict) else [X])):  # scipy.sparse
+        raise InvalidInputError("sparse input is not supported: embeddings are dense, pass X.toarray()")
     try:
         if isinstance(X, dict):
             X = {str(k): v for k, v in X.items()}
             if names is not None:
                 if set(X) != set(names):
-                    raise EmbedkitError(f"X has modalities {sorted(X)}, the model was fitted on {names}")
+                    raise InvalidInputError(f"X has modalities {sorted(X)}, the model was fitted on {names}")
                 X = {k: X[k] for k in names}
             blocks = [np.asarray(v, dtype=np.float32) for v in X.values()]
             if not blocks or any(b.ndim != 2 for b in blocks):
-                raise EmbedkitError("a dict X must map each modality name to a 2-D array (rows x features)")
+                raise InvalidInputError("a dict X must map each modality name to a 2-D array (rows x features)")
             if len({len(b) for b in blocks}) > 1:
-                raise EmbedkitError(f"modality blocks have different row counts: {[len(b) for b in blocks]}")
+                raise InvalidInputError(f"modality blocks have different row counts: {[len(b) for b in blocks]}")
             dims, names = tuple(b.shape[1] for b in blocks), list(X)
             if modality_dims is not None and tuple(modality_dims) != dims:
-                raise EmbedkitError(f"modality_dims {tuple(modality_dims)} do not match the dict's block widths {dims}")
+                raise InvalidInputError(f"modality_dims {tuple(modality_dims)} do not match the dict's block widths {dims}")
             X = np.concatenate(blocks, axis=1)
         else:
             X = np.asarray(X, dtype=np.float32)
             if X.ndim != 2:
-                raise EmbedkitError(f"X must be 2-D (rows x features), got shape {X.shape}")
+                raise InvalidInputError(f"X must be 2-D (rows x features), got shape {X.shape}")
             dims = (X.shape[1],) if modality_dims is None else tuple(int(d) for d in modality_dims)
             if min(dims) < 1 or sum(dims) != X.shape[1]:
-                raise EmbedkitError(f"modality_dims {dims} must be positive and sum to X's {X.shape[1]} columns")
-    except (TypeError, ValueError) as e:
-        raise EmbedkitError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
+                raise InvalidInputError(f"modality_dims {dims} must be positive and sum to X's {X.shape[1]} columns")
+    except InvalidInputError:
+        raise
+    except (TypeError, ValueError) as e:  # np.asarray on text or ragged lists
+        raise InvalidInputError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
     if len(X) == 0:
-        raise EmbedkitError("X has no rows")
+        raise InvalidInputError("X has no rows")
     bad = int((~np.isfinite(X)).any(axis=1).sum())
     if bad:
-        raise EmbedkitError(f"X has {bad} of {len(X)} rows with NaN or infinite values; drop or impute them first")
+        raise InvalidInputError(f"X has {bad} of {len(X)} rows with NaN or infinite values; drop or impute them first")
     return X, dims, names
 
 
@@ -86,27 +90,30 @@ def _encode_labels(y, classes=None, task=None):
     task = task or detect_task(y)
     if task == "multilabel":
         if y.ndim != 2 or (classes is not None and y.shape[1] != len(classes)):
-            raise EmbedkitError(f"multilabel y must be a 0/1 matrix with one column per label, got shape {y.shape}")
+            raise InvalidInputError(f"multilabel y must be a 0/1 matrix with one column per label, got shape {y.shape}")
         targets = y.astype(np.float32)
         if classes is None:
             classes = np.asarray([str(c) for c in columns]) if columns is not None else np.arange(y.shape[1])
             if (targets.min(0) == targets.max(0)).all():
-                raise EmbedkitError("every label column of y holds one value only; nothing to learn")
+                raise InvalidInputError("every label column of y holds one value only; nothing to learn")
         return task, classes, targets
     if y.ndim == 2 and y.shape[1] == 1:
         y = y.ravel()
-    if y.dtype.kind == "f" and np.isnan(y).any():
-        raise EmbedkitError(f"y has {int(np.isnan(y).sum())} missing labels (NaN); drop those rows first")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise InvalidInputError(f"y has {int((~np.isfinite(y)).sum())} missing or infinite labels; drop those rows")
+        if (y != np.round(y)).any():  # 0.37 is a regression target or a probability, not a class
+            raise InvalidInputError("y is a continuous target (non-integer numbers); pass class labels (ints or strings)")
     if classes is None:
         classes, idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise EmbedkitError(f"y has {len(classes)} class(es) {classes.tolist()}; a classifier needs at least two")
+            raise InvalidInputError(f"y has {len(classes)} class(es) {classes.tolist()}; a classifier needs at least two")
         return task, classes, idx.ravel().astype(np.int64)
     index = {c: i for i, c in enumerate(classes.tolist())}
     try:
         return task, classes, np.array([index[c] for c in y.tolist()], dtype=np.int64)
     except KeyError as e:
-        raise EmbedkitError(f"y holds label {e.args[0]!r} not seen in fit (classes {classes.tolist()})") from None
+        raise InvalidInputError(f"y holds label {e.args[0]!r} not seen in fit (classes {classes.tolist()})") from None
 
 
 @contextmanager
@@ -139,10 +146,10 @@ def _write(folder, tensors: dict, meta: dict) -> Path:
 def _read(folder, fmt: str):
     folder = Path(folder)
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise EmbedkitError(f"{folder} is not a saved model folder (needs {WEIGHTS_FILE} and {META_FILE})")
+        raise InvalidInputError(f"{folder} is not a saved model folder (needs {WEIGHTS_FILE} and {META_FILE})")
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("format") != fmt:
-        raise EmbedkitError(f"{folder} holds a {meta.get('format')!r} model, not {fmt!r}")
+        raise InvalidInputError(f"{folder} holds a {meta.get('format')!r} model, not {fmt!r}")
     return meta, load_file(str(folder / WEIGHTS_FILE))
 
 
@@ -155,16 +162,21 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_X(self, X) -> np.ndarray:
         self._check_fitted()
-        X, dims, _ = _as_matrix(X, names=self.modalities_ if isinstance(X, dict) else None)
-        if X.shape[1] != self.n_features_in_ or (self.modalities_ and len(dims) > 1 and dims != self.modality_dims_):
-            raise EmbedkitError(f"X has {X.shape[1]} columns, the model was fitted on {self.n_features_in_}")
+        is_dict = isinstance(X, dict)
+        X, dims, _ = _as_matrix(X, names=self.modalities_ if is_dict else None)
+        if X.shape[1] != self.n_features_in_:
+            raise InvalidInputError(f"X has {X.shape[1]} columns, the model was fitted on {self.n_features_in_}")
+        if is_dict and dims != self.modality_dims_:
+            raise InvalidInputError(f"modality block widths {dims} differ from the fitted {self.modality_dims_}")
         return X
 
     def _fit_scaling(self, X):
-        # Statistics of the training rows only; a constant feature gets scale 1 (stays 0, not NaN).
+        # Statistics of the training rows only, in float64 but by row chunks: X.std(dtype=float64)
+        # would make a float64 copy of the whole embedding matrix.
         self.mean_ = X.mean(axis=0, dtype=np.float64)
-        self.scale_ = X.std(axis=0, dtype=np.float64)
-        self.scale_[self.scale_ == 0] = 1.0
+        sq = sum(np.square(c - self.mean_).sum(axis=0) for c in np.array_split(X, len(X) // 4096 + 1))
+        self.scale_ = np.sqrt(sq / len(X))
+        self.scale_[self.scale_ == 0] = 1.0  # a constant feature stays 0 instead of becoming NaN
 
     def _standardise(self, X) -> np.ndarray:
         # float32 throughout: a float64 copy of a large embedding matrix would double memory.
@@ -228,13 +240,13 @@ class FusionClassifier(_EmbeddingClassifier):
         epochs=30,  # reference
         lr=1e-3,  # reference AdamW learning rate
         batch_size=64,  # reference
-        weight_decay=0.01,  # AdamW's own default, which the reference kept
+        weight_decay=0.01,  # the reference left AdamW's default, which is this
         class_weight="balanced",  # reference; None turns weighting off
         patience=None,  # epochs without validation improvement before stopping; needs eval_set
         noise_std=0.0,  # training-time noise, in units of feature std (see class docstring)
         threshold=0.5,  # binary and multilabel decision threshold on the probability
         random_state=0,  # seeds init, shuffling, dropout and noise; None = a fresh seed
-        device="cpu",
+        device="cpu",  # the reference's laptops; "cuda" works but rarely pays for heads this small
     ):
         self.fusion = fusion
         self.modality_dims = modality_dims
@@ -261,8 +273,8 @@ class FusionClassifier(_EmbeddingClassifier):
         return LateFusionHead(list(self.modality_dims_), self.late_hidden_dim, self.dropout, n_out)
 
     def _loss(self, targets) -> nn.Module:
-        """The task's loss with 'balanced' weights. Binary uses pos_weight = n_neg / n_pos (the
-        reference's binary weighting did nothing); multilabel the same per label."""
+        """The task's loss with 'balanced' weights (kept as loss_weight_). Binary uses pos_weight =
+        n_neg / n_pos (the reference's binary weighting did nothing); multilabel the same per label."""
         n = len(targets)
         if self.task_ == "multiclass":
             counts = np.bincount(targets, minlength=len(self.classes_))
@@ -289,11 +301,11 @@ class FusionClassifier(_EmbeddingClassifier):
 
     def _check_params(self):
         if self.fusion not in ("early", "late"):
-            raise EmbedkitError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
+            raise InvalidInputError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
         if self.class_weight not in ("balanced", None):
-            raise EmbedkitError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+            raise InvalidInputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
-            raise EmbedkitError("epochs must be >= 1 and batch_size >= 2")
+            raise InvalidInputError("epochs must be >= 1 and batch_size >= 2")
 
     # -- API ------------------------------------------------------------------------------
 
@@ -305,9 +317,9 @@ class FusionClassifier(_EmbeddingClassifier):
         X, dims, names = _as_matrix(X, self.modality_dims)
         task, classes, targets = _encode_labels(y)
         if len(targets) != len(X):
-            raise EmbedkitError(f"X has {len(X)} rows but y has {len(targets)}")
+            raise InvalidInputError(f"X has {len(X)} rows but y has {len(targets)}")
         if self.fusion == "late" and len(dims) < 2:
-            raise EmbedkitError("fusion='late' needs at least two modality blocks: pass modality_dims or a dict X")
+            raise InvalidInputError("fusion='late' needs at least two modality blocks: pass modality_dims or a dict X")
         self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
         self.n_features_in_ = X.shape[1]
         self._fit_scaling(X)
@@ -451,7 +463,7 @@ class LogisticBaseline(_EmbeddingClassifier):
         X, dims, names = _as_matrix(X)
         task, classes, targets = _encode_labels(y)
         if len(targets) != len(X):
-            raise EmbedkitError(f"X has {len(X)} rows but y has {len(targets)}")
+            raise InvalidInputError(f"X has {len(X)} rows but y has {len(targets)}")
         self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
         self.n_features_in_ = X.shape[1]
         scaler = StandardScaler().fit(X)
@@ -463,7 +475,7 @@ class LogisticBaseline(_EmbeddingClassifier):
         if task == "multilabel":
             constant = [str(c) for c, col in zip(classes, targets.T) if col.min() == col.max()]
             if constant:
-                raise EmbedkitError(f"label columns {constant} hold one value only; drop them for LogisticBaseline")
+                raise InvalidInputError(f"label columns {constant} hold one value only; drop them for LogisticBaseline")
             ovr = OneVsRestClassifier(lr).fit(Xs, targets.astype(np.int64))
             coef = np.vstack([e.coef_ for e in ovr.estimators_])
             intercept = np.concatenate([e.intercept_ for e in ovr.estimators_])
@@ -475,7 +487,9 @@ class LogisticBaseline(_EmbeddingClassifier):
         return self
 
     def decision_function(self, X) -> np.ndarray:
-        return self._standardise(self._check_X(X)).astype(np.float64) @ self.coef_.T + self.intercept_
+        """Logits: (n,) for binary as in scikit-learn, else (n, k) or (n, L)."""
+        z = self._standardise(self._check_X(X)).astype(np.float64) @ self.coef_.T + self.intercept_
+        return z[:, 0] if self.task_ == "binary" else z
 
     def predict_proba(self, X) -> np.ndarray:
         """Same shapes as FusionClassifier.predict_proba."""
@@ -483,7 +497,7 @@ class LogisticBaseline(_EmbeddingClassifier):
         if self.task_ == "multiclass":
             return softmax(z, axis=1)
         p = expit(z)
-        return np.column_stack([1 - p[:, 0], p[:, 0]]) if self.task_ == "binary" else p
+        return np.column_stack([1 - p, p]) if self.task_ == "binary" else p
 
     def save(self, folder) -> Path:
         self._check_fitted()

@@ -27,21 +27,25 @@ from embedkit.errors import EmbedkitError
 TASKS = ("binary", "multiclass", "multilabel")
 
 
+class InvalidInputError(EmbedkitError, ValueError):
+    """Bad data or arguments: an EmbedkitError for the CLI, a ValueError for scikit-learn tools."""
+
+
 def detect_task(y) -> str:
     """'multilabel' for a 2-D 0/1 indicator matrix, else 'binary' (<= 2 labels) or 'multiclass'."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:
         if not np.isin(y, (0, 1)).all():
-            raise EmbedkitError("a 2-D y must be a 0/1 indicator matrix (one column per label)")
+            raise InvalidInputError("a 2-D y must be a 0/1 indicator matrix (one column per label)")
         return "multilabel"
     if y.ndim == 2:
         y = y.ravel()
     if y.ndim != 1:
-        raise EmbedkitError(f"y must be 1-D labels or a 2-D 0/1 indicator matrix, got shape {y.shape}")
+        raise InvalidInputError(f"y must be 1-D labels or a 2-D 0/1 indicator matrix, got shape {y.shape}")
     try:
         n_classes = len(np.unique(y))
     except TypeError:  # labels of mixed types cannot be sorted
-        raise EmbedkitError("labels in y must all be of one type (all strings or all numbers)") from None
+        raise InvalidInputError("labels in y must all be of one type (all strings or all numbers)") from None
     return "binary" if n_classes <= 2 else "multiclass"
 
 
@@ -73,7 +77,7 @@ def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -
     as one binary prediction.
     """
     if task not in TASKS:
-        raise EmbedkitError(f"task must be one of {TASKS}, got {task!r}")
+        raise InvalidInputError(f"task must be one of {TASKS}, got {task!r}")
     classes = list(np.asarray(classes).tolist())
     proba = np.asarray(proba, dtype=np.float64)
     out: dict = {}
@@ -94,7 +98,7 @@ def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -
         try:
             y = np.array([index[c] for c in np.asarray(y_true).ravel().tolist()], dtype=int)
         except KeyError as e:
-            raise EmbedkitError(f"y_true holds label {e.args[0]!r} that is not in classes {classes}") from None
+            raise InvalidInputError(f"y_true holds label {e.args[0]!r} that is not in classes {classes}") from None
         labels = list(range(len(classes)))
         if task == "binary":
             p = proba[:, 1] if proba.ndim == 2 else proba
@@ -136,7 +140,7 @@ def summarize_runs(runs: list[dict]) -> dict:
     Non-finite values (an undefined AUROC, say) are left out, so n_runs can differ per metric.
     """
     if not runs:
-        raise EmbedkitError("summarize_runs needs at least one run")
+        raise InvalidInputError("summarize_runs needs at least one run")
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]
     summary = {}
     for k in keys:
@@ -155,13 +159,13 @@ def summarize_runs(runs: list[dict]) -> dict:
 
 
 def _strata(y) -> np.ndarray:
-    """One stratum id per row: the label, or for multilabel the label set when every set has >= 2
-    rows (label powerset), else the first label column."""
+    """One stratum id per row: the label, or for multilabel the label set (label powerset), with
+    label sets seen on a single row pooled into one stratum so that they do not end up alone."""
     y = np.asarray(y)
     if detect_task(y) == "multilabel":
-        _, key = np.unique(y.astype(np.int8), axis=0, return_inverse=True)
-        if np.bincount(key.ravel()).min() < 2:
-            key = y[:, 0]
+        _, key, counts = np.unique(y.astype(np.int8), axis=0, return_inverse=True, return_counts=True)
+        key = key.ravel()
+        key = np.where(counts[key] < 2, -1, key)
         return np.unique(key, return_inverse=True)[1].ravel()
     return np.unique(y.ravel(), return_inverse=True)[1]
 
@@ -184,12 +188,12 @@ def split_indices(y, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     only (with a warning) instead of turning the whole split unstratified.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise EmbedkitError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
+        raise InvalidInputError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
     strata = _strata(y)
     counts = np.bincount(strata)
     if (counts < 2).any():
         warnings.warn(
-            f"{int((counts < 2).sum())} class(es) have a single row; they are kept in train only", stacklevel=2
+            f"{int((counts < 2).sum())} class(es) or label set(s) have a single row; kept in train only", stacklevel=2
         )
     rng = np.random.default_rng(seed)
     n_test = _allocate(counts, test_fraction, counts - 1, rng)
@@ -207,6 +211,6 @@ def kfold_indices(y, k: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.nda
     """Stratified k-fold: a list of (train_idx, test_idx); every row is in exactly one test fold."""
     strata = _strata(y)
     if k < 2 or k > len(strata):
-        raise EmbedkitError(f"k must be between 2 and the number of rows ({len(strata)}), got {k}")
+        raise InvalidInputError(f"k must be between 2 and the number of rows ({len(strata)}), got {k}")
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in folds.split(np.zeros((len(strata), 1)), strata)]

@@ -111,28 +111,29 @@ def matched_separate_config(
 ) -> SharedEncoderConfig:
     """The separate-encoders baseline with (about) the shared model's parameter budget.
 
-    Two stacks cost about twice the block parameters, so we search smaller widths (multiples of
-    2*heads so the head dim stays even) and depths and keep the closest total, preferring the
-    deepest candidate among near-equals. With exclude_token_embedding=True the vocab table is
-    left out of the budget: it is large (30522 x width) but costs no compute, and counting it
-    lets the baseline keep almost the full width of both stacks.
+    Two stacks cost about twice the block parameters, so the baseline gets narrower blocks
+    (widths in steps of 2*heads, keeping the head dim even) and, only if no width comes within
+    5 %, fewer blocks: the deepest shape within 5 % wins, else the closest within `tolerance`.
+    With exclude_token_embedding=True the vocab table is left out of the budget: it is large
+    (30522 x width) but costs no compute, and counting it lets the baseline keep almost the
+    full width in both stacks.
     """
     cfg.validate()
     target = count_parameters(cfg, exclude_token_embedding)
     best = None
     step = 2 * cfg.heads
+    min_width = step * 4 + (cfg.modality_dim if cfg.modality_mode == "concat" else 0)
     for depth in range(cfg.depth, 0, -1):
-        for width in range(cfg.width, step * 4 - 1, -step):
-            if cfg.modality_mode == "concat" and width - cfg.modality_dim < 8:
-                continue
+        for width in range(cfg.width, min_width - 1, -step):
             cand = replace(cfg, width=width, depth=depth, shared=False, n_specific_early=0, n_specific_late=0)
             n = count_parameters(cand, exclude_token_embedding)
             err = abs(n - target) / target
-            # Prefer depth (keeps the stacks comparable) unless another shape is clearly closer.
-            if best is None or err < best[0] - 0.01:
+            if best is None or err < best[0]:
                 best = (err, cand)
             if n < target:  # narrower only drifts further below the budget
                 break
+        if best[0] <= 0.05:
+            return best[1]
     if best[0] > tolerance:
         raise EmbedkitError(f"no separate-encoder shape within {tolerance:.0%} of the shared budget")
     return best[1]

@@ -129,7 +129,7 @@ def fit_projection(
     for m in MODALITIES:
         getattr(net, f"{m}_mean").copy_(x[m][tr].mean(0))
         getattr(net, f"{m}_std").copy_(x[m][tr].std(0).clamp(min=1e-6) if len(tr) > 1 else 1.0)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     bs = min(batch_size, len(tr))
     g = torch.Generator().manual_seed(seed)
     losses = []

@@ -212,9 +212,11 @@ def pretrain(
     # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=tuple(betas)
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
     settings = {
         "config": cfg.to_dict(),
