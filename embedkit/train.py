@@ -162,7 +162,7 @@ def make_estimator(cfg: TrainConfig, dims: list[int], seed: int, gap=None):
         late_hidden_dim=cfg.late_hidden_dim, dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
         batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, class_weight=cfg.class_weight,
         patience=cfg.patience, noise_std=cfg.noise_std, random_state=seed, device=cfg.device,
-        **({"learned_gap": gap} if gap is not None else {}))
+        learn_lambda=gap is not None)
 
 
 def split_for_run(ds: Dataset, cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
@@ -210,7 +210,7 @@ def fit_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     if cfg.fusion == "logistic":
         est.fit(x[tr], ds.y[tr])
     else:
-        est.fit(x[tr], ds.y[tr], eval_set=(x[va], ds.y[va]))
+        est.fit(x[tr], ds.y[tr], eval_set=(x[va], ds.y[va]), **({"gap": aligner.gap_} if cfg.learned_lambda else {}))
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     proba_te = est.predict_proba(x[te])
@@ -300,7 +300,7 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
         info = {
             "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
             "modalities": modalities, "labels": cfg.labels, "task": est.task_,
-            "classes": [_jsonable(c) for c in est.classes_],
+            "classes": list(cfg.labels) if est.task_ == "multilabel" else [_jsonable(c) for c in est.classes_],
             "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in modalities},
             "alignment": aligner.to_dict() if aligner is not None else None,
             "learned_lambda": cfg.learned_lambda, "config": asdict(cfg),

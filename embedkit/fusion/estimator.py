@@ -247,6 +247,8 @@ class FusionClassifier(_EmbeddingClassifier):
         threshold=0.5,  # binary and multilabel decision threshold on the probability
         random_state=0,  # seeds init, shuffling, dropout and noise; None = a fresh seed
         device="cpu",  # the reference's laptops; "cuda" works but rarely pays for heads this small
+        learn_lambda=False,  # train the modality-gap shift's lambda jointly (fit(..., gap=...)); two equal blocks
+        lambda_lr=3e-4,  # learning rate of lambda, as in the reference's learned-lambda variant
     ):
         self.fusion = fusion
         self.modality_dims = modality_dims
@@ -263,14 +265,28 @@ class FusionClassifier(_EmbeddingClassifier):
         self.threshold = threshold
         self.random_state = random_state
         self.device = device
+        self.learn_lambda = learn_lambda
+        self.lambda_lr = lambda_lr
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _build_model(self) -> nn.Module:
+    def _build_model(self, gap=None, mean=None, scale=None) -> nn.Module:
         n_out = 1 if self.task_ == "binary" else len(self.classes_)
         if self.fusion == "early":
-            return EarlyFusionHead(list(self.modality_dims_), self.hidden_dim, self.dropout, n_out)
-        return LateFusionHead(list(self.modality_dims_), self.late_hidden_dim, self.dropout, n_out)
+            head = EarlyFusionHead(list(self.modality_dims_), self.hidden_dim, self.dropout, n_out)
+        else:
+            head = LateFusionHead(list(self.modality_dims_), self.late_hidden_dim, self.dropout, n_out)
+        if not self.learn_lambda:
+            return head
+        d = self.modality_dims_[0]
+        return _ShiftThenHead(head, np.zeros(d) if gap is None else gap,
+                              np.zeros(2 * d) if mean is None else mean, np.ones(2 * d) if scale is None else scale)
+
+    @property
+    def learned_lambda_(self) -> float:
+        """The lambda the classifier learned (learn_lambda=True only)."""
+        self._check_fitted()
+        return float(self.model_.shift.lam.detach())
 
     def _loss(self, targets) -> nn.Module:
         """The task's loss with 'balanced' weights (kept as loss_weight_). Binary uses pos_weight =
@@ -309,9 +325,14 @@ class FusionClassifier(_EmbeddingClassifier):
 
     # -- API ------------------------------------------------------------------------------
 
-    def fit(self, X, y, eval_set=None):
+    def fit(self, X, y, eval_set=None, gap=None):
         """Train; with eval_set=(X_val, y_val) keep the epoch with the best validation macro-F1
-        (ties: lower validation loss) and stop after `patience` epochs without improvement."""
+        (ties: lower validation loss) and stop after `patience` epochs without improvement.
+
+        learn_lambda=True: X holds L2-normalised [image | text] blocks of equal width and `gap` is
+        GapShift's gap fitted on the training rows; the model shifts by lambda * gap / 2 itself
+        (lambda starts at 0) and standardises after the shift with statistics of the unshifted rows.
+        """
         t_fit = time.perf_counter()
         self._check_params()
         X, dims, names = _as_matrix(X, self.modality_dims)
@@ -323,6 +344,12 @@ class FusionClassifier(_EmbeddingClassifier):
         self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
         self.n_features_in_ = X.shape[1]
         self._fit_scaling(X)
+        if self.learn_lambda:
+            if gap is None or len(dims) != 2 or dims[0] != dims[1] or len(gap) != dims[0]:
+                raise InvalidInputError("learn_lambda needs two equal-width blocks and fit(..., gap=<gap vector>)")
+            # the shift happens inside the model, so standardisation moves there too (after the shift)
+            inner_mean, inner_scale = self.mean_, self.scale_
+            self.mean_, self.scale_ = np.zeros_like(inner_mean), np.ones_like(inner_scale)
         dev = torch.device(self.device)
         Xt, yt = torch.from_numpy(self._standardise(X)).to(dev), self._targets_tensor(targets).to(dev)
         loss_fn = self._loss(targets).to(dev)
@@ -343,9 +370,15 @@ class FusionClassifier(_EmbeddingClassifier):
             # fork_rng: seed init and dropout without touching the caller's RNG
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)  # shuffling and noise
-            self.model_ = self._build_model().to(dev)
+            if self.learn_lambda:
+                self.model_ = self._build_model(gap, inner_mean, inner_scale).to(dev)
+                groups = [{"params": self.model_.head.parameters()},
+                          {"params": [self.model_.shift.lam], "lr": self.lambda_lr, "weight_decay": 0.0}]
+            else:
+                self.model_ = self._build_model().to(dev)
+                groups = self.model_.parameters()
             # fused: one kernel for all parameters; ~25 % faster per step for heads this small
-            opt = torch.optim.AdamW(self.model_.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
             for epoch in range(1, int(self.epochs) + 1):
                 t0 = time.perf_counter()
                 row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, yt, loss_fn, opt, gen)}
@@ -441,6 +474,23 @@ class FusionClassifier(_EmbeddingClassifier):
         est.model_.to(est.device).eval()
         est.n_parameters_ = sum(p.numel() for p in est.model_.parameters())
         return est
+
+
+class _ShiftThenHead(nn.Module):
+    """Learned-lambda gap shift on normalised [image | text], then standardisation, then the head."""
+
+    def __init__(self, head: nn.Module, gap, mean, scale):
+        super().__init__()
+        from embedkit.fusion.align import LearnedGapShift
+
+        self.head, self.shift = head, LearnedGapShift(gap)
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)).clone())
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)).clone())
+
+    def forward(self, x):
+        d = x.shape[1] // 2
+        image, text = self.shift(x[:, :d], x[:, d:])
+        return self.head((torch.cat([image, text], dim=1) - self.mean) / self.scale)
 
 
 class LogisticBaseline(_EmbeddingClassifier):
