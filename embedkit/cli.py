@@ -41,6 +41,8 @@ def extract(
     max_length: Optional[int] = typer.Option(None, help="Text tokens before truncation."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 (float16 on GPU only)."),
+    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 Linear layers on CPU (transformer "
+                                                      "encoders; faster, slightly different vectors)."),
     batch_size: int = typer.Option(32, min=1),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
@@ -48,7 +50,7 @@ def extract(
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
-                                             "pip install 'embedkit[ray]')."),
+                                             "pip install 'embedkit\\[ray]')."),
     address: Optional[str] = typer.Option(None, help="--engine ray: a Ray cluster ('auto', ray://HOST:10001); "
                                                      "default: start Ray on this machine."),
     actors: Optional[int] = typer.Option(None, min=1, help="--engine ray: encoder actors (default: as many as "
@@ -73,7 +75,8 @@ def extract(
         rows, source = m.load_rows(data), m.source_options()
     config = ExtractConfig(image_model=_none(image_model), text_model=_none(text_model), image_pooling=image_pooling,
                            text_pooling=text_pooling, max_length=max_length, device=device, dtype=dtype,
-                           batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
+                           quantize=_none(quantize), batch_size=batch_size, threads=threads,
+                           trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
                            ray_gpus_per_actor=gpus_per_actor)
@@ -189,7 +192,9 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         s, v = spread["test"].get(k), spread["val"].get(k)
         if s is None:
             continue
-        t.add_row(k, f"{s['mean']:.3f} ± {s['std']:.3f}", f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
+        one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
+        t.add_row(k, f"{s['mean']:.3f}" + ("" if one else f" ± {s['std']:.3f}"),
+                  "use --seeds or --cv" if one else f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
                   f"{v['mean']:.3f}" if v else "-")
     console.print(t)
     c = metrics["costs"]
@@ -270,6 +275,131 @@ def demo(
         console.print(format_summary(summary))
         console.print(summary["gap_shift"] if summary["gap_shift"] != "run" else "")
         console.print(f"total {summary['total_seconds']:.0f} s" + (f"; everything kept in {out}" if out else ""))
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for bench.json, bench.md and plots."),
+    quick: bool = typer.Option(False, help="Smaller N: about 2 minutes instead of 10."),
+    preset: Optional[str] = typer.Option(None, hidden=True, help="full, quick or tiny (tests)."),
+    sections: Optional[str] = typer.Option(None, help="Comma-separated subset of: images, text, raw, scaling, "
+                                                      "train, quantize."),
+    images: Optional[Path] = typer.Option(None, help="A folder of real images for the throughput section "
+                                                     "(default: generated ones)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
+):
+    """Measure extraction, batching, training and memory side by side on this machine; write bench.json/.md + plots."""
+    from embedkit.bench import SECTIONS, BenchConfig, run_bench
+    from embedkit.console import console, say
+    from embedkit.report import fmt
+
+    cfg = BenchConfig(preset=preset or ("quick" if quick else "full"), images=images, threads=threads,
+                      sections=tuple(x.strip() for x in sections.split(",")) if sections else SECTIONS)
+    result = run_bench(out, cfg, log=say)
+    for t in result["targets"]:
+        verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: "-"}[t["met"]]
+        console.print(f"{verdict:>16}  {t['target']}: {fmt(t['measured'])} (goal {t['goal']}) {t['note']}")
+    say(f"{result['total_seconds']} s; load average {result['machine']['load_average_end']} "
+        f"on {result['machine']['cores']} cores -> {out / 'bench.md'}, {out / 'bench.json'}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A model folder (embedkit train) or a bench folder (embedkit bench)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
+    emb: Optional[Path] = typer.Option(None, help="Model folders: the labelled embeddings, for the reliability "
+                                                  "diagram (the model's test rows if they are its training data)."),
+):
+    """One self-contained HTML page (plots inline, no scripts) to read or attach to an email."""
+    from embedkit.console import say
+    from embedkit.report import build_report
+
+    say(f"report -> {build_report(run_dir, out, emb)}")
+
+
+@app.command()
+def pretrain(
+    data: Path = typer.Argument(..., help="Paired images + reports (same inputs as extract)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder (resumes if it holds a checkpoint)."),
+    metadata: Optional[Path] = typer.Option(None, help="CSV/TSV/JSONL/JSON table describing the pairs."),
+    manifest: Optional[str] = typer.Option(None, help="A data manifest (NAME or path)."),
+    id_col: Optional[str] = typer.Option(None),
+    image_col: Optional[str] = typer.Option(None),
+    text_col: Optional[str] = typer.Option(None),
+    text_file_col: Optional[str] = typer.Option(None),
+    text_template: Optional[str] = typer.Option(None),
+    width: int = typer.Option(256, help="Transformer width."),
+    depth: int = typer.Option(6, help="Shared transformer blocks."),
+    image_size: int = typer.Option(112, help="Image side in pixels."),
+    embed_dim: int = typer.Option(256, help="Common embedding width."),
+    modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
+    separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(5e-4),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True),
+):
+    """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
+    import json
+
+    from embedkit.items import SourceOptions
+    from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
+    from embedkit.sources import scan_source
+
+    source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
+                           text_file_col=text_file_col, text_template=text_template)
+    rows = None
+    if manifest:
+        from embedkit.manifests import find_manifest
+
+        m = find_manifest(manifest)
+        rows, source = m.load_rows(data), m.source_options()
+    scan = scan_source(data, source, rows=rows)
+    pairs = [it for it in scan.items if it.image_path is not None and it.has_text]
+    if len(pairs) < 4:
+        raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'")
+    cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
+                              modality_mode=modality_mode)
+    if separate:
+        cfg = matched_separate_config(cfg)
+    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")},
+                          default=str))
+
+
+@app.command()
+def retrieval(
+    emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings in one space."),
+    split: Optional[str] = typer.Option(None, help="Only rows of this split (e.g. test)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default: EMB/retrieval.json)."),
+):
+    """Image->text and text->image recall@1/5/10 and median rank; printed on stdout and written as JSON."""
+    import json
+
+    from embedkit.shared_encoder.retrieval import retrieval_report
+
+    report = retrieval_report(emb, split=split)
+    (out or emb / "retrieval.json").write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def project(
+    emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings of any widths."),
+    out: Path = typer.Option(..., "--out", "-o", help="A new extract folder with both in one space."),
+    heads: Optional[Path] = typer.Option(None, help="Apply saved heads (OUT/projection of an earlier run)."),
+    dim: int = typer.Option(256, help="Width of the common space."),
+    epochs: int = typer.Option(100),
+    seed: int = typer.Option(0),
+):
+    """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU)."""
+    import json
+
+    from embedkit.shared_encoder.project import project_embeddings
+
+    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed)
+    typer.echo(json.dumps(r, indent=2, default=str))
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def main() -> None:
                      + f" | {r['train_seconds']:.2f} |")
     n = rows[0]["n"]
     lines += ["", f"rows: train {n['train']}, val {n['val']}, test {n['test']}; extraction: "
-              + ", ".join(f"{m} {r.rows_total} rows ({r.unique_inputs_embedded} unique embedded)"
+              + ", ".join(f"{m} {r.rows_total} rows ({r.rows_embedded} embedded now, {r.rows_reused} reused)"
                           for m, r in ex.modalities.items()),
               "caveat: the same images appear in train and test questions (manifest leakage notes)."]
     text = "\n".join(lines)

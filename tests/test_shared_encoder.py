@@ -197,6 +197,10 @@ def test_tiny_model_overfits_synthetic_pairs(trained):
     skipped = {s["id"]: s for s in metrics["skipped"]}
     assert set(skipped) == {"broken", "missing"}
     assert skipped["missing"]["reason"] == "file not found" and skipped["broken"]["stage"] == "decode"
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "train_state.safetensors", "train_state.json", "metrics.json"} <= names
+    assert "tokenizer_config.json" in names  # self-contained: the tokenizer travels with the model
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".tmp"))]  # no pickle, no leftovers
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["n_pairs_used"] == 8 and on_disk["parameters"]["total"] == count_parameters(
         SharedEncoderConfig.load(out / "config.json")

@@ -21,19 +21,20 @@ class Encoder:
         self.spec, self.model, self.device, self.dtype = spec, model.eval().to(device), device, dtype
         self.revision = model_revision(model) or spec.revision
         self.dim = spec.dim
+        self.quantize: str | None = None  # "int8" once create_encoder quantised the Linear layers
 
     @property
     def n_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.model.parameters()) + sum(t.numel() for t in _packed(self.model))
 
     @property
     def model_bytes(self) -> int:
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + _packed(self.model)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def provenance(self) -> dict:
         return {**self.spec.to_dict(), "modality": self.modality, "dim": self.dim, "revision": self.revision,
-                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
                 "n_parameters": self.n_parameters, "model_bytes": self.model_bytes}
 
     def _out(self, x: torch.Tensor) -> np.ndarray:
@@ -66,7 +67,7 @@ class ImageEncoder(Encoder):
             x = x.contiguous(memory_format=torch.channels_last)
             return self._out(self.model.extract_features(x).mean(dim=(2, 3)))
         if family == "shared":
-            return self._out(self.model.embed_images(x))
+            return self._out(self.runner.embed_images(x))
         raise EmbedkitError(f"{family} models do not embed images")
 
 
@@ -85,7 +86,7 @@ class TextEncoder(Encoder):
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Embed one batch; returns (vectors, how many texts were cut at max_length)."""
         if self.spec.family == "shared":
-            vecs, n_truncated = self.model.embed_texts(texts)
+            vecs, n_truncated = self.runner.embed_texts(texts)
             return self._out(vecs), n_truncated
         n_truncated = sum(n > self.max_length for n in self.count_tokens(texts))
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -113,17 +114,31 @@ def _features(out) -> torch.Tensor:
 
 
 def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype: str = "float32",
-                   threads: int | None = None) -> Encoder:
-    """Load the weights a spec names and return an encoder for one modality."""
+                   threads: int | None = None, quantize: str | None = None) -> Encoder:
+    """Load the weights a spec names and return an encoder for one modality.
+
+    quantize="int8": dynamic int8 quantisation of every nn.Linear (weights int8, activations
+    quantised per batch), CPU and float32 only. Transformers spend most of their time in Linear
+    layers, so this is where it pays; convolutional models (efficientnet) are refused.
+    """
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    _check_quantize(quantize, spec, dev, dt)
+    if quantize:
+        return _quantized(create_encoder(spec, modality, device=device, dtype=dtype))
     if spec.family == "efficientnet":
         model = _load_efficientnet_lite0().to(dtype=dt, memory_format=torch.channels_last)
         return ImageEncoder(spec, model, dev, dt)
-    if spec.family == "shared":
-        raise EmbedkitError("shared encoders are not wired into extraction yet")
+    if spec.family == "shared":  # embedkit's own encoder: one folder serves both modalities
+        from embedkit.shared_encoder.runner import SharedEncoderRunner
+
+        runner = SharedEncoderRunner(spec.source, device=str(dev))
+        enc = (ImageEncoder(spec, runner.model, dev, dt) if modality == "image"
+               else TextEncoder(spec, runner.model, dev, dt, runner.tokenizer))
+        enc.runner, enc.dim = runner, runner.dim
+        return enc
     from transformers import AutoModel, CLIPModel
 
     if spec.family == "clip":
@@ -136,6 +151,41 @@ def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype
         enc = TextEncoder(spec, model, dev, dt, load_tokenizer(spec))
     enc.dim = _infer_dim(model, spec)
     return enc
+
+
+QUANTIZE_MODES = ("int8",)
+
+
+def _check_quantize(quantize: str | None, spec: EncoderSpec, dev: torch.device, dt: torch.dtype) -> None:
+    if not quantize:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise EmbedkitError(f"unknown quantisation '{quantize}' (choose {', '.join(QUANTIZE_MODES)})")
+    if dev.type != "cpu" or dt != torch.float32:
+        raise EmbedkitError("--quantize int8 runs on CPU in float32 only (pass --device cpu --dtype float32)")
+    if spec.family in ("efficientnet", "shared"):
+        raise EmbedkitError(f"--quantize int8 speeds up Linear layers; {spec.name} spends its time elsewhere "
+                            f"(use it with transformer encoders: dinov2, clip, minilm, LLMs)")
+
+
+def _quantized(enc: Encoder) -> Encoder:
+    """Swap every nn.Linear for its dynamic int8 twin, in place; recorded in provenance."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch announces the eager API's move to torchao; it still works here
+        warnings.simplefilter("ignore")
+        enc.model = torch.ao.quantization.quantize_dynamic(enc.model, {torch.nn.Linear}, dtype=torch.qint8)
+    enc.quantize = "int8"
+    return enc
+
+
+def _packed(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Weights and biases that dynamic quantisation packs away from parameters()."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            out += [t for t in (m.weight(), m.bias()) if t is not None]
+    return out
 
 
 def _infer_dim(model, spec: EncoderSpec) -> int:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from embedkit.errors import EmbedkitError
 from embedkit.shared_encoder.config import SharedEncoderConfig
 
 MODALITIES = ("image", "text")
@@ -45,16 +46,19 @@ class SharedEncoder(nn.Module):
     def __init__(self, cfg: SharedEncoderConfig):
         super().__init__()
         self.cfg = cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise EmbedkitError("shared encoder config has vocab_size 0: set it to len(tokenizer) (pretrain does)")
         W, tw = cfg.width, cfg.token_width
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
 
         # Stems. The text CLS is the [CLS] row of the token embedding: the BERT tokenizer already
         # puts it first, and the row is text-only, so it is the modality-specific text CLS.
         self.patch_embed = nn.Conv2d(3, tw, cfg.patch_size, cfg.patch_size)
-        self.tok_embed = nn.Embedding(cfg.vocab_size or 1, tw)
+        self.tok_embed = nn.Embedding(cfg.vocab_size, tw)
         self.cls_image = nn.Parameter(torch.zeros(1, 1, tw))
         self.pos_image = nn.Parameter(torch.zeros(1, 1 + n_patches, tw))
         self.pos_text = nn.Parameter(torch.zeros(1, cfg.max_text_len, tw))
+        # Also built in separate mode, where it is redundant but keeps the two variants comparable.
         mod_dim = cfg.modality_dim if cfg.modality_mode == "concat" else W
         self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, mod_dim)) for m in MODALITIES})
 

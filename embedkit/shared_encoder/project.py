@@ -7,6 +7,7 @@ pairs, e.g. 768-d image and 4096-d text embeddings -> one 256-d space. Seconds o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -155,3 +156,48 @@ def fit_projection(
     if len(va) >= 2:
         metrics["val_retrieval"] = retrieval_metrics(*heads.apply(image[va], text[va]))
     return heads, metrics
+
+
+def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs: int = 100, seed: int = 0,
+                       models: dict | None = None) -> dict:
+    """Put the image and text embeddings of an extract folder into one space, as a new extract folder.
+
+    Without `heads_dir`, heads are trained on the rows of the training split (all rows when the
+    data has no split column) and saved to OUT/projection; with it, saved heads are applied as
+    they are (new data, same encoders). The output has the same schema and provenance as
+    `extract` writes (dim and a `projection` entry updated), so `train --align-*`, `gap` and
+    `retrieval` work on encoders that never shared a space.
+    """
+    from embedkit.store import PartWriter, build_schema, dataset_dir, load_embeddings, write_json_atomic
+
+    out_dir = Path(out_dir)
+    es = load_embeddings(emb_dir, modalities=list(MODALITIES), models=models)
+    if not len(es.ids):
+        raise EmbedkitError(f"no id has both image and text embeddings in '{emb_dir}'")
+    metrics = {}
+    if heads_dir is None:
+        split = es.columns.get("split")
+        train_rows = np.ones(len(es.ids), bool) if split is None or all(s is None for s in split) else \
+            np.array([s == "train" for s in split])
+        heads, metrics = fit_projection(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows],
+                                        dim=dim, epochs=epochs, seed=seed)
+        heads_dir = out_dir / "projection"
+        heads.save(heads_dir)
+    else:
+        heads = ProjectionHeads.load(heads_dir)
+    projected = dict(zip(MODALITIES, heads.apply(es.embeddings["image"], es.embeddings["text"])))
+    weights_sha = hashlib.sha256((Path(heads_dir) / WEIGHTS).read_bytes()).hexdigest()
+    carried = {k: list(v) for k, v in es.columns.items() if k != "split" and not k.endswith(("_path", "_sha256"))}
+    for m in MODALITIES:
+        prov = dict(es.provenance[m])
+        prov.update(name=f"{prov.get('name')}+proj", dim=int(projected[m].shape[1]),
+                    source=f"{prov.get('source')}+proj:{weights_sha[:16]}",
+                    projection={"heads": str(Path(heads_dir).resolve()), "sha256": weights_sha})
+        writer = PartWriter(dataset_dir(out_dir, m, prov["name"]), build_schema(prov["dim"], carried, prov))
+        cols = {"id": list(es.ids), "path": list(es.columns[f"{m}_path"]), "sha256": list(es.columns[f"{m}_sha256"]),
+                "split": list(es.columns.get("split", [None] * len(es.ids))), **carried}
+        writer.write(cols, projected[m])
+        writer.close()
+    result = {"rows": int(len(es.ids)), "dim": int(heads.dim), "heads": str(heads_dir), "fit": metrics}
+    write_json_atomic(out_dir / "manifest.json", {"projected_from": str(Path(emb_dir).resolve()), **result})
+    return result

@@ -44,3 +44,23 @@ def retrieval_metrics(img_emb, txt_emb, ks: tuple[int, ...] = (1, 5, 10)) -> dic
         out[f"{name}_median_rank"] = float(np.median(r)) if len(r) else float("nan")
     out["chance_R@1"] = 1.0 / max(1, out["n"])
     return out
+
+
+def retrieval_report(emb_dir, split: str | None = None, models: dict | None = None) -> dict:
+    """Cross-modal retrieval over the rows of an extract folder joined on id (optionally one split)."""
+    import numpy as np
+
+    from embedkit.errors import EmbedkitError
+    from embedkit.store import load_embeddings
+
+    es = load_embeddings(emb_dir, modalities=["image", "text"], models=models)
+    image, text = es.embeddings["image"], es.embeddings["text"]
+    if image.shape[1] != text.shape[1]:
+        raise EmbedkitError(f"image ({image.shape[1]}-d) and text ({text.shape[1]}-d) embeddings are not in one "
+                            f"space: extract with CLIP or shared:PATH, or map them with `embedkit project`")
+    rows = np.ones(len(es.ids), bool)
+    if split is not None:
+        rows = np.array([s == split for s in es.columns.get("split", [None] * len(es.ids))])
+        if not rows.any():
+            raise EmbedkitError(f"no rows with split '{split}' in '{emb_dir}'")
+    return {"emb": str(emb_dir), "split": split, **retrieval_metrics(image[rows], text[rows])}

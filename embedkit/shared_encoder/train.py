@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
@@ -174,14 +176,17 @@ def pretrain(
     val_fraction: float = 0.1,
     resume: bool = True,
     progress: bool = True,
-    warmup_fraction: float = 0.05,
+    warmup_fraction: float = 0.1,  # short runs collapse to ln(batch) without a real warmup
     augment: bool = False,
     save_every: int = 1,
 ) -> dict:
-    """Train on image/text pairs, checkpoint every epoch into out_dir, return the metrics dict.
+    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict.
 
-    resume=True continues from the last completed epoch in out_dir when the config, data and
-    settings match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
+    Checkpoints are written every `save_every` epochs and after the last one. resume=True
+    continues from the last checkpointed epoch in out_dir when the config, data and settings
+    match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
+    The held-out retrieval (val_fraction of the images) counts ties against the query, so data
+    with several texts per image scores lower than its distinct-candidate retrieval would.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -244,9 +249,6 @@ def pretrain(
             return lr * (s + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), console=Console(stderr=True), disable=not progress,
@@ -280,7 +282,7 @@ def pretrain(
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                "seconds": round(time.perf_counter() - te, 3),
+                "seconds": round(time.perf_counter() - te, 3),  # training only, evaluation excluded
                 "logit_scale": model.logit_scale.exp().item(),
             }
             if len(val_rows) >= 2:
@@ -288,7 +290,13 @@ def pretrain(
             history.append(record)
             if (epoch + 1) % save_every and epoch + 1 < epochs:
                 continue
-            state = {"epoch": epoch + 1, "step": step, "seed": seed, "settings": settings, "history": history}
+            state = {
+                "epoch": epoch + 1,
+                "step": step,
+                "rng": {"init_seed": seed, "batch_order_seed": "seed * 1000003 + epoch (per epoch)"},
+                "settings": settings,
+                "history": history,
+            }
             metrics = _metrics(data, cfg, model, history, n_train, len(val_rows), prepare_s, steps_per_epoch, bs)
             _save_checkpoint(out, model, opt, state, metrics)
     if start_epoch >= epochs:  # nothing left to train: report what is on disk
