@@ -333,6 +333,8 @@ def pretrain(
     image_size: int = typer.Option(112, help="Image side in pixels."),
     embed_dim: int = typer.Option(256, help="Common embedding width."),
     modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
+    only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (e.g. train), so "
+                                                        "later test rows stay unseen."),
     separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(64),
@@ -356,7 +358,8 @@ def pretrain(
         m = find_manifest(manifest)
         rows, source = m.load_rows(data), m.source_options()
     scan = scan_source(data, source, rows=rows)
-    pairs = [it for it in scan.items if it.image_path is not None and it.has_text]
+    pairs = [it for it in scan.items if it.image_path is not None and it.has_text
+             and (only_split is None or it.split == only_split)]
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'")
     cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
