@@ -48,6 +48,7 @@ class ExtractConfig:
     max_length: int | None = None  # text tokens before truncation; None: the spec's
     device: str = "auto"
     dtype: str = "float32"
+    quantize: str | None = None  # "int8": dynamic int8 Linear layers on CPU (encoders/models.py)
     batch_size: int = 32
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     decode_workers: int = 1  # threads decoding the next image batch while the model runs
@@ -257,7 +258,8 @@ def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], co
         return open_ray(modality, spec, batches, config, costs)
     from embedkit.encoders import create_encoder
 
-    encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads)
+    encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
+                             quantize=config.quantize)
     embed = _embed_images if modality == "image" else _embed_texts
     return encoder.provenance(), embed(batches, encoder, config, costs)
 
