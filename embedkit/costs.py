@@ -11,7 +11,18 @@ from dataclasses import dataclass, field
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (the OS keeps the high-water mark)."""
+    """Peak resident memory of this process so far (the OS keeps the high-water mark).
+
+    Linux: VmHWM, which starts afresh with each program. ru_maxrss survives exec, so a process
+    started by a large one (a subprocess of a notebook, a benchmark's worker) would report the
+    size of its parent instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

@@ -10,11 +10,11 @@ from embedkit.encoders.registry import (
 )
 
 
-def create_encoder(spec, modality, device="auto", dtype="float32", threads=None):
+def create_encoder(spec, modality, device="auto", dtype="float32", threads=None, quantize=None):
     """Load the weights `spec` names (imports torch lazily, so listing specs stays fast)."""
     from embedkit.encoders.models import create_encoder as _create
 
-    return _create(spec, modality, device=device, dtype=dtype, threads=threads)
+    return _create(spec, modality, device=device, dtype=dtype, threads=threads, quantize=quantize)
 
 
 __all__ = ["DEFAULT_IMAGE_MODEL", "DEFAULT_TEXT_MODEL", "REGISTRY", "EncoderSpec", "create_encoder", "list_models",
