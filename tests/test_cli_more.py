@@ -81,3 +81,19 @@ def test_demo_data_is_synthetic_and_balanced(tmp_path):
     rows = read_table(root / "labels.csv")
     assert [r["label"] for r in rows].count(CLASSES[0]) == 4
     assert all((root / r["image"]).is_file() and (root / r["report"]).is_file() for r in rows)
+
+
+def test_demo_runs_end_to_end_with_the_offline_models(tmp_path):
+    out = tmp_path / "demo"
+    r = _cli("demo", "--out", out, "--n", "36", "--seeds", "2")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["synthetic"] is True and summary["n"] == 36
+    assert summary["extract"]["image"]["model"] == "efficientnet-lite0" and summary["extract"]["image"]["dim"] == 1280
+    assert summary["extract"]["text"]["model"] == "minilm" and summary["extract"]["text"]["dim"] == 384
+    models = [row["model"] for row in summary["results"]]
+    assert {"image only", "text only", "early fusion", "late fusion", "logistic regression"} <= set(models)
+    for row in summary["results"]:
+        assert row["spread"]["macro_f1"]["n_runs"] == 2
+    assert "early fusion" in r.stderr and "macro-F1" in r.stderr  # the table a user reads
+    assert (out / "models" / "early_fusion" / "model.safetensors").is_file()
