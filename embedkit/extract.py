@@ -228,7 +228,10 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     res.skipped = sum(1 for s in skipped if getattr(s, "modality", modality) == modality)
     res.bytes = dir_bytes(directory)
     model_s = costs.stages.get("model", 0.0)
-    res.costs = {**costs.to_dict(), "items_per_second": round(res.unique_inputs_embedded / model_s, 2) if model_s else 0}
+    spent = costs.to_dict()
+    busy = spent["wall_seconds"] - costs.stages.get("load_model", 0.0)  # hash, decode, model, write; not the load
+    res.costs = {**spent, "items_per_second": round(res.unique_inputs_embedded / model_s, 2) if model_s else 0,
+                 "end_to_end_items_per_second": round(res.rows_embedded / busy, 2) if busy > 0 else 0}
     res.provenance = provenance
     return res
 

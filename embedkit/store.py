@@ -30,7 +30,8 @@ from embedkit.errors import EmbedkitError
 META_KEY = b"embedkit"
 BASE_COLUMNS = ("id", "path", "sha256", "embedding", "split")
 # Provenance fields that must agree for rows to live in one embedding column.
-IDENTITY_FIELDS = ("source", "family", "revision", "pooling", "dim", "preprocess", "max_length", "normalize", "dtype")
+IDENTITY_FIELDS = ("source", "family", "revision", "pooling", "dim", "preprocess", "max_length", "normalize", "dtype",
+                   "quantize")
 
 
 def dataset_dir(out: Path, modality: str, model_name: str) -> Path:

@@ -21,10 +21,12 @@ import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.errors import EmbedkitError
-from embedkit.store import EmbeddingSet, load_embeddings, write_json_atomic
+from embedkit.store import IDENTITY_FIELDS, EmbeddingSet, load_embeddings, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
-PROVENANCE_MATCH = ("source", "family", "revision", "pooling", "dim", "preprocess", "max_length", "normalize")
+# What must agree between training and new embeddings: the store's identity fields, except the
+# dtype (a model trained on float32 embeddings may score bfloat16-extracted ones).
+PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f != "dtype")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
 

@@ -1,0 +1,353 @@
+"""`embedkit report RUN_DIR`: one self-contained HTML page a clinic can attach to an email.
+
+RUN_DIR is a model folder from `embedkit train` (metrics.json) or a folder from `embedkit bench`
+(bench.json). Everything is inline: CSS in the page, plots as base64 PNG data URIs; no scripts,
+no external assets, so it opens the same offline, in a mail client or printed.
+
+A model page: test metrics with their spread over seeds/folds, per-class scores, the confusion
+matrix, calibration (ECE; the reliability diagram when the labelled embeddings are given with
+--emb, since metrics.json holds no per-row probabilities), the lambda curve and gap plot when
+training wrote them, the learning curve, costs and the configuration.
+A bench page: the targets, every table and every plot of the run, the machine and its load.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.errors import EmbedkitError
+
+_CSS = """
+body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:24px auto;
+padding:0 16px;color:#222}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:3px}
+h3{font-size:14px;margin:16px 0 6px}table{border-collapse:collapse;margin:6px 0 4px;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:12px;max-width:900px}
+.met{color:#11772a;font-weight:600}.missed{color:#b3261e;font-weight:600}.muted{color:#777}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}
+"""
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | Path | None = None) -> Path:
+    """Write the report of a model or bench folder; returns the HTML file's path (default RUN_DIR/report.html)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "bench.json").is_file():
+        page = bench_html(json.loads((run_dir / "bench.json").read_text()), run_dir)
+    elif (run_dir / "metrics.json").is_file():
+        page = model_html(run_dir, Path(emb) if emb else None)
+    else:
+        raise EmbedkitError(f"'{run_dir}' is neither a model folder (metrics.json, from `embedkit train`) nor a "
+                            f"bench folder (bench.json, from `embedkit bench`)")
+    out = Path(out) if out else run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def fmt(v) -> str:
+    """A number or value as a person reads it: 4 significant digits, '-' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1e5 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _e(v) -> str:
+    return html.escape(fmt(v))
+
+
+def html_table(columns: list, rows: list[list], note: str = "") -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>" + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+
+
+def png_img(png: bytes | Path, alt: str) -> str:
+    data = png.read_bytes() if isinstance(png, Path) else png
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _page(title: str, body: str) -> str:
+    from embedkit import __version__
+
+    footer = (f'<p class="muted">Written by embedkit {html.escape(__version__)} on '
+              f'{time.strftime("%Y-%m-%d %H:%M")}. Self-contained: no scripts, no external files.</p>')
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>{body}{footer}</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench folders
+
+
+def bench_markdown(r: dict) -> str:
+    """bench.md: the same tables and plots as the HTML page, in Markdown."""
+    m = r["machine"]
+    lines = [f"# embedkit bench ({r['preset']})", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"fp32 matmul {m['matmul_gflops']} GFLOP/s; load average {m['load_average_start']} at the start, "
+             f"{m['load_average_end']} at the end; {r['total_seconds']} s in all.", ""]
+    if r["targets"]:
+        lines += ["## Targets", "", "| target | measured | goal | met | note |", "|---|---|---|---|---|"]
+        lines += [f"| {t['target']} | {fmt(t['measured'])} | {t['goal']} | {_met(t['met'])} | {t['note']} |"
+                  for t in r["targets"]]
+        lines.append("")
+    section = None
+    for t in r["tables"]:
+        if t["section"] != section:
+            section = t["section"]
+            lines += [f"## {section}", ""]
+        lines += [f"**{t['title']}**", "", "| " + " | ".join(map(str, t["columns"])) + " |",
+                  "|" + "---|" * len(t["columns"])]
+        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in t["rows"]]
+        lines += ["", t["note"], ""] if t["note"] else [""]
+    lines += [f"![{p}]({p})" for p in r["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _met(met) -> str:
+    return "-" if met is None else ("met" if met else "missed")
+
+
+def bench_html(r: dict, folder: Path) -> str:
+    m = r["machine"]
+    body = [f"<h1>embedkit bench ({html.escape(r['preset'])})</h1>",
+            f'<p>{_e(m["cpu"])}, {_e(m["cores"])} cores, torch {_e(m["torch"])} ({_e(m["torch_threads"])} threads), '
+            f'fp32 matmul {_e(m["matmul_gflops"])} GFLOP/s. Load average {_e(m["load_average_start"])} at the start, '
+            f'{_e(m["load_average_end"])} at the end (more than {_e(m["cores"])} means other work shared the CPU). '
+            f'Run {_e(r["created"])}, {_e(r["total_seconds"])} s.</p>']
+    if r.get("targets"):
+        rows = "".join(f"<tr><td>{_e(t['target'])}</td><td>{_e(t['measured'])}</td><td>{_e(t['goal'])}</td>"
+                       f"<td class=\"{_met(t['met'])}\">{_met(t['met'])}</td><td>{_e(t['note'])}</td></tr>"
+                       for t in r["targets"])
+        body.append("<h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th>met</th>"
+                    f"<th>note</th></tr>{rows}</table>")
+    section = None
+    for t in r.get("tables", []):
+        if t["section"] != section:
+            section = t["section"]
+            body.append(f"<h2>{html.escape(section)}</h2>")
+        body.append(f"<h3>{html.escape(t['title'])}</h3>" + html_table(t["columns"], t["rows"], t["note"]))
+    plots = [p for p in r.get("plots", []) if (folder / p).is_file()]
+    if plots:
+        body.append("<h2>Plots</h2>" + "".join(png_img(folder / p, p) for p in plots))
+    return _page(f"embedkit bench {r['preset']}", "".join(body))
+
+
+# ---------------------------------------------------------------------------------------------
+# model folders
+
+
+def model_html(folder: Path, emb: Path | None = None) -> str:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    info_path = folder / "embedkit_model.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    spread, data = metrics["spread"], metrics.get("data", {})
+    body = [f"<h1>Model report: {html.escape(folder.name)}</h1>",
+            f"<p>Task {_e(info.get('task'))}, fusion {_e(info.get('fusion'))}, label(s) "
+            f"{_e(', '.join(info.get('labels', [])))}; classes {_e(', '.join(map(str, info.get('classes', []))))}. "
+            f"{_e(data.get('rows'))} rows, split {_e(data.get('split'))} "
+            f"(train / val / test {_e('/'.join(str(v) for v in data.get('n', {}).values()))}).</p>"]
+    enc = info.get("encoders") or {}
+    if enc:
+        body.append("<h3>Encoders</h3>" + html_table(["modality", "model", "dim", "pooling"],
+                                                     [[k, v.get("name"), v.get("dim"), v.get("pooling")]
+                                                      for k, v in enc.items()]))
+    body.append(_metrics_section(spread))
+    test = metrics["test"]
+    if test.get("per_class"):
+        body.append("<h2>Per class (test, first run)</h2>" + html_table(
+            ["class", "precision", "recall", "F1", "support"],
+            [[c, s["precision"], s["recall"], s["f1"], s["support"]] for c, s in test["per_class"].items()]))
+    body.append(_confusion_section(test.get("confusion_matrix"), list(test.get("per_class", {})), info.get("task")))
+    body.append(_calibration_section(folder, metrics, info, emb))
+    if metrics.get("alignment"):
+        a = metrics["alignment"]
+        body.append("<h2>Modality-gap alignment</h2>"
+                    f"<p>lambda = {_e(a.get('lambda'))}"
+                    + (f", chosen on {_e(a.get('selected_on'))}" if a.get("selected_on") else "") + ".</p>")
+        if metrics.get("gap"):
+            body.append(html_table(["statistic", "value"], [[k, v] for k, v in _flat(metrics["gap"]).items()]))
+    for name, title in (("lambda_curve.png", "Lambda curve"), ("gap_pca.png", "Modality gap (PCA)")):
+        if (folder / name).is_file():
+            body.append(f"<h3>{title}</h3>" + png_img(folder / name, name))
+    curve = _learning_curve(folder)
+    if curve:
+        body.append("<h2>Learning curve (first run)</h2>" + png_img(curve, "learning curve"))
+    costs = _flat(metrics.get("costs", {}))
+    body.append("<h2>Costs</h2>" + html_table(["cost", "value"], [[k, v] for k, v in costs.items()],
+                                               "seconds, MB and bytes as measured by embedkit train"))
+    cfg = metrics.get("config", {})
+    body.append("<h2>Configuration</h2>" + html_table(["setting", "value"],
+                                                       [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                                        for k, v in cfg.items()]))
+    return _page(f"embedkit model {folder.name}", "".join(body))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _metrics_section(spread: dict) -> str:
+    rows = []
+    for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece"):
+        s, v = spread["test"].get(k), spread["val"].get(k)
+        if s is None:
+            continue
+        rows.append([k, f"{fmt(s['mean'])} ± {fmt(s['std'])}", f"[{fmt(s['ci95_low'])}, {fmt(s['ci95_high'])}]",
+                     v["mean"] if v else None, s["n_runs"]])
+    return (f"<h2>Test metrics over {_e(spread['n_runs'])} {_e(spread['over'])}</h2>"
+            + html_table(["metric", "test (mean ± std)", "95 % interval", "validation mean", "runs"], rows,
+                         "Model selection used the validation split only; the test split was scored once per run."))
+
+
+def _confusion_section(cm, classes: list, task: str | None) -> str:
+    if not cm:
+        return ""
+    from matplotlib.figure import Figure
+
+    if task == "multilabel":
+        rows = [[c, *np.asarray(m).ravel().tolist()] for c, m in zip(classes, cm)]
+        return "<h2>Confusion (per label, test)</h2>" + html_table(["label", "TN", "FP", "FN", "TP"], rows)
+    cm = np.asarray(cm)
+    table = html_table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, cm.tolist())])
+    fig = Figure(figsize=(1.6 + 0.7 * len(classes), 1.2 + 0.6 * len(classes)))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return "<h2>Confusion matrix (test, first run)</h2>" + table + png_img(figure_png(fig), "confusion matrix")
+
+
+def _calibration_section(folder: Path, metrics: dict, info: dict, emb: Path | None) -> str:
+    ece = metrics["spread"]["test"].get("ece", {})
+    head = (f"<h2>Calibration</h2><p>Expected calibration error (10 bins): {_e(ece.get('mean'))} "
+            f"± {_e(ece.get('std'))} over runs; 0 means the predicted confidence matches the accuracy.</p>")
+    if emb is None:
+        return head + ('<p class="note">For the reliability diagram, pass the labelled embeddings: '
+                       "embedkit report MODEL --emb EMBEDDINGS (per-row probabilities are not stored).</p>")
+    conf, correct, where = reliability_inputs(folder, emb, metrics)
+    return head + png_img(figure_png(reliability_figure(conf, correct, where)), "reliability diagram")
+
+
+def reliability_inputs(folder: Path, emb: Path, metrics: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """Confidence of each prediction and whether it was right, on the model's own test rows when `emb`
+    holds the training data (the split is reconstructed from the saved seed), else on all of `emb`."""
+    from embedkit.fusion.evaluate import kfold_indices
+    from embedkit.train import TrainConfig, check_encoders, load_dataset, load_model, model_features, split_for_run
+
+    est, info = load_model(folder)
+    ds = load_dataset(emb, info["labels"], info["modalities"])
+    check_encoders(info, ds.provenance, emb)
+    x = model_features(info, ds.blocks)
+    cfg = TrainConfig(**info["config"])
+    if len(ds.ids) == metrics.get("data", {}).get("rows"):
+        rows = kfold_indices(ds.y, cfg.cv, cfg.seed)[0][1] if cfg.cv else split_for_run(ds, cfg, cfg.seed)["test"]
+        where = f"the model's test rows ({len(rows)}, split reconstructed from seed {cfg.seed})"
+    else:
+        rows = np.arange(len(ds.ids))
+        where = f"all {len(rows)} rows of {emb}"
+    proba, y = est.predict_proba(x[rows]), ds.y[rows]
+    if info["task"] == "multilabel":
+        pred = (proba >= est.threshold).astype(int)
+        return np.where(pred == 1, proba, 1 - proba).ravel(), (pred == y).ravel(), where
+    index = {c: i for i, c in enumerate(np.asarray(est.classes_).tolist())}
+    truth = np.array([index[v] for v in np.asarray(y).tolist()])
+    if info["task"] == "binary":
+        pred = (proba[:, 1] >= est.threshold).astype(int)
+        conf = np.where(pred == 1, proba[:, 1], proba[:, 0])
+    else:
+        pred, conf = proba.argmax(1), proba.max(1)
+    return conf, pred == truth, where
+
+
+def reliability_figure(conf: np.ndarray, correct: np.ndarray, where: str, n_bins: int = 10):
+    """Accuracy against mean confidence per equal-width bin (the bins ECE averages over)."""
+    from matplotlib.figure import Figure
+
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    mids, accs, counts = [], [], []
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            mids.append(conf[sel].mean())
+            accs.append(correct[sel].mean())
+            counts.append(int(sel.sum()))
+    ax.bar(edges[:-1], [correct[bins == b].mean() if (bins == b).any() else 0 for b in range(n_bins)], width=1 / n_bins,
+           align="edge", alpha=0.3, edgecolor="#1f77b4", label="accuracy per bin")
+    ax.plot(mids, accs, "o-", color="#1f77b4")
+    for x, a, c in zip(mids, accs, counts):
+        ax.annotate(str(c), (x, a), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability on {where}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def _learning_curve(folder: Path) -> bytes | None:
+    meta = folder / "estimator.json"
+    if not meta.is_file():
+        return None
+    history = json.loads(meta.read_text()).get("history") or []
+    if len(history) < 2:
+        return None
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    if history[0].get("val_loss") is not None:
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h["val_macro_f1"] for h in history], color="#2ca02c", label="validation macro-F1")
+        ax2.set_ylabel("macro-F1")
+        ax2.legend(fontsize=8, loc="center right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8, loc="upper right")
+    return figure_png(fig)
