@@ -550,6 +550,11 @@ class LogisticBaseline(_EmbeddingClassifier):
         p = expit(z)
         return np.column_stack([1 - p, p]) if self.task_ == "binary" else p
 
+    def model_bytes(self) -> int:
+        """Bytes of the stored weights and standardisation statistics."""
+        self._check_fitted()
+        return sum(getattr(self, k).nbytes for k in ("coef_", "intercept_", "mean_", "scale_"))
+
     def save(self, folder) -> Path:
         self._check_fitted()
         names = ("coef_", "intercept_", "mean_", "scale_")
