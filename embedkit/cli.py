@@ -67,12 +67,7 @@ def extract(
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, label_cols=list(label_col),
                            split_col=split_col, allow_leakage=allow_leakage)
-    rows = None
-    if manifest:
-        from embedkit.manifests import find_manifest
-
-        m = find_manifest(manifest)
-        rows, source = m.load_rows(data), m.source_options()
+    rows, source = _manifest_or(manifest, data, source)
     config = ExtractConfig(image_model=_none(image_model), text_model=_none(text_model), image_pooling=image_pooling,
                            text_pooling=text_pooling, max_length=max_length, device=device, dtype=dtype,
                            quantize=_none(quantize), batch_size=batch_size, threads=threads,
@@ -82,6 +77,16 @@ def extract(
                            ray_gpus_per_actor=gpus_per_actor)
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
+
+
+def _manifest_or(manifest: str | None, data: Path, source):
+    """(rows, source options) from a data manifest if one is named, else (None, the flags' options)."""
+    if not manifest:
+        return None, source
+    from embedkit.manifests import find_manifest
+
+    m = find_manifest(manifest)
+    return m.load_rows(data), m.source_options()
 
 
 def _print_extract_summary(result) -> None:
@@ -351,12 +356,7 @@ def pretrain(
 
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template)
-    rows = None
-    if manifest:
-        from embedkit.manifests import find_manifest
-
-        m = find_manifest(manifest)
-        rows, source = m.load_rows(data), m.source_options()
+    rows, source = _manifest_or(manifest, data, source)
     scan = scan_source(data, source, rows=rows)
     pairs = [it for it in scan.items if it.image_path is not None and it.has_text
              and (only_split is None or it.split == only_split)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -141,7 +141,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
     write_json_atomic(out / "manifest.json", {
         "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),
-        **result.to_dict(), "skipped_by_stage": _by_stage(skipped)})
+        **result.to_dict(), "skipped_by_stage": dict(Counter(s.stage for s in skipped))})
     if not any(r.rows_total for r in results.values()):
         raise EmbedkitError(f"nothing could be embedded: all {len(skipped)} inputs were skipped "
                             f"(reasons in {out / 'errors.parquet'})")
@@ -392,13 +392,6 @@ def _size(path: Path | None) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _by_stage(skipped: list) -> dict:
-    out: dict[str, int] = {}
-    for s in skipped:
-        out[s.stage] = out.get(s.stage, 0) + 1
-    return out
 
 
 def _version() -> str:

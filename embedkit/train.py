@@ -21,7 +21,7 @@ import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.errors import EmbedkitError
-from embedkit.store import IDENTITY_FIELDS, EmbeddingSet, load_embeddings, write_json_atomic
+from embedkit.store import IDENTITY_FIELDS, EmbeddingSet, find_datasets, load_embeddings, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
 # What must agree between training and new embeddings: the store's identity fields, except the
@@ -81,7 +81,7 @@ class Dataset:
 
 
 def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict | None = None) -> Dataset:
-    available = sorted(d.name.split("__", 1)[0] for d in Path(emb_dir).glob("*__*") if d.is_dir())
+    available = sorted(find_datasets(emb_dir))
     missing = [m for m in modalities if m not in available]
     if missing:
         raise EmbedkitError(f"no {' or '.join(missing)} embeddings under '{emb_dir}' (found: "
@@ -253,8 +253,7 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
 
     costs = Costs()
     out_dir = Path(out_dir)
-    available = sorted(d.name.split("__", 1)[0] for d in Path(emb_dir).glob("*__*") if d.is_dir())
-    modalities = modalities_for(cfg.fusion, available)
+    modalities = modalities_for(cfg.fusion, sorted(find_datasets(emb_dir)))
     with costs.stage("load"):
         ds = load_dataset(emb_dir, cfg.labels, modalities, cfg.models)
     if len(cfg.labels) == 1:

@@ -12,7 +12,7 @@ import numpy as np
 
 from embedkit.store import load_embeddings, read_embedding_table
 
-from conftest import REPO, make_image
+from conftest import REPO
 
 
 def _cli(*args):

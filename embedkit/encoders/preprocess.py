@@ -57,6 +57,11 @@ class ImagePreprocess:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def square_preprocess(size: int) -> ImagePreprocess:
+    """Square resize+crop at `size`, pixels scaled to [-1, 1]: embedkit's shared encoder."""
+    return ImagePreprocess(resize=size, crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 def decode_image(source: str | Path | bytes, pre: ImagePreprocess) -> np.ndarray:
     """Decode one image to a `crop x crop x 3` uint8 array, or raise ImageDecodeError."""
     try:

