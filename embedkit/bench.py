@@ -1127,13 +1127,14 @@ def _work_extract(a: dict) -> dict:
 def _work_train_emb(a: dict) -> dict:
     """The fusion head on stored embeddings: load them, then fit (no validation, so epochs are pure training)."""
     from embedkit.fusion import FusionClassifier
-    from embedkit.train import features, load_dataset
+    from embedkit.dataset import load_dataset
+    from embedkit.predict import model_features
 
     t0 = time.perf_counter()
     with _quiet():
         ds = load_dataset(a["emb"], ["label"], a["modalities"])
     load_s = time.perf_counter() - t0
-    x = features(ds.blocks, a["modalities"])
+    x = model_features({"modalities": a["modalities"]}, ds.blocks)
     est = FusionClassifier(fusion="early", modality_dims=tuple(ds.blocks[m].shape[1] for m in a["modalities"]),
                            epochs=a["epochs"], batch_size=a["batch_size"]).fit(x, ds.y)
     seconds = [h["seconds"] for h in est.history_]

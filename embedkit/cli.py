@@ -159,27 +159,51 @@ def train(
     batch_size: int = typer.Option(64),
     weight_decay: float = typer.Option(0.01),
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation gain."),
-    no_class_weight: bool = typer.Option(False, help="Do not re-weight classes."),
-    align_lambda: Optional[float] = typer.Option(None, help="Modality-gap shift (1 closes the gap between means)."),
-    align_sweep: Optional[str] = typer.Option(None, help="START:STOP:STEP, lambda chosen on validation."),
-    learned_lambda: bool = typer.Option(False, help="Learn lambda jointly with the classifier."),
-    noise_std: float = typer.Option(0.0, help="Gaussian noise on standardised embeddings during training."),
+    class_weights: bool = typer.Option(True, "--class-weights/--no-class-weights", help="Re-weight classes."),
+    align: Optional[str] = typer.Option(None, help="Modality alignment fitted on training rows: none (L2-normalise "
+                                                   "only), shift, center or standardize."),
+    align_lambda: Optional[float] = typer.Option(None, help="Gap shift lambda (1 closes the gap between means); "
+                                                            "implies --align shift."),
+    align_sweep: Optional[str] = typer.Option(None, help="Candidates chosen on validation in each run, e.g. "
+                                                         "'shift:0:1:0.5,center,none' or '-1:1:0.5' (lambdas)."),
+    learned_lambda: bool = typer.Option(False, help="Learn the shift's lambda jointly with the classifier."),
+    scale: Optional[str] = typer.Option(None, help="standard or none (default: none when aligning, else "
+                                                   "standard)."),
+    noise_std: float = typer.Option(0.0, help="Training-only Gaussian noise, in units of each feature's "
+                                              "training std."),
+    modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of training rows whose image or "
+                                                                      "text is replaced by its stand-in "
+                                                                      "(needs --align)."),
+    threshold: str = typer.Option("val-f1", help="Binary decision threshold: val-f1 (chosen on validation), 0.5 "
+                                                 "or a number."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on "
+                                                                           "validation rows."),
+    group_col: Optional[str] = typer.Option(None, help="Rows sharing this column's value stay on one side of "
+                                                       "every split (default: the group stored by extract)."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="Treat rows as independent."),
+    data_split: bool = typer.Option(True, "--data-split/--no-data-split", help="Use the data's split column."),
+    subgroup_col: List[str] = typer.Option([], help="Report metrics per value of this column (repeatable)."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for test intervals (0: none)."),
     seeds: int = typer.Option(1, min=1, help="Repeat over seeds for mean, std and 95% interval."),
     cv: Optional[int] = typer.Option(None, min=2, help="k-fold cross-validation instead of one split."),
     seed: int = typer.Option(0),
     image_model: Optional[str] = typer.Option(None, help="Which image embeddings, if several were extracted."),
     text_model: Optional[str] = typer.Option(None, help="Which text embeddings, if several were extracted."),
 ):
-    """Train a fusion classifier on embeddings, select on validation, test once; spread over seeds/folds."""
+    """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
     from embedkit.train import TrainConfig
     from embedkit.train import train as run
 
     models = {k: v for k, v in (("image", image_model), ("text", text_model)) if v}
     cfg = TrainConfig(labels=list(label), fusion=fusion, hidden_dim=hidden_dim, late_hidden_dim=late_hidden_dim,
                       dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                      class_weight=None if no_class_weight else "balanced", patience=patience,
-                      noise_std=noise_std, align_lambda=align_lambda, align_sweep=align_sweep,
-                      learned_lambda=learned_lambda, seeds=seeds, cv=cv, seed=seed, models=models)
+                      class_weight="balanced" if class_weights else None, patience=patience, noise_std=noise_std,
+                      align=align or None, align_lambda=align_lambda,
+                      align_sweep=align_sweep, learned_lambda=learned_lambda, scale=scale,
+                      modality_dropout=modality_dropout, threshold=threshold, calibrate=calibrate,
+                      group_col=group_col, groups=not no_groups, data_split=data_split,
+                      subgroups=list(subgroup_col), bootstrap=bootstrap, seeds=seeds, cv=cv, seed=seed,
+                      models=models)
     metrics = run(emb, out, cfg)
     _print_metrics(metrics, out)
 
@@ -189,39 +213,67 @@ def _print_metrics(metrics: dict, out: Path) -> None:
 
     from embedkit.console import console
 
-    spread = metrics["spread"]
-    t = Table(title=f"{out} · test set, {spread['n_runs']} {spread['over']} (mean ± std, 95% interval)")
-    for col in ("metric", "test", "95% interval", "validation"):
-        t.add_column(col, justify="left" if col == "metric" else "right")
+    spread, boot = metrics["spread"], (metrics.get("bootstrap") or {}).get("metrics", {})
+    unit = (metrics.get("bootstrap") or {}).get("unit", "row")
+    t = Table(title=f"{out} · test set ({metrics['data']['n']['test']} rows; groups: {metrics['data']['groups']})")
+    t.add_column("metric")
+    t.add_column("test (saved model)", justify="right")
+    t.add_column(f"95% bootstrap over test {unit}s", justify="right")
+    t.add_column(f"over {spread['n_runs']} {spread['over']}: mean ± std [95% t]", justify="right")
+    t.add_column("validation", justify="right")
     for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece"):
-        s, v = spread["test"].get(k), spread["val"].get(k)
+        s, v, b = spread["test"].get(k), spread["val"].get(k), boot.get(k)
         if s is None:
             continue
         one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
-        t.add_row(k, f"{s['mean']:.3f}" + ("" if one else f" ± {s['std']:.3f}"),
-                  "use --seeds or --cv" if one else f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
+        t.add_row(k, f"{metrics['test'][k]:.3f}", f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-",
+                  "use --seeds or --cv" if one else f"{s['mean']:.3f} ± {s['std']:.3f} "
+                                                    f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
                   f"{v['mean']:.3f}" if v else "-")
     console.print(t)
+    if metrics["test"].get("absent_classes"):
+        console.print(f"note: classes absent from the test rows (not averaged into macro-F1): "
+                      f"{', '.join(map(str, metrics['test']['absent_classes']))}", markup=False)
+    cal = metrics.get("calibration") or {}
+    if cal:
+        console.print(f"calibration on validation: temperature {cal['temperature']:.3f}, threshold "
+                      f"{cal['threshold']:.3f} ({cal['threshold_rule']}); test ECE {cal['ece_before']['test']:.3f} "
+                      f"-> {cal['ece_after']['test']:.3f}")
+    for col, values in (metrics.get("subgroups") or {}).items():
+        for value, e in values.items():
+            b = e["bootstrap"]["macro_f1"]
+            console.print(f"subgroup {col}={value}: n {e['n']}, macro-F1 {e['metrics']['macro_f1']:.3f} "
+                          f"[{b['low']:.3f}, {b['high']:.3f}]" + (" (small: unreliable)" if e["small"] else ""),
+                          markup=False)
     c = metrics["costs"]
     console.print(f"train {c['train_seconds']:.2f} s · predict {c['predict_seconds']:.3f} s · "
                   f"peak RSS {c['peak_rss_mb']:.0f} MB · model {c['model_bytes'] / 1024:.0f} KiB")
-    if metrics.get("alignment"):
-        console.print(f"alignment: lambda {metrics['alignment']['lambda']}"
-                      + (" (chosen on validation)" if metrics["alignment"].get("sweep") else ""))
+    a = metrics.get("alignment")
+    if a:
+        lam = a["lambda"]
+        what = a["method"] + (f" lambda {lam:.4g}" if isinstance(lam, (int, float)) else "")
+        console.print(f"alignment: {what}, input scale {a['scale']}"
+                      + (" (chosen on validation in each run: "
+                         + ", ".join(f"{r['method']} {r['lambda'] if r['lambda'] is not None else ''}".strip()
+                                     for r in a["chosen_per_run"]) + ")" if a.get("selected_on") else "")
+                      + (f"; learned lambda {', '.join(f'{v:.4f}' for v in a['learned_lambda'])}"
+                         if a.get("learned_lambda") else ""))
 
 
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A model folder from `embedkit train`."),
     emb: Path = typer.Argument(..., help="Embeddings of new data, extracted with the same encoders."),
-    out: Path = typer.Option(..., "--out", "-o", help="Parquet file: id, predicted, prob_<class>."),
+    out: Path = typer.Option(..., "--out", "-o", help="Parquet file: id, group, split, true label, modalities, "
+                                                      "predicted, prob_<class>."),
 ):
-    """Predict labels for new embeddings (the training-time alignment is applied)."""
+    """Predict labels for new embeddings (the training-time alignment and calibration are applied)."""
     from embedkit.console import say
     from embedkit.train import predict as run
 
     r = run(model, emb, out)
-    say(f"{r['rows']} predictions -> {r['out']} ({r['predict_seconds']:.3f} s)")
+    had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
+    say(f"{r['rows']} predictions ({had}) -> {r['out']} ({r['predict_seconds']:.3f} s)")
 
 
 @app.command()
@@ -229,16 +281,22 @@ def evaluate(
     model: Path = typer.Argument(..., help="A model folder from `embedkit train`."),
     emb: Path = typer.Argument(..., help="Labelled embeddings, e.g. a second clinic's."),
     label: List[str] = typer.Option([], help="Label column(s); default: those the model was trained on."),
+    split: Optional[str] = typer.Option(None, help="Only rows of this split (e.g. test)."),
+    allow_overlap: bool = typer.Option(False, help="Score rows the model was trained or selected on (flagged)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+    rows_out: Optional[Path] = typer.Option(None, help="Write per-row predictions (Parquet) here."),
 ):
-    """Compute the training metrics for a trained model on another labelled embedding set."""
+    """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
     from embedkit.train import evaluate as run
 
-    r = run(model, emb, list(label) or None, out)
-    m = r["eval"]
-    typer.echo(json.dumps({k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}))
+    r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out)
+    m, b = r["eval"], r["bootstrap"]["metrics"]
+    summary = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}
+    summary["bootstrap95"] = {k: [round(v["low"], 4), round(v["high"], 4)] for k, v in b.items()}
+    summary["rows_seen_in_training"] = r["rows_seen_in_training"]
+    typer.echo(json.dumps(summary))
 
 
 @app.command()

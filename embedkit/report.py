@@ -5,8 +5,8 @@ RUN_DIR is a model folder from `embedkit train` (metrics.json) or a folder from 
 no external assets, so it opens the same offline, in a mail client or printed.
 
 A model page: test metrics with their spread over seeds/folds, per-class scores, the confusion
-matrix, calibration (ECE; the reliability diagram when the labelled embeddings are given with
---emb, since metrics.json holds no per-row probabilities), the lambda curve and gap plot when
+matrix, calibration (ECE before/after temperature scaling and the reliability diagram of the
+model's test rows, or of --emb), the alignment curve and gap plot when
 training wrote them, the learning curve, costs and the configuration.
 A bench page: the targets, every table and every plot of the run, the machine and its load.
 """
@@ -179,6 +179,8 @@ def model_html(folder: Path, emb: Path | None = None) -> str:
                                                      [[k, v.get("name"), v.get("dim"), v.get("pooling")]
                                                       for k, v in enc.items()]))
     body.append(_metrics_section(spread))
+    body.append(_bootstrap_section(metrics))
+    body.append(_subgroup_section(metrics.get("subgroups")))
     test = metrics["test"]
     if test.get("per_class"):
         body.append("<h2>Per class (test, first run)</h2>" + html_table(
@@ -189,11 +191,13 @@ def model_html(folder: Path, emb: Path | None = None) -> str:
     if metrics.get("alignment"):
         a = metrics["alignment"]
         body.append("<h2>Modality-gap alignment</h2>"
-                    f"<p>lambda = {_e(a.get('lambda'))}"
+                    f"<p>method {_e(a.get('method'))}, lambda = {_e(a.get('lambda'))}, input scale "
+                    f"{_e(a.get('scale'))}"
                     + (f", chosen on {_e(a.get('selected_on'))}" if a.get("selected_on") else "") + ".</p>")
         if metrics.get("gap"):
             body.append(html_table(["statistic", "value"], [[k, v] for k, v in _flat(metrics["gap"]).items()]))
-    for name, title in (("lambda_curve.png", "Lambda curve"), ("gap_pca.png", "Modality gap (PCA)")):
+    for name, title in (("lambda_curve.png", "Alignment choice on validation"),
+                        ("lambda_trajectory.png", "Learned lambda per epoch"), ("gap_pca.png", "Modality gap (PCA)")):
         if (folder / name).is_file():
             body.append(f"<h3>{title}</h3>" + png_img(folder / name, name))
     curve = _learning_curve(folder)
@@ -232,6 +236,34 @@ def _metrics_section(spread: dict) -> str:
                          "Model selection used the validation split only; the test split was scored once per run."))
 
 
+def _bootstrap_section(metrics: dict) -> str:
+    boot = metrics.get("bootstrap")
+    if not boot:
+        return ""
+    rows = [[k, metrics["test"].get(k), f"[{fmt(b['low'])}, {fmt(b['high'])}]"] for k, b in boot["metrics"].items()]
+    note = html.escape(boot.get("what", "")) + f" ({_e(boot.get('n_units'))} {_e(boot.get('unit'))}s, " \
+        f"{_e(boot.get('n_resamples'))} resamples)."
+    absent = metrics["test"].get("absent_classes")
+    if absent:
+        note += " Classes absent from the test rows, not averaged into macro-F1: " + html.escape(", ".join(map(str, absent)))
+    return "<h2>Test metrics of the saved model, with bootstrap intervals</h2>" + html_table(
+        ["metric", "test", "95 % bootstrap interval"], rows, note)
+
+
+def _subgroup_section(subgroups: dict | None) -> str:
+    if not subgroups:
+        return ""
+    rows = []
+    for col, values in subgroups.items():
+        for value, e in values.items():
+            b = e["bootstrap"]["macro_f1"]
+            rows.append([f"{col} = {value}", e["n"], e["metrics"]["accuracy"], e["metrics"]["macro_f1"],
+                         f"[{fmt(b['low'])}, {fmt(b['high'])}]", "small: unreliable" if e["small"] else ""])
+    return "<h2>Subgroups (test rows of the saved model)</h2>" + html_table(
+        ["subgroup", "n", "accuracy", "macro-F1", "95 % bootstrap (macro-F1)", ""], rows,
+        "Each subgroup's own test rows; a small subgroup's numbers can move a lot with a few patients.")
+
+
 def _confusion_section(cm, classes: list, task: str | None) -> str:
     if not cm:
         return ""
@@ -258,44 +290,53 @@ def _confusion_section(cm, classes: list, task: str | None) -> str:
 
 def _calibration_section(folder: Path, metrics: dict, info: dict, emb: Path | None) -> str:
     ece = metrics["spread"]["test"].get("ece", {})
+    cal = metrics.get("calibration") or {}
     head = (f"<h2>Calibration</h2><p>Expected calibration error (10 bins): {_e(ece.get('mean'))} "
             f"± {_e(ece.get('std'))} over runs; 0 means the predicted confidence matches the accuracy.</p>")
-    if emb is None:
+    if cal:
+        head += (f"<p>Fitted on validation rows: temperature {_e(cal.get('temperature'))}, decision threshold "
+                 f"{_e(cal.get('threshold'))} ({html.escape(str(cal.get('threshold_rule')))}); test ECE "
+                 f"{_e(cal.get('ece_before', {}).get('test'))} before, {_e(cal.get('ece_after', {}).get('test'))} "
+                 f"after temperature scaling.</p>")
+    if emb is None and not (folder / "test_predictions.parquet").is_file():
         return head + ('<p class="note">For the reliability diagram, pass the labelled embeddings: '
-                       "embedkit report MODEL --emb EMBEDDINGS (per-row probabilities are not stored).</p>")
+                       "embedkit report MODEL --emb EMBEDDINGS.</p>")
     conf, correct, where = reliability_inputs(folder, emb, metrics)
     return head + png_img(figure_png(reliability_figure(conf, correct, where)), "reliability diagram")
 
 
-def reliability_inputs(folder: Path, emb: Path, metrics: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """Confidence of each prediction and whether it was right, on the model's own test rows when `emb`
-    holds the training data (the split is reconstructed from the saved seed), else on all of `emb`."""
-    from embedkit.fusion.evaluate import kfold_indices
-    from embedkit.train import TrainConfig, check_encoders, load_dataset, load_model, model_features, split_for_run
+def reliability_inputs(folder: Path, emb: Path | None, metrics: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """Confidence of each prediction and whether it was right: on the model's own test rows (written by
+    train as test_predictions.parquet), or on all rows of `emb` when given."""
+    import pyarrow.parquet as pq
 
-    est, info = load_model(folder)
-    ds = load_dataset(emb, info["labels"], info["modalities"])
-    check_encoders(info, ds.provenance, emb)
-    x = model_features(info, ds.blocks)
-    cfg = TrainConfig(**info["config"])
-    if len(ds.ids) == metrics.get("data", {}).get("rows"):
-        rows = kfold_indices(ds.y, cfg.cv, cfg.seed)[0][1] if cfg.cv else split_for_run(ds, cfg, cfg.seed)["test"]
-        where = f"the model's test rows ({len(rows)}, split reconstructed from seed {cfg.seed})"
+    from embedkit.predict import load_model, predict
+
+    _, info = load_model(folder)
+    if emb is None:
+        path, where = folder / "test_predictions.parquet", "the model's test rows (run 0)"
     else:
-        rows = np.arange(len(ds.ids))
-        where = f"all {len(rows)} rows of {emb}"
-    proba, y = est.predict_proba(x[rows]), ds.y[rows]
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="embedkit-report-")) / "rows.parquet"
+        predict(folder, emb, path)
+        where = f"all rows of {emb}"
+    t = pq.read_table(path).to_pydict()
+    classes, threshold = info["classes"], (info.get("calibration") or {}).get("threshold", 0.5)
     if info["task"] == "multilabel":
-        pred = (proba >= est.threshold).astype(int)
-        return np.where(pred == 1, proba, 1 - proba).ravel(), (pred == y).ravel(), where
-    index = {c: i for i, c in enumerate(np.asarray(est.classes_).tolist())}
-    truth = np.array([index[v] for v in np.asarray(y).tolist()])
-    if info["task"] == "binary":
-        pred = (proba[:, 1] >= est.threshold).astype(int)
-        conf = np.where(pred == 1, proba[:, 1], proba[:, 0])
-    else:
-        pred, conf = proba.argmax(1), proba.max(1)
-    return conf, pred == truth, where
+        proba = np.column_stack([t[f"prob_{c}"] for c in classes])
+        truth = np.column_stack([np.asarray(t[f"true_{c}"], dtype=float) for c in classes])
+        keep = ~np.isnan(truth).any(1)
+        pred = (proba >= threshold).astype(int)
+        return (np.where(pred == 1, proba, 1 - proba)[keep].ravel(), (pred == truth)[keep].ravel(),
+                f"{where}, {int(keep.sum())} labelled")
+    proba = np.column_stack([t[f"prob_{c}"] for c in classes])
+    truth_col = t.get(f"true_{info['labels'][0]}", [None] * len(proba))
+    keep = np.array([v is not None for v in truth_col])
+    pred = np.asarray([str(p) for p in t["predicted"]], dtype=object)
+    conf = proba[np.arange(len(proba)), [list(map(str, classes)).index(p) for p in pred]]
+    correct = pred == np.asarray([str(v) for v in truth_col], dtype=object)
+    return conf[keep], correct[keep], f"{where}, {int(keep.sum())} labelled"
 
 
 def reliability_figure(conf: np.ndarray, correct: np.ndarray, where: str, n_bins: int = 10):

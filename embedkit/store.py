@@ -251,6 +251,7 @@ class EmbeddingSet:
     columns: dict[str, np.ndarray]  # labels, split, metadata (object arrays)
     provenance: dict[str, dict]  # modality -> provenance
     unmatched: dict[str, int] = field(default_factory=dict)  # modality -> rows without a partner
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> rows that have it (outer join)
 
     @property
     def label_columns(self) -> list[str]:
@@ -269,11 +270,12 @@ def find_datasets(out: str | Path) -> dict[str, list[Path]]:
 
 
 def load_embeddings(out: str | Path, modalities: list[str] | None = None,
-                    models: dict[str, str] | None = None) -> EmbeddingSet:
+                    models: dict[str, str] | None = None, how: str = "inner") -> EmbeddingSet:
     """Read an extract output folder back as numpy arrays joined on `id` across modalities.
 
     `models` picks a dataset when one modality was embedded with several models,
-    e.g. {"image": "dinov2-small"}.
+    e.g. {"image": "dinov2-small"}. how="outer" keeps rows that lack a modality: their
+    embedding rows are NaN and `present[modality]` says which rows have it.
     """
     out = Path(out)
     if not out.exists():
@@ -293,24 +295,32 @@ def load_embeddings(out: str | Path, modalities: list[str] | None = None,
             names = ", ".join(d.name.split("__", 1)[1] for d in found[m])
             raise EmbedkitError(f"{m} embeddings from several models under '{out}' ({names}): pick one")
         tables[m] = read_embedding_table(dirs[0])
-    return join_tables(tables)
+    return join_tables(tables, how=how)
 
 
-def join_tables(tables: dict[str, EmbeddingTable]) -> EmbeddingSet:
-    """Inner join on id; counts rows of each modality that found no partner."""
+def join_tables(tables: dict[str, EmbeddingTable], how: str = "inner") -> EmbeddingSet:
+    """Join on id (inner, or outer with NaN rows); counts rows of each modality that found no partner."""
     id_sets = [set(t.ids) for t in tables.values()]
     common = set.intersection(*id_sets)
-    ids = np.array(sorted(common), dtype=object)
-    embeddings, columns, provenance, unmatched = {}, {}, {}, {}
+    ids = np.array(sorted(common if how == "inner" else set.union(*id_sets)), dtype=object)
+    embeddings, columns, provenance, unmatched, present = {}, {}, {}, {}, {}
     for m, t in tables.items():
         pos = {i: n for n, i in enumerate(t.ids)}
-        order = np.array([pos[i] for i in ids], dtype=np.int64)
-        embeddings[m] = t.embeddings[order] if len(order) else t.embeddings[:0]
+        order = np.array([pos.get(i, -1) for i in ids], dtype=np.int64)
+        has = order >= 0
+        present[m] = has
+        emb = np.full((len(ids), t.embeddings.shape[1]), np.nan, dtype=np.float32)
+        emb[has] = t.embeddings[order[has]]
+        embeddings[m] = emb
         provenance[m] = t.provenance
-        unmatched[m] = len(t.ids) - len(ids)
+        unmatched[m] = len(t.ids) - len(common)
         for name, values in t.columns.items():
+            picked = np.array([values[k] if k >= 0 else None for k in order], dtype=object)
             if name in ("path", "sha256"):
-                columns[f"{m}_{name}"] = np.array([values[k] for k in order], dtype=object)
+                columns[f"{m}_{name}"] = picked
             elif name not in columns:
-                columns[name] = np.array([values[k] for k in order], dtype=object)
-    return EmbeddingSet(ids, embeddings, columns, provenance, unmatched)
+                columns[name] = picked
+            else:  # fill what an earlier modality lacked (outer join)
+                gap = np.array([v is None for v in columns[name]], dtype=bool) & has
+                columns[name][gap] = picked[gap]
+    return EmbeddingSet(ids, embeddings, columns, provenance, unmatched, present)

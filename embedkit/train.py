@@ -1,18 +1,18 @@
-"""Embeddings on disk -> a trained, honestly evaluated classifier folder; and using one.
+"""Embeddings on disk -> a trained, honestly evaluated classifier folder.
 
-train:    join modalities on id -> labels -> split (the data's, or stratified and seeded)
-          -> [gap shift fitted on train rows] -> estimator, model selection on validation
-          -> test evaluated once -> repeated over seeds / folds for spread -> model folder
-predict:  model folder + embeddings -> checks the encoders match -> same alignment -> Parquet
-evaluate: predict + the same metrics against labels (e.g. a second clinic's data)
+train:    join modalities on id -> labels, groups -> split (the data's, or stratified + grouped,
+          seeded) -> per run: [aligner fitted on train rows] -> estimator; every choice (best
+          epoch, alignment method/lambda, temperature, threshold) on that run's validation rows
+          -> test scored once -> bootstrap over test groups, subgroups -> model folder
+Data and splits live in dataset.py; predict and evaluate (re-exported here) in predict.py.
 
 A model folder holds only safetensors and JSON: estimator weights, `embedkit_model.json`
-(what it was trained on: encoders, labels, alignment), `metrics.json`.
+(what it was trained on: encoders, labels, alignment, calibration, hashed training ids),
+`metrics.json`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
+from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups, row_keys,
+                              split_for_run, warn_shared_inputs)
 from embedkit.errors import EmbedkitError
-from embedkit.store import IDENTITY_FIELDS, EmbeddingSet, find_datasets, load_embeddings, write_json_atomic
+from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, load_model,  # noqa: F401
+                              model_features, predict, prediction_columns, write_rows)
+from embedkit.store import find_datasets, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
-# What must agree between training and new embeddings: the store's identity fields, except the
-# dtype (a model trained on float32 embeddings may score bfloat16-extracted ones).
-PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f != "dtype")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "dev": "val", "test": "test", "testing": "test"}
+MIN_VAL_ROWS_PER_CLASS = 5
 
 
 @dataclass
@@ -44,10 +44,20 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW default
     class_weight: str | None = "balanced"
     patience: int | None = None  # early stopping on validation macro-F1
-    noise_std: float = 0.0  # Gaussian noise on standardised embeddings, training only
-    align_lambda: float | None = None  # modality-gap shift; None = off
-    align_sweep: str | None = None  # "START:STOP:STEP": pick lambda on validation
-    learned_lambda: bool = False  # train lambda jointly with the classifier
+    noise_std: float = 0.0  # Gaussian noise in units of each input feature's training std, training only
+    align: str | None = None  # none | shift | center | standardize (fusion/align.py); None = raw embeddings
+    align_lambda: float | None = None  # lambda of the gap shift (implies align="shift")
+    align_sweep: str | None = None  # e.g. "shift:-1:1:0.5,center,none": chosen on validation in each run
+    learned_lambda: bool = False  # train the shift's lambda jointly with the classifier
+    scale: str | None = None  # standard | none; None: none when aligning (keeps the shift), else standard
+    modality_dropout: float = 0.0  # share of training rows whose image or text is replaced by its stand-in
+    threshold: str = "val-f1"  # binary decision threshold: val-f1 (chosen on validation) | 0.5 | a number
+    calibrate: bool = True  # temperature scaling fitted on validation rows
+    group_col: str | None = None  # None: the group stored by extract (e.g. a patient id), if any
+    groups: bool = True  # False (--no-groups): rows are treated as independent
+    data_split: bool = True  # use the data's split column when it has one
+    subgroups: list[str] = field(default_factory=list)  # columns to report metrics per value of
+    bootstrap: int = 1000  # resamples for the test-set intervals (0: none)
     seeds: int = 1  # repeat with seeds 0..n-1 (new split unless the data has one) for spread
     cv: int | None = None  # k-fold cross-validation instead of a single split
     val_fraction: float = 0.15
@@ -67,173 +77,38 @@ def modalities_for(fusion: str, available: list[str]) -> list[str]:
     return ["image", "text"]
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- alignment choices
 
 
-@dataclass
-class Dataset:
-    ids: np.ndarray
-    blocks: dict[str, np.ndarray]  # modality -> float32 [n, d], rows joined on id
-    y: np.ndarray  # labels (object) or a 0/1 indicator matrix for multilabel
-    split: np.ndarray | None  # "train" | "val" | "test" per row, if the data had a split column
-    provenance: dict[str, dict]
-    dropped_unlabelled: int = 0
-
-
-def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict | None = None) -> Dataset:
-    available = sorted(find_datasets(emb_dir))
-    missing = [m for m in modalities if m not in available]
-    if missing:
-        raise EmbedkitError(f"no {' or '.join(missing)} embeddings under '{emb_dir}' (found: "
-                            f"{', '.join(available) or 'none'}); choose --fusion "
-                            f"{' or '.join(available) or 'after extracting'}")
-    es = load_embeddings(emb_dir, modalities=modalities, models=models)
-    _check_join(es, modalities)
-    for name in labels:
-        if name not in es.columns:
-            found = sorted(c for c in es.columns if not c.endswith(("_path", "_sha256")) and c != "split")
-            raise EmbedkitError(f"label column '{name}' is not in the embeddings; columns carried through: "
-                                f"{', '.join(found) or 'none'}")
-    if len(labels) == 1:
-        y = es.columns[labels[0]]
-        keep = np.array([v is not None and v == v for v in y], dtype=bool)  # v == v is False for NaN
-    else:
-        y = np.stack([_binary_column(es.columns[c], c) for c in labels], axis=1)
-        keep = ~np.isnan(y).any(axis=1)
-    blocks = {m: es.embeddings[m][keep] for m in modalities}
-    for m, x in blocks.items():
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise EmbedkitError(f"{int(bad.sum())} {m} embedding rows contain NaN or infinite values; "
-                                f"re-extract them (embedkit extract --overwrite)")
-    split = None
-    if "split" in es.columns and any(v is not None for v in es.columns["split"]):
-        split = _normalise_split(es.columns["split"][keep])
-    y = y[keep]
-    if len(labels) > 1:
-        y = y.astype(np.int64)
-    return Dataset(es.ids[keep], blocks, y, split, es.provenance, dropped_unlabelled=int((~keep).sum()))
-
-
-def _check_join(es: EmbeddingSet, modalities: list[str]) -> None:
-    if len(modalities) > 1 and len(es.ids) == 0:
-        counts = ", ".join(f"{m} {es.unmatched[m]}" for m in modalities)
-        raise EmbedkitError(f"ids do not join across modalities: no id is in both ({counts} rows); were they "
-                            f"extracted from the same data?")
-    if len(modalities) > 1 and any(es.unmatched.values()):
-        from embedkit.console import say
-
-        say("note: rows without a partner in the other modality are left out: "
-            + ", ".join(f"{m} {n}" for m, n in es.unmatched.items() if n))
-
-
-def _binary_column(values: np.ndarray, name: str) -> np.ndarray:
-    mapping = {"1": 1.0, "0": 0.0, "true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
-    out = np.full(len(values), np.nan)
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        key = str(int(v) if isinstance(v, (bool, np.bool_)) else v).strip().lower()
-        key = key[:-2] if key.endswith(".0") else key
-        if key not in mapping:
-            raise EmbedkitError(f"multilabel needs 0/1 label columns; '{name}' has the value '{v}'")
-        out[i] = mapping[key]
+def parse_sweep(spec: str) -> list[dict]:
+    """Alignment candidates: comma-separated `none`, `center`, `standardize`, `shift=L` or
+    `shift:START:STOP:STEP`; a bare START:STOP:STEP means gap-shift lambdas."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        method, _, rest = part.partition(":") if ":" in part and not part[0].isdigit() and part[0] != "-" \
+            else ("shift", ":", part)
+        method, _, value = method.partition("=")
+        if method not in ("none", "shift", "center", "standardize"):
+            raise EmbedkitError(f"--align-sweep: unknown method '{method}' (none, shift, center, standardize)")
+        if method != "shift":
+            out.append({"method": method, "lambda": None})
+        elif value:
+            out.append({"method": "shift", "lambda": _number(value)})
+        else:
+            out.extend({"method": "shift", "lambda": lam} for lam in _grid(rest))
+    if not out:
+        raise EmbedkitError("--align-sweep is empty")
     return out
 
 
-def _normalise_split(values: np.ndarray) -> np.ndarray:
-    out = []
-    for v in values:
-        key = SPLIT_NAMES.get(str(v).strip().lower()) if v is not None else None
-        if key is None:
-            raise EmbedkitError(f"split column value '{v}' is not one of train, val, test")
-        out.append(key)
-    return np.array(out, dtype=object)
+def _number(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise EmbedkitError(f"--align-sweep: '{v}' is not a number") from None
 
 
-# ---------------------------------------------------------------- one fit
-
-
-def make_estimator(cfg: TrainConfig, dims: list[int], seed: int, gap=None):
-    from embedkit.fusion import FusionClassifier, LogisticBaseline
-
-    if cfg.fusion == "logistic":
-        return LogisticBaseline(random_state=seed)
-    return FusionClassifier(
-        fusion="late" if cfg.fusion == "late" else "early", modality_dims=tuple(dims), hidden_dim=cfg.hidden_dim,
-        late_hidden_dim=cfg.late_hidden_dim, dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
-        batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, class_weight=cfg.class_weight,
-        patience=cfg.patience, noise_std=cfg.noise_std, random_state=seed, device=cfg.device,
-        learn_lambda=gap is not None)
-
-
-def split_for_run(ds: Dataset, cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
-    from embedkit.fusion.evaluate import split_indices
-
-    if ds.split is None:
-        return split_indices(ds.y, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
-    idx = {k: np.flatnonzero(ds.split == k) for k in ("train", "val", "test")}
-    if not len(idx["train"]) or not len(idx["test"]):
-        raise EmbedkitError("the split column needs train and test rows")
-    if not len(idx["val"]):  # carve validation out of train, stratified and seeded; test stays untouched
-        inner = split_indices(ds.y[idx["train"]], val_fraction=cfg.val_fraction / (1 - cfg.test_fraction),
-                              test_fraction=0.0, seed=seed)
-        idx["val"], idx["train"] = idx["train"][inner["val"]], idx["train"][inner["train"]]
-    return idx
-
-
-def features(ds_blocks: dict[str, np.ndarray], modalities: list[str], aligner=None) -> np.ndarray:
-    """Concatenate modality blocks (after the fitted gap shift, if any) into one matrix."""
-    blocks = dict(ds_blocks)
-    if aligner is not None:
-        blocks["image"], blocks["text"] = aligner.transform(blocks["image"], blocks["text"])
-    return np.concatenate([blocks[m] for m in modalities], axis=1).astype(np.float32, copy=False)
-
-
-def fit_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, seed: int,
-             lambda_: float | None) -> tuple:
-    """Fit on idx['train'], select on idx['val'], evaluate idx['test'] once. Returns (est, aligner, metrics)."""
-    from embedkit.fusion.align import GapShift
-    from embedkit.fusion.evaluate import compute_metrics
-
-    aligner = None
-    if lambda_ is not None or cfg.learned_lambda:
-        if modalities != ["image", "text"]:
-            raise EmbedkitError("modality-gap alignment needs both image and text (--fusion early or late)")
-        tr = idx["train"]
-        aligner = GapShift(lambda_=lambda_ or 0.0).fit(ds.blocks["image"][tr], ds.blocks["text"][tr])
-    x = model_features({"modalities": modalities, "learned_lambda": cfg.learned_lambda,
-                        "alignment": aligner.to_dict() if aligner is not None and not cfg.learned_lambda else None},
-                       ds.blocks)
-    dims = [ds.blocks[m].shape[1] for m in modalities]
-    est = make_estimator(cfg, dims, seed, gap=aligner.gap_ if cfg.learned_lambda else None)
-    t0 = time.perf_counter()
-    tr, va, te = idx["train"], idx["val"], idx["test"]
-    if cfg.fusion == "logistic":
-        est.fit(x[tr], ds.y[tr])
-    else:
-        est.fit(x[tr], ds.y[tr], eval_set=(x[va], ds.y[va]), **({"gap": aligner.gap_} if cfg.learned_lambda else {}))
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    proba_te = est.predict_proba(x[te])
-    predict_s = time.perf_counter() - t0
-    task = est.task_
-    threshold = getattr(est, "threshold", 0.5)
-    metrics = {
-        "val": compute_metrics(ds.y[va], est.predict_proba(x[va]), est.classes_, task, threshold),
-        "test": compute_metrics(ds.y[te], proba_te, est.classes_, task, threshold),
-        "costs": {"train_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
-                  "epoch_seconds": round(fit_s / max(1, len(getattr(est, "history_", [])) or 1), 4)},
-        "n": {k: int(len(v)) for k, v in idx.items()}, "seed": seed,
-    }
-    if hasattr(est, "best_epoch_"):
-        metrics["best_epoch"] = int(est.best_epoch_)
-    if cfg.learned_lambda:
-        metrics["learned_lambda"] = float(est.learned_lambda_)
-    return est, aligner, metrics
-
-
-def parse_sweep(spec: str) -> list[float]:
+def _grid(spec: str) -> list[float]:
     try:
         start, stop, step = (float(v) for v in spec.split(":"))
     except ValueError:
@@ -244,104 +119,377 @@ def parse_sweep(spec: str) -> list[float]:
     return [round(start + i * step, 10) for i in range(n)]
 
 
+def alignment_candidates(cfg: TrainConfig) -> list[dict]:
+    if cfg.align_sweep:
+        return parse_sweep(cfg.align_sweep)
+    if cfg.learned_lambda:
+        return [{"method": "shift", "lambda": "learned"}]
+    if cfg.align_lambda is not None:
+        if cfg.align not in (None, "shift"):
+            raise EmbedkitError(f"--align-lambda goes with --align shift, not '{cfg.align}'")
+        return [{"method": "shift", "lambda": float(cfg.align_lambda)}]
+    if cfg.align is not None:
+        if cfg.align not in ("none", "shift", "center", "standardize"):
+            raise EmbedkitError(f"unknown --align '{cfg.align}' (none, shift, center, standardize)")
+        return [{"method": cfg.align, "lambda": 1.0 if cfg.align == "shift" else None}]
+    return [{"method": None, "lambda": None}]
+
+
+def input_scale(cfg: TrainConfig, aligned: bool) -> str:
+    scale = cfg.scale or ("none" if aligned else "standard")
+    if scale not in ("standard", "none"):
+        raise EmbedkitError(f"--scale must be standard or none, got '{scale}'")
+    return scale
+
+
+# ---------------------------------------------------------------- one run
+
+
+def make_estimator(cfg: TrainConfig, dims: list[int], seed: int, scale: str, learn_lambda: bool = False):
+    from embedkit.fusion import FusionClassifier, LogisticBaseline
+
+    if cfg.fusion == "logistic":
+        return LogisticBaseline(random_state=seed)
+    return FusionClassifier(
+        fusion="late" if cfg.fusion == "late" else "early", modality_dims=tuple(dims), hidden_dim=cfg.hidden_dim,
+        late_hidden_dim=cfg.late_hidden_dim, dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
+        batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, class_weight=cfg.class_weight,
+        patience=cfg.patience, noise_std=cfg.noise_std, scale=scale, random_state=seed, device=cfg.device,
+        learn_lambda=learn_lambda)
+
+
+def modality_dropout(blocks: dict, rows: np.ndarray, aligner, share: float, seed: int) -> dict:
+    """Training rows with one modality replaced by its stand-in (half image, half text), so the
+    head learns to work when a modality is missing at inference."""
+    rng = np.random.default_rng(seed)
+    chosen = rows[rng.random(len(rows)) < share]
+    drop_image = rng.random(len(chosen)) < 0.5
+    out = {m: b.copy() for m, b in blocks.items()}
+    for m, present, sel in (("image", "text", chosen[drop_image]), ("text", "image", chosen[~drop_image])):
+        if len(sel):
+            out[m][sel] = aligner.stand_in(present, blocks[present][sel])
+    return out
+
+
+@dataclass
+class Run:
+    est: object
+    info: dict  # what model_features / predict need: modalities, alignment, learned_lambda
+    metrics: dict
+    calibration: dict
+    idx: dict
+    test_proba: np.ndarray
+
+
+def fit_candidate(ds, cfg, modalities, idx, seed, cand) -> tuple:
+    """Fit one alignment candidate on the run's training rows; returns (estimator, info, validation input)."""
+    tr, va = idx["train"], idx["val"]
+    aligner = None
+    if cand["method"] is not None:
+        from embedkit.fusion.align import make_aligner
+
+        learned = cand["lambda"] == "learned"
+        aligner = make_aligner("none" if learned else cand["method"], None if learned else cand["lambda"])
+        aligner.fit({"image": ds.blocks["image"][tr], "text": ds.blocks["text"][tr]})
+    info = {"modalities": modalities, "learned_lambda": cand["lambda"] == "learned",
+            "alignment": aligner.to_dict() if aligner is not None else None}
+    blocks = ds.blocks
+    if cfg.modality_dropout > 0:
+        if aligner is None:
+            raise EmbedkitError("--modality-dropout needs --align (a stand-in comes from the fitted gap)")
+        blocks = modality_dropout(blocks, tr, aligner, cfg.modality_dropout, seed)
+    x_train = model_features(info, {m: blocks[m][tr] for m in blocks})
+    x_val = model_features(info, {m: ds.blocks[m][va] for m in ds.blocks})
+    dims = [ds.blocks[m].shape[1] for m in modalities]
+    est = make_estimator(cfg, dims, seed, input_scale(cfg, aligner is not None), learn_lambda=info["learned_lambda"])
+    if cfg.fusion == "logistic":
+        est.fit(x_train, ds.y[tr])
+    else:
+        est.fit(x_train, ds.y[tr], eval_set=(x_val, ds.y[va]),
+                **({"gap": np.asarray(info["alignment"]["gap"], dtype=np.float32)} if info["learned_lambda"] else {}))
+    return est, info, x_val
+
+
+def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, seed: int) -> Run:
+    """One run: fit each alignment candidate on train, keep the best on validation, calibrate on
+    validation, then score the test rows once with the chosen model."""
+    from embedkit.fusion.calibrate import TemperatureScaler, choose_threshold
+    from embedkit.fusion.evaluate import compute_metrics
+
+    t0 = time.perf_counter()
+    tr, va, te = idx["train"], idx["val"], idx["test"]
+    curve, best = [], None
+    for cand in alignment_candidates(cfg):
+        est, info, x_val = fit_candidate(ds, cfg, modalities, idx, seed, cand)
+        val_proba = est.predict_proba(x_val)
+        score = compute_metrics(ds.y[va], val_proba, est.classes_, est.task_)["macro_f1"]
+        curve.append({**cand, "val_macro_f1": score})
+        # ties: the simpler choice (no shift before a shift, the smaller |lambda|)
+        key = (round(score, 12), -_complexity(cand))
+        if best is None or key > best[0]:
+            best = (key, est, info, val_proba, cand)
+    _, est, info, val_proba, chosen = best
+    fit_s = time.perf_counter() - t0
+
+    task, classes = est.task_, est.classes_
+    calibration = {"temperature": 1.0, "threshold": 0.5, "threshold_rule": "0.5"}
+    val_targets = _targets(ds.y[va], classes, task)
+    if cfg.calibrate and len(va) >= 2:
+        calibration["temperature"] = TemperatureScaler().fit(val_proba, val_targets, task).temperature_
+    val_cal = apply_calibration(val_proba, calibration, task)
+    if task == "binary":
+        calibration["threshold_rule"] = cfg.threshold
+        calibration["threshold"] = choose_threshold(val_cal[:, 1], val_targets, cfg.threshold)
+    elif cfg.threshold not in ("val-f1", "0.5"):  # multilabel: a fixed number applies to every label
+        calibration["threshold"] = float(cfg.threshold)
+        calibration["threshold_rule"] = cfg.threshold
+
+    t1 = time.perf_counter()
+    raw_test = est.predict_proba(model_features(info, {m: ds.blocks[m][te] for m in ds.blocks}))  # test, once
+    predict_s = time.perf_counter() - t1
+    test_cal = apply_calibration(raw_test, calibration, task)
+    thr = calibration["threshold"]
+    metrics = {
+        "val": compute_metrics(ds.y[va], val_cal, classes, task, thr),
+        "test": compute_metrics(ds.y[te], test_cal, classes, task, thr),
+        "costs": {"train_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
+                  "epoch_seconds": round(fit_s / max(1, len(getattr(est, "history_", [])) or 1), 4)},
+        "n": {k: int(len(idx[k])) for k in ("train", "val", "test")}, "seed": seed,
+        "alignment": {"method": chosen["method"], "lambda": chosen["lambda"]},
+    }
+    calibration["ece_before"] = {"val": compute_metrics(ds.y[va], val_proba, classes, task, thr)["ece"],
+                                 "test": compute_metrics(ds.y[te], raw_test, classes, task, thr)["ece"]}
+    calibration["ece_after"] = {"val": metrics["val"]["ece"], "test": metrics["test"]["ece"]}
+    if len(curve) > 1:
+        metrics["sweep"] = curve
+    if hasattr(est, "best_epoch_"):
+        metrics["best_epoch"] = int(est.best_epoch_)
+    if info["learned_lambda"]:
+        metrics["learned_lambda"] = float(est.learned_lambda_)
+        metrics["alignment"]["lambda"] = metrics["learned_lambda"]
+    return Run(est, info, metrics, calibration, idx, test_cal)
+
+
+def _complexity(cand: dict) -> float:
+    if cand["method"] is None:
+        return 0.0
+    lam = cand["lambda"]
+    return 1.0 + (abs(lam) if isinstance(lam, (int, float)) else 0.0) + (cand["method"] != "none")
+
+
+def _targets(y, classes, task: str) -> np.ndarray:
+    if task == "multilabel":
+        return np.asarray(y).astype(int)
+    index = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
+    return np.array([index[c] for c in np.asarray(y).tolist()], dtype=int)
+
+
+
+
 # ---------------------------------------------------------------- train
 
 
 def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
     """Train, evaluate honestly, and save a model folder. Returns the metrics written to metrics.json."""
-    from embedkit.fusion.evaluate import kfold_indices, summarize_runs
+    from embedkit.console import say
+    from embedkit.fusion.evaluate import bootstrap_metrics, subgroup_metrics, summarize_runs
 
     costs = Costs()
     out_dir = Path(out_dir)
-    modalities = modalities_for(cfg.fusion, sorted(find_datasets(emb_dir)))
+    available = sorted(find_datasets(emb_dir))
+    modalities = modalities_for(cfg.fusion, available)
+    candidates = alignment_candidates(cfg)
+    aligning = any(c["method"] is not None for c in candidates)
+    # the aligner is fitted on paired rows, also for a one-modality classifier (cross-modal transfer)
+    data_modalities = ["image", "text"] if aligning else modalities
     with costs.stage("load"):
-        ds = load_dataset(emb_dir, cfg.labels, modalities, cfg.models)
+        ds = load_dataset(emb_dir, cfg.labels, data_modalities, cfg.models)
     if len(cfg.labels) == 1:
         classes = {v for v in ds.y}
         if len(classes) < 2:
             raise EmbedkitError(f"label '{cfg.labels[0]}' has only one class ({next(iter(classes), 'none')}); "
                                 f"a classifier needs at least two")
-    if cfg.align_lambda is not None or cfg.align_sweep or cfg.learned_lambda:
-        dims = {m: ds.blocks[m].shape[1] for m in ds.blocks}
-        if len(set(dims.values())) > 1:
-            from embedkit.fusion.align import GapShift
+    if aligning:
+        widths = {m: ds.blocks[m].shape[1] for m in ds.blocks}
+        if widths["image"] != widths["text"]:
+            from embedkit.fusion.align import make_aligner
 
-            GapShift().fit(ds.blocks["image"][:2], ds.blocks["text"][:2])  # raises the explanatory error
+            make_aligner("none").fit({"image": ds.blocks["image"][:2], "text": ds.blocks["text"][:2]})  # explains
+    for name in cfg.subgroups:
+        if name not in ds.columns:
+            raise EmbedkitError(f"subgroup column '{name}' is not in the embeddings; columns carried through: "
+                                f"{', '.join(carried_columns(ds.columns)) or 'none'}")
+    groups, group_note = groups_for(ds, cfg.group_col, cfg.groups)
+    say(f"groups: {group_note}")
+    purged = {"train": 0, "val": 0}
+    if ds.split is not None and cfg.data_split:
+        _, purged = purge_shared_groups({k: np.flatnonzero(ds.split == k) for k in ("train", "val", "test")}, groups)
+        if any(purged.values()):
+            say(f"note: the data's split puts some groups on both sides; left out so that no group crosses a "
+                f"split: {purged['train']} train and {purged['val']} validation rows (their group has later rows)")
 
-    # lambda: fixed, or chosen on validation from a sweep (seed-0 split)
-    curve = None
-    lambda_ = cfg.align_lambda
     with costs.stage("fit"):
-        if cfg.align_sweep:
-            idx0 = split_for_run(ds, cfg, cfg.seed)
-            curve = []
-            for lam in parse_sweep(cfg.align_sweep):
-                _, _, m = fit_once(ds, cfg, modalities, idx0, cfg.seed, lam)
-                curve.append({"lambda": lam, "val_macro_f1": m["val"]["macro_f1"],
-                              "test_macro_f1": m["test"]["macro_f1"], "val_auroc": m["val"]["auroc"]})
-            best = max(curve, key=lambda r: (r["val_macro_f1"], -abs(r["lambda"])))
-            lambda_ = best["lambda"]
-
-        runs = []
         if cfg.cv:
-            for k, (rest, test) in enumerate(kfold_indices(ds.y, cfg.cv, cfg.seed)):
-                from embedkit.fusion.evaluate import split_indices
-
-                inner = split_indices(ds.y[rest], val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed + k)
-                idx = {"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test}
-                runs.append(fit_once(ds, cfg, modalities, idx, cfg.seed + k, lambda_))
+            splits = cv_runs(ds, cfg, groups)
+            seeds = [cfg.seed + k for k in range(len(splits))]
         else:
-            for s in range(cfg.seeds):
-                runs.append(fit_once(ds, cfg, modalities, split_for_run(ds, cfg, cfg.seed + s), cfg.seed + s, lambda_))
-    est, aligner, first = runs[0]
+            seeds = [cfg.seed + s for s in range(cfg.seeds)]
+            splits = [split_for_run(ds, cfg, s, groups) for s in seeds]
+        _warn_small_validation(ds, splits[0])
+        runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
+    first = runs[0]
+    te = first.idx["test"]
+    shared_inputs = warn_shared_inputs(ds, first.idx) if groups is None else {}
+    leakage = _leakage_scan(ds, cfg, first)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with costs.stage("intervals"):
+        g_test = None if groups is None else groups[te]
+        task, classes, thr = first.est.task_, first.est.classes_, first.calibration["threshold"]
+        boot = bootstrap_metrics(ds.y[te], first.test_proba, classes, task, thr, g_test, n_resamples=cfg.bootstrap,
+                                 seed=cfg.seed) if cfg.bootstrap else None
+        subgroups = {name: subgroup_metrics(ds.y[te], first.test_proba, classes, task, ds.columns[name][te], thr,
+                                            g_test, n_resamples=cfg.bootstrap or 200, seed=cfg.seed)
+                     for name in cfg.subgroups}
+
     with costs.stage("save"):
-        est.save(out_dir)
-        info = {
-            "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
-            "modalities": modalities, "labels": cfg.labels, "task": est.task_,
-            "classes": list(cfg.labels) if est.task_ == "multilabel" else [_jsonable(c) for c in est.classes_],
-            "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in modalities},
-            "alignment": aligner.to_dict() if aligner is not None else None,
-            "learned_lambda": cfg.learned_lambda, "config": asdict(cfg),
-        }
-        write_json_atomic(out_dir / "embedkit_model.json", info)
+        info = _model_info(ds, cfg, first, groups)
+        _save_model_folder(out_dir, first.est, info)
+        # run 0's test rows, one line each: what the report's reliability diagram and a reader can check
+        pred = decide(first.test_proba, info["classes"], first.est.task_, thr)
+        write_rows(prediction_columns(info, ds.ids[te], {k: v[te] for k, v in ds.columns.items()}, first.test_proba,
+                                      pred, ["+".join(modalities)] * len(te)), out_dir / "test_predictions.parquet")
     spread_key = "folds" if cfg.cv else "seeds"
     metrics = {
-        "test": first["test"], "val": first["val"],
-        "spread": {"over": spread_key, "n_runs": len(runs),
-                   "test": summarize_runs([_scalars(r[2]["test"]) for r in runs]),
-                   "val": summarize_runs([_scalars(r[2]["val"]) for r in runs])},
-        "runs": [{k: v for k, v in r[2].items() if k not in ("val", "test")} | {"test": _scalars(r[2]["test"])}
-                 for r in runs],
-        "alignment": {"lambda": lambda_, "sweep": curve,
-                      "selected_on": "validation macro-F1" if curve else None} if (lambda_ is not None or curve)
-        else None,
+        "test": first.metrics["test"], "val": first.metrics["val"],
+        "bootstrap": {"what": ("95% percentile bootstrap interval of each test metric of the saved model (run 0), "
+                               f"resampling test {'groups' if groups is not None else 'rows'}"), **boot}
+        if boot else None,
+        "spread": {"what": f"mean, std and t 95% interval of test metrics over {len(runs)} {spread_key}",
+                   "over": spread_key, "n_runs": len(runs),
+                   "test": summarize_runs([_scalars(r.metrics["test"]) for r in runs]),
+                   "val": summarize_runs([_scalars(r.metrics["val"]) for r in runs])},
+        "runs": [{k: v for k, v in r.metrics.items() if k not in ("val", "test")}
+                 | {"test": _scalars(r.metrics["test"]), "calibration": _round(r.calibration)} for r in runs],
+        "calibration": _round(first.calibration),
+        "alignment": _alignment_summary(cfg, runs, first) if aligning else None,
+        "subgroups": subgroups or None,
+        "leakage": leakage,
         "data": {"rows": int(len(ds.ids)), "dropped_unlabelled": ds.dropped_unlabelled,
-                 "split": "data's split column" if ds.split is not None else
-                 f"stratified {1 - cfg.val_fraction - cfg.test_fraction:.2f}/{cfg.val_fraction}/{cfg.test_fraction}",
-                 "n": first["n"], "seeds": [r[2]["seed"] for r in runs]},
-        "costs": {**first["costs"], "peak_rss_mb": round(peak_rss_mb(), 1), "model_bytes": _model_bytes(est),
-                  "folder_bytes": dir_bytes(out_dir), "stage_seconds": costs.to_dict()["stage_seconds"]},
+                 "split": _split_description(ds, cfg), "groups": group_note,
+                 "purged_rows": purged, "n": first.metrics["n"], "groups_per_split": _groups_per_split(first.idx,
+                                                                                                      groups),
+                 "test_rows_sharing_inputs_with_train": shared_inputs, "seeds": seeds},
+        "costs": {**first.metrics["costs"], "peak_rss_mb": round(peak_rss_mb(), 1),
+                  "model_bytes": _model_bytes(first.est), "folder_bytes": dir_bytes(out_dir),
+                  "stage_seconds": costs.to_dict()["stage_seconds"]},
         "config": asdict(cfg),
     }
+    if aligning:
+        _alignment_artifacts(ds, first, out_dir, metrics)
     write_json_atomic(out_dir / "metrics.json", metrics)
-    if curve:
-        _plot_curve(curve, lambda_, out_dir / "lambda_curve.png")
-    if aligner is not None and lambda_ is not None:
-        from embedkit.fusion.align import gap_stats, plot_gap_pca
-
-        idx0 = split_for_run(ds, cfg, cfg.seed)["train"]
-        metrics["gap"] = gap_stats(ds.blocks["image"][idx0], ds.blocks["text"][idx0], lambda_=lambda_, gap=aligner.gap_)
-        plot_gap_pca(ds.blocks["image"][idx0], ds.blocks["text"][idx0], out_dir / "gap_pca.png", lambda_=lambda_,
-                     gap=aligner.gap_)
-        write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _warn_small_validation(ds: Dataset, idx: dict) -> None:
+    from embedkit.console import say
+
+    y = ds.y[idx["val"]]
+    counts = dict(zip(*np.unique(y, return_counts=True))) if y.ndim == 1 else \
+        {f"label {j}": int(y[:, j].sum()) for j in range(y.shape[1])}
+    small = {str(k): int(v) for k, v in counts.items() if v < MIN_VAL_ROWS_PER_CLASS}
+    if small or (y.ndim == 1 and len(counts) < len(set(ds.y.tolist()))):
+        say(f"[yellow]warning:[/] validation has fewer than {MIN_VAL_ROWS_PER_CLASS} rows of "
+            + (", ".join(f"{k} ({v})" for k, v in small.items()) or "some class")
+            + ": the best epoch, threshold and temperature chosen on it are noisy; use more data or --cv")
+
+
+def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run) -> dict | None:
+    """Training rows' texts: label words and single tokens that alone predict the label."""
+    if "text" not in ds.columns or "text" not in run.info["modalities"]:
+        return None
+    from embedkit.console import say
+    from embedkit.leakage import format_leakage, scan_text_leakage
+
+    tr = run.idx["train"]
+    result = scan_text_leakage(ds.columns["text"][tr].tolist(), ds.y[tr], run.est.task_,
+                               [str(c) for c in run.est.classes_], label_names=cfg.labels)
+    for line in format_leakage(result, ", ".join(cfg.labels)):
+        say(f"[yellow]{line}[/]")
+    return result
+
+
+def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
+    est = run.est
+    return {
+        "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
+        "modalities": run.info["modalities"], "labels": cfg.labels, "task": est.task_,
+        "classes": list(cfg.labels) if est.task_ == "multilabel" else [_jsonable(c) for c in est.classes_],
+        "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in ds.provenance},
+        "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
+        "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
+        "group_col": (cfg.group_col or "group") if groups is not None else None,
+        # hashed, so the folder names no patient; evaluate refuses rows the model was fitted or selected on
+        "fitted_rows": {k: sorted(row_keys(ds, run.idx[k])) for k in ("train", "val")},
+        "config": asdict(cfg),
+    }
+
+
+def _save_model_folder(out_dir: Path, est, info: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("lambda_curve.png", "gap_pca.png", "lambda_trajectory.png", "test_predictions.parquet"):  # never mix with an earlier run
+        (out_dir / stale).unlink(missing_ok=True)
+    est.save(out_dir)
+    write_json_atomic(out_dir / "embedkit_model.json", info)
+
+
+def _alignment_summary(cfg: TrainConfig, runs: list[Run], first: Run) -> dict:
+    chosen = [r.metrics["alignment"] for r in runs]
+    out = {"method": chosen[0]["method"], "lambda": chosen[0]["lambda"], "chosen_per_run": chosen,
+           "scale": input_scale(cfg, True), "noise_std": cfg.noise_std, "modality_dropout": cfg.modality_dropout,
+           "selected_on": "validation macro-F1 of each run" if len(alignment_candidates(cfg)) > 1 else None,
+           "sweep": first.metrics.get("sweep")}
+    if first.info["learned_lambda"]:
+        out["learned_lambda"] = [r.metrics["learned_lambda"] for r in runs]
+        out["lambda_trajectory"] = [h.get("lambda") for h in first.est.history_]
+    return out
+
+
+def _alignment_artifacts(ds: Dataset, run: Run, out_dir: Path, metrics: dict) -> None:
+    from embedkit.fusion.align import aligner_from_dict, gap_stats, plot_gap_pca
+
+    tr = run.idx["train"]
+    img, txt = ds.blocks["image"][tr], ds.blocks["text"][tr]
+    aligner = aligner_from_dict(run.info["alignment"])
+    lam = run.metrics["alignment"]["lambda"]
+    shift_lambda = lam if isinstance(lam, (int, float)) and run.metrics["alignment"]["method"] == "shift" else None
+    metrics["gap"] = gap_stats(img, txt, lambda_=shift_lambda, gap=aligner.gap_)
+    plot_gap_pca(img, txt, out_dir / "gap_pca.png", lambda_=shift_lambda, gap=aligner.gap_)
+    if metrics["alignment"].get("sweep"):
+        _plot_sweep(metrics["alignment"]["sweep"], run.metrics["alignment"], out_dir / "lambda_curve.png")
+    if metrics["alignment"].get("lambda_trajectory"):
+        _plot_trajectory(metrics["alignment"]["lambda_trajectory"], out_dir / "lambda_trajectory.png")
+
+
+def _split_description(ds: Dataset, cfg: TrainConfig) -> str:
+    if ds.split is not None and cfg.data_split:
+        return "data's split column" + (" (folds inside train+validation; official test scored by each fold)"
+                                          if cfg.cv and (ds.split == "test").any() else "")
+    if cfg.cv:
+        return f"{cfg.cv}-fold cross-validation, stratified"
+    return f"stratified {1 - cfg.val_fraction - cfg.test_fraction:.2f}/{cfg.val_fraction}/{cfg.test_fraction}"
+
+
+def _groups_per_split(idx: dict, groups) -> dict:
+    return {k: int(len(set(groups[v].tolist()))) if groups is not None else int(len(v))
+            for k, v in idx.items() if k in ("train", "val", "test")}
 
 
 def _scalars(m: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else _round(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
 def _model_bytes(est) -> int:
@@ -353,107 +501,37 @@ def _jsonable(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _plot_curve(curve: list[dict], chosen: float, path: Path) -> None:
+def _plot_sweep(curve: list[dict], chosen: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
-    lams = [r["lambda"] for r in curve]
-    ax.plot(lams, [r["val_macro_f1"] for r in curve], "o-", label="validation (selects lambda)")
-    ax.plot(lams, [r["test_macro_f1"] for r in curve], "s--", alpha=0.6, label="test (shown, not used to select)")
-    ax.axvline(chosen, color="gray", ls=":", label=f"chosen lambda = {chosen:g}")
-    ax.set_xlabel("lambda (0 = no shift, 1 = means aligned)")
-    ax.set_ylabel("macro-F1")
+    names = [_candidate_name(r) for r in curve]
+    ax.plot(range(len(curve)), [r["val_macro_f1"] for r in curve], "o-", label="validation (selects; run 0)")
+    ax.set_xticks(range(len(curve)), names, rotation=45, ha="right", fontsize=8)
+    ax.axvline(names.index(_candidate_name(chosen)), color="gray", ls=":", label=f"chosen: {_candidate_name(chosen)}")
+    ax.set_ylabel("validation macro-F1")
+    ax.set_title("alignment choice (test rows are scored only for the chosen one)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-# ---------------------------------------------------------------- predict / evaluate
+def _candidate_name(c: dict) -> str:
+    if c["method"] == "shift":
+        lam = c["lambda"]
+        return f"shift {lam:g}" if isinstance(lam, (int, float)) else "shift (learned)"
+    return c["method"] or "raw"
 
 
-def load_model(model_dir):
-    model_dir = Path(model_dir)
-    info_path = model_dir / "embedkit_model.json"
-    if not info_path.is_file():
-        raise EmbedkitError(f"'{model_dir}' is not an embedkit model folder (no embedkit_model.json)")
-    info = json.loads(info_path.read_text())
-    from embedkit.fusion import FusionClassifier, LogisticBaseline
+def _plot_trajectory(lambdas: list[float], path: Path) -> None:
+    from matplotlib.figure import Figure
 
-    est = (LogisticBaseline if info["kind"] == "logistic" else FusionClassifier).load(model_dir)
-    return est, info
-
-
-def model_features(info: dict, blocks: dict[str, np.ndarray]) -> np.ndarray:
-    """The matrix a saved model expects: its modalities, with its training-fitted alignment applied."""
-    from embedkit.fusion.align import GapShift, l2_normalize
-
-    if info.get("learned_lambda"):  # the model shifts (normalised) embeddings with its learned lambda
-        return np.concatenate([l2_normalize(blocks[m]) for m in info["modalities"]], axis=1)
-    aligner = GapShift.from_dict(info["alignment"]) if info.get("alignment") else None
-    return features(blocks, info["modalities"], aligner)
-
-
-def check_encoders(info: dict, provenance: dict[str, dict], emb_dir) -> None:
-    """Refuse embeddings from another model, revision, pooling or preprocessing than training used."""
-    for m in info["modalities"]:
-        trained, given = info["encoders"][m], provenance[m]
-        diff = [k for k in PROVENANCE_MATCH if trained.get(k) != given.get(k)]
-        if diff:
-            raise EmbedkitError(f"the {m} embeddings in '{emb_dir}' come from another encoder than the model was "
-                                f"trained on ({given.get('name')} vs {trained.get('name')}; differs in "
-                                f"{', '.join(diff)}): extract them with the same model")
-
-
-def _inputs_for(model_dir, emb_dir):
-    est, info = load_model(model_dir)
-    modalities = info["modalities"]
-    es = load_embeddings(emb_dir, modalities=modalities)
-    _check_join(es, modalities)
-    check_encoders(info, es.provenance, emb_dir)
-    x = model_features(info, es.embeddings)
-    return est, info, es, x
-
-
-def predict(model_dir, emb_dir, out_path) -> dict:
-    """Write id, predicted label and per-class probabilities to Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    est, info, es, x = _inputs_for(model_dir, emb_dir)
-    t0 = time.perf_counter()
-    proba = est.predict_proba(x)
-    pred = est.predict(x)
-    seconds = time.perf_counter() - t0
-    cols = {"id": pa.array(list(es.ids), pa.string())}
-    if info["task"] == "multilabel":
-        for j, c in enumerate(info["classes"]):
-            cols[f"pred_{c}"] = pa.array(np.asarray(pred)[:, j].astype(np.int8))
-            cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
-    else:
-        cols["predicted"] = pa.array([_jsonable(p) for p in pred])
-        for j, c in enumerate(info["classes"]):
-            cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), out_path)
-    return {"rows": len(es.ids), "predict_seconds": round(seconds, 4), "out": str(out_path)}
-
-
-def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None) -> dict:
-    """The training metrics, for a trained model on another labelled embedding set."""
-    from embedkit.fusion.evaluate import compute_metrics
-
-    est, info = load_model(model_dir)
-    labels = labels or info["labels"]
-    ds = load_dataset(emb_dir, labels, info["modalities"])
-    check_encoders(info, ds.provenance, emb_dir)
-    x = model_features(info, ds.blocks)
-    unknown = sorted({str(v) for v in ds.y} - {str(c) for c in info["classes"]}) if ds.y.ndim == 1 else []
-    if unknown:
-        raise EmbedkitError(f"labels not seen in training: {', '.join(unknown[:5])}")
-    metrics = compute_metrics(ds.y, est.predict_proba(x), est.classes_, info["task"], getattr(est, "threshold", 0.5))
-    result = {"eval": metrics, "rows": int(len(ds.ids)), "model": str(model_dir), "embeddings": str(emb_dir)}
-    if out_path:
-        write_json_atomic(Path(out_path), result)
-    return result
+    fig = Figure(figsize=(5, 3))
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(lambdas) + 1), lambdas, "o-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learned lambda")
+    ax.set_title("learned lambda per epoch (run 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

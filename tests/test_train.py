@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedkit.errors import EmbedkitError
-from embedkit.fusion.align import GapShift
-from embedkit.store import PartWriter, build_schema, load_embeddings
+from embedkit.fusion.align import aligner_from_dict, make_aligner
+from embedkit.store import BASE_COLUMNS, PartWriter, build_schema, load_embeddings
 from embedkit.train import TrainConfig, evaluate, predict, train
 
 from conftest import REPO
@@ -24,18 +25,21 @@ def write_embeddings(out, modality, model, ids, x, columns, revision="r1", dim_n
     prov = {"name": model, "source": f"org/{model}", "family": "clip", "revision": revision, "pooling": "projected",
             "dim": x.shape[1], "preprocess": None, "max_length": 77, "normalize": False, "dtype": "float32",
             "label_columns": [c for c in columns if c != "split"]}
-    cols = {k: list(v) for k, v in columns.items() if k != "split"}
+    cols = {k: list(v) for k, v in columns.items() if k not in BASE_COLUMNS}
     w = PartWriter(out / f"{modality}__{dim_name or model}", build_schema(x.shape[1], cols, prov), rows_per_part=50)
     for i in range(0, len(ids), 32):
         sl = slice(i, i + 32)
-        batch = {"id": list(ids[sl]), "path": [f"{j}.x" for j in ids[sl]], "sha256": ["0" * 64] * len(ids[sl]),
-                 "split": list(columns["split"][sl]) if "split" in columns else [None] * len(ids[sl])}
+        # a distinct content hash per row and modality, as extract writes for distinct files
+        batch = {"id": list(ids[sl]), "path": [f"{j}.x" for j in ids[sl]],
+                 "sha256": [hashlib.sha256(f"{modality}{j}{revision}".encode()).hexdigest() for j in ids[sl]]}
+        batch.update({k: list(columns[k][sl]) if k in columns else [None] * len(ids[sl])
+                      for k in BASE_COLUMNS if k not in batch and k != "embedding"})
         batch.update({k: v[sl] for k, v in cols.items()})
         w.write(batch, x[sl])
     w.close()
 
 
-def clinic(tmp_path, n=300, dim=16, seed=0, gap=3.0, split=False, name="emb"):
+def clinic(tmp_path, n=300, dim=16, seed=0, gap=3.0, split=False, name="emb", prefix="p"):
     """Two modalities in one space with a modality gap; each carries part of a 3-class signal."""
     rng = np.random.default_rng(seed)
     y = np.array(["a", "b", "c"])[np.arange(n) % 3]
@@ -43,7 +47,7 @@ def clinic(tmp_path, n=300, dim=16, seed=0, gap=3.0, split=False, name="emb"):
     k = np.arange(n) % 3
     img = centers[k] * (rng.random((n, 1)) < 0.8) + rng.normal(size=(n, dim)) + gap
     txt = centers[k] * (rng.random((n, 1)) < 0.6) + rng.normal(size=(n, dim)) - gap
-    ids = np.array([f"p{i:04d}" for i in range(n)], dtype=object)
+    ids = np.array([f"{prefix}{i:04d}" for i in range(n)], dtype=object)
     cols = {"dx": y}
     if split:
         cols["split"] = np.array(["train"] * (n - 100) + ["val"] * 50 + ["test"] * 50, dtype=object)
@@ -94,10 +98,11 @@ def test_alignment_is_fitted_on_training_rows_only(tmp_path):
     m1 = train(emb, tmp_path / "m1", TrainConfig(labels=["dx"], fusion="early", align_lambda=1.0, **FAST))
     es = load_embeddings(emb)
     train_rows = np.array([s == "train" for s in es.columns["split"]])
-    expected = GapShift(1.0).fit(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows])
+    expected = make_aligner("shift", 1.0).fit({"image": es.embeddings["image"][train_rows],
+                                               "text": es.embeddings["text"][train_rows]})
     saved = json.loads((tmp_path / "m1" / "embedkit_model.json").read_text())["alignment"]
     np.testing.assert_allclose(saved["gap"], expected.gap_, atol=1e-6)
-    pooled = GapShift(1.0).fit(es.embeddings["image"], es.embeddings["text"])
+    pooled = make_aligner("shift", 1.0).fit({"image": es.embeddings["image"], "text": es.embeddings["text"]})
     assert np.abs(np.asarray(saved["gap"]) - pooled.gap_).max() > 1e-3  # the check can tell the difference
     # now move every val/test row far away: the fitted gap must not move
     emb2 = tmp_path / "emb2"
@@ -120,16 +125,21 @@ def test_predict_applies_the_saved_alignment(tmp_path):
     out = tmp_path / "preds.parquet"
     predict(tmp_path / "model", emb, out)
     t = pq.read_table(out).to_pydict()
-    assert set(t) == {"id", "predicted", "prob_a", "prob_b", "prob_c"}
+    assert set(t) == {"id", "group", "split", "true_dx", "modalities", "predicted", "prob_a", "prob_b", "prob_c"}
+    assert set(t["modalities"]) == {"image+text"} and t["true_dx"][:3] == ["a", "b", "c"]
     probs = np.stack([t["prob_a"], t["prob_b"], t["prob_c"]], 1)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # the same numbers by hand: saved gap shift, then the saved estimator
+    from embedkit.fusion.calibrate import logits_from_proba, proba_from_logits
     from embedkit.train import load_model
 
     est, info = load_model(tmp_path / "model")
     es = load_embeddings(emb)
-    img, txt = GapShift.from_dict(info["alignment"]).transform(es.embeddings["image"], es.embeddings["text"])
-    np.testing.assert_allclose(est.predict_proba(np.concatenate([img, txt], 1)), probs, atol=1e-5)
+    moved = aligner_from_dict(info["alignment"]).transform({"image": es.embeddings["image"],
+                                                            "text": es.embeddings["text"]})
+    raw = est.predict_proba(np.concatenate([moved["image"], moved["text"]], 1))
+    by_hand = proba_from_logits(logits_from_proba(raw, "multiclass") / info["calibration"]["temperature"], "multiclass")
+    np.testing.assert_allclose(by_hand, probs, atol=1e-5)
 
 
 def test_align_sweep_selects_lambda_on_validation(tmp_path):
@@ -137,7 +147,8 @@ def test_align_sweep_selects_lambda_on_validation(tmp_path):
     m = train(emb, tmp_path / "model", TrainConfig(labels=["dx"], fusion="early", align_sweep="0:1:0.5", **FAST))
     curve = m["alignment"]["sweep"]
     assert [r["lambda"] for r in curve] == [0.0, 0.5, 1.0]
-    best = max(curve, key=lambda r: (r["val_macro_f1"], -abs(r["lambda"])))
+    assert not any("test" in k for r in curve for k in r)  # no test score for the candidates
+    best = max(curve, key=lambda r: (round(r["val_macro_f1"], 12), -abs(r["lambda"])))
     assert m["alignment"]["lambda"] == best["lambda"]
     assert (tmp_path / "model" / "lambda_curve.png").exists()
 
@@ -151,7 +162,7 @@ def test_cv_reports_spread_over_folds(tmp_path):
 
 def test_evaluate_on_another_clinic(tmp_path):
     emb = clinic(tmp_path, seed=0)
-    other = clinic(tmp_path, seed=0, name="other")  # same centres, fresh noise below
+    other = clinic(tmp_path, seed=0, name="other", prefix="q")  # same centres, another clinic's ids
     train(emb, tmp_path / "model", TrainConfig(labels=["dx"], fusion="late", **FAST))
     r = evaluate(tmp_path / "model", other, out_path=tmp_path / "eval.json")
     assert r["rows"] == 300 and 0 <= r["eval"]["macro_f1"] <= 1
@@ -232,15 +243,18 @@ def _cli(*args):
 
 
 def test_cli_train_predict_evaluate(tmp_path):
-    emb = clinic(tmp_path)
+    emb = clinic(tmp_path, split=True)
     r = _cli("train", emb, "--label", "dx", "--fusion", "early", "--out", tmp_path / "model", "--epochs", "5",
              "--seeds", "2")
     assert r.returncode == 0, r.stderr
-    assert "macro_f1" in r.stderr and "95% interval" in r.stderr
+    assert "macro_f1" in r.stderr and "95% bootstrap over test rows" in r.stderr
     r = _cli("predict", tmp_path / "model", emb, "--out", tmp_path / "p.parquet")
     assert r.returncode == 0 and pq.read_table(tmp_path / "p.parquet").num_rows == 300
-    r = _cli("evaluate", tmp_path / "model", emb)
-    assert r.returncode == 0 and 0 <= json.loads(r.stdout)["macro_f1"] <= 1
+    r = _cli("evaluate", tmp_path / "model", emb)  # the training folder: refused, its rows were fitted on
+    assert r.returncode == 2 and "were used to train or select this model" in r.stderr
+    r = _cli("evaluate", tmp_path / "model", emb, "--split", "test", "--rows-out", tmp_path / "rows.parquet")
+    assert r.returncode == 0 and 0 <= json.loads(r.stdout)["macro_f1"] <= 1, r.stderr
+    assert json.loads(r.stdout)["rows_seen_in_training"] == 0
     bad = _cli("train", emb, "--label", "nope", "--out", tmp_path / "m2")
     assert bad.returncode == 2 and "error: label column 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 

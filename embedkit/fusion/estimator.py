@@ -225,9 +225,15 @@ class FusionClassifier(_EmbeddingClassifier):
     fixed: binary class weighting works, and model selection uses a validation set (eval_set),
     never the test set.
 
-    noise_std: Gaussian noise added to every modality block during training only, after
-    standardisation. Standardised features have unit std, so noise_std is relative to each
-    embedding feature's own scale (0.1 = 10 % of a feature's spread). predict adds none.
+    scale: "standard" standardises every feature with the training rows' mean and std (the
+    usual choice for raw embeddings); "none" feeds the rows as given, e.g. L2-normalised and
+    gap-aligned embeddings exactly as the published method does. A per-feature standardisation
+    after a gap shift would undo most of the shift (a constant offset per feature), so with
+    alignment "none" is the right choice.
+
+    noise_std: Gaussian noise added to the head's input during training only, in units of each
+    input feature's standard deviation on the training rows (0.1 = 10 % of a feature's spread),
+    whatever `scale` is and also with learn_lambda. predict adds none.
     """
 
     def __init__(
@@ -243,7 +249,8 @@ class FusionClassifier(_EmbeddingClassifier):
         weight_decay=0.01,  # the reference left AdamW's default, which is this
         class_weight="balanced",  # reference; None turns weighting off
         patience=None,  # epochs without validation improvement before stopping; needs eval_set
-        noise_std=0.0,  # training-time noise, in units of feature std (see class docstring)
+        noise_std=0.0,  # training-time noise, in units of each feature's training std (see class docstring)
+        scale="standard",  # "standard": per-feature standardisation on training rows; "none": rows as given
         threshold=0.5,  # binary and multilabel decision threshold on the probability
         random_state=0,  # seeds init, shuffling, dropout and noise; None = a fresh seed
         device="cpu",  # the reference's laptops; "cuda" works but rarely pays for heads this small
@@ -262,6 +269,7 @@ class FusionClassifier(_EmbeddingClassifier):
         self.class_weight = class_weight
         self.patience = patience
         self.noise_std = noise_std
+        self.scale = scale
         self.threshold = threshold
         self.random_state = random_state
         self.device = device
@@ -320,6 +328,8 @@ class FusionClassifier(_EmbeddingClassifier):
             raise InvalidInputError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
         if self.class_weight not in ("balanced", None):
             raise InvalidInputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if self.scale not in ("standard", "none"):
+            raise InvalidInputError(f"scale must be 'standard' or 'none', got {self.scale!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
             raise InvalidInputError("epochs must be >= 1 and batch_size >= 2")
 
@@ -344,14 +354,20 @@ class FusionClassifier(_EmbeddingClassifier):
         self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
         self.n_features_in_ = X.shape[1]
         self._fit_scaling(X)
+        # noise unit: each input feature's training std, measured on what the head is fed
+        noise_unit = self.scale_ if self.scale == "none" or self.learn_lambda else np.ones_like(self.scale_)
         if self.learn_lambda:
             if gap is None or len(dims) != 2 or dims[0] != dims[1] or len(gap) != dims[0]:
                 raise InvalidInputError("learn_lambda needs two equal-width blocks and fit(..., gap=<gap vector>)")
             # the shift happens inside the model, so standardisation moves there too (after the shift)
             inner_mean, inner_scale = self.mean_, self.scale_
-            self.mean_, self.scale_ = np.zeros_like(inner_mean), np.ones_like(inner_scale)
+            if self.scale == "none":
+                inner_mean, inner_scale = np.zeros_like(inner_mean), np.ones_like(inner_scale)
+        if self.learn_lambda or self.scale == "none":
+            self.mean_, self.scale_ = np.zeros_like(self.mean_), np.ones_like(self.scale_)
         dev = torch.device(self.device)
         Xt, yt = torch.from_numpy(self._standardise(X)).to(dev), self._targets_tensor(targets).to(dev)
+        noise_unit = torch.from_numpy(noise_unit.astype(np.float32)).to(dev)
         loss_fn = self._loss(targets).to(dev)
         val = None
         if eval_set is not None:
@@ -382,7 +398,9 @@ class FusionClassifier(_EmbeddingClassifier):
             opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
             for epoch in range(1, int(self.epochs) + 1):
                 t0 = time.perf_counter()
-                row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, yt, loss_fn, opt, gen)}
+                row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, yt, loss_fn, opt, gen, noise_unit)}
+                if self.learn_lambda:
+                    row["lambda"] = float(self.model_.shift.lam.detach())  # its trajectory, for the plot
                 row["val_loss"], row["val_macro_f1"] = self._validate(val, loss_fn) if val else (None, None)
                 row["seconds"] = time.perf_counter() - t0
                 self.history_.append(row)
@@ -405,7 +423,7 @@ class FusionClassifier(_EmbeddingClassifier):
         self.fit_seconds_ = time.perf_counter() - t_fit
         return self
 
-    def _train_epoch(self, Xt, yt, loss_fn, opt, gen) -> float:
+    def _train_epoch(self, Xt, yt, loss_fn, opt, gen, noise_unit) -> float:
         # Index tensors held in memory instead of a DataLoader: no per-row collate, no workers.
         self.model_.train()
         n, bs = len(Xt), int(self.batch_size)
@@ -417,7 +435,7 @@ class FusionClassifier(_EmbeddingClassifier):
                 continue
             xb = Xt.index_select(0, idx)  # 2-5x faster than fancy indexing for a row gather
             if self.noise_std > 0:
-                xb = xb + self.noise_std * torch.randn(xb.shape, generator=gen).to(xb.device)
+                xb = xb + self.noise_std * noise_unit * torch.randn(xb.shape, generator=gen).to(xb.device)
             loss = loss_fn(self.model_(xb), yt.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -533,7 +551,10 @@ class LogisticBaseline(_EmbeddingClassifier):
         else:
             lr.fit(Xs, targets)
             coef, intercept = lr.coef_, lr.intercept_
-        self.coef_, self.intercept_ = coef.astype(np.float64), intercept.astype(np.float64)
+        # C order, as a loaded model has it: BLAS sums a Fortran-ordered matrix in another order, and the
+        # fitted and reloaded models would then differ in the last bit
+        self.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
+        self.intercept_ = np.ascontiguousarray(intercept, dtype=np.float64)
         self.fit_seconds_ = time.perf_counter() - t_fit
         return self
 

@@ -1,8 +1,12 @@
-"""Splits, metrics and their spread over seeds or folds.
+"""Splits, metrics, bootstrap intervals and their spread over seeds or folds.
 
 Every metric is computed from probabilities where the metric allows it (AUROC, calibration),
 never from hard labels, and model selection happens on a validation split, never on test:
 the published code picked its best epoch on the test set, which overstates its results.
+
+Rows that share a group (a patient, a lesion, an image) are never split across train,
+validation and test, and the bootstrap resamples whole groups: near-duplicate rows of one
+patient are one piece of evidence, not several.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from embedkit.errors import EmbedkitError
 
@@ -115,7 +119,13 @@ def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -
         cm = confusion_matrix(y, pred, labels=labels).tolist()
         correct = pred == y
 
-    out["macro_f1"] = float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))
+    # Macro-F1 averages over the classes present in y_true: a class with no test rows has no F1,
+    # and counting it as 0 would report a worse model than the one measured. It is named instead.
+    support = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=len(classes))
+    present = [j for j in labels if support[j] > 0]
+    out["macro_f1"] = float(f1_score(y, pred, average="macro", labels=present, zero_division=0)) if present else 0.0
+    if len(present) < len(labels):
+        out["absent_classes"] = [classes[j] for j in labels if support[j] == 0]
     out["weighted_f1"] = float(f1_score(y, pred, average="weighted", labels=labels, zero_division=0))
     if auc_ok:
         out["auroc"] = float(auc())
@@ -155,7 +165,137 @@ def summarize_runs(runs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# splits
+# bootstrap intervals over test rows (or test groups)
+
+BOOTSTRAP_METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
+
+
+def bootstrap_metrics(y_true, proba, classes, task: str, threshold: float = 0.5, groups=None,
+                      n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of accuracy, macro/weighted F1 and AUROC over the given rows.
+
+    With `groups`, whole groups are resampled (a patient's rows stay together), so the interval
+    reflects how many independent patients the test set holds. Each resample is a vector of row
+    weights, and every metric is computed for all resamples at once from weighted counts; the
+    same definitions as compute_metrics (macro-F1 over the classes present in the resample).
+    Intervals lie within [0, 1] by construction; a metric undefined in some resamples (AUROC
+    without both classes) uses the resamples where it is defined and says how many.
+    """
+    y, pred, scores = _indexed(y_true, proba, classes, task, threshold)
+    n = len(y)
+    if n == 0:
+        raise InvalidInputError("bootstrap needs at least one row")
+    group_of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].ravel() \
+        if groups is not None else np.arange(n)
+    n_groups = int(group_of_row.max()) + 1
+    rng = np.random.default_rng(seed)
+    values = {k: [] for k in BOOTSTRAP_METRICS}
+    for chunk in np.array_split(np.arange(n_resamples), max(1, n_resamples * n // 2_000_000)):
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=len(chunk))
+        w = counts[:, group_of_row].astype(np.float64)  # (resamples, rows)
+        for k, v in _weighted_metrics(y, pred, scores, task, w).items():
+            values[k].append(v)
+    alpha = (1 - level) / 2
+    out = {"level": level, "n_resamples": n_resamples, "unit": "group" if groups is not None else "row",
+           "n_units": n_groups, "seed": seed, "metrics": {}}
+    for k, chunks in values.items():
+        v = np.concatenate(chunks)
+        v = v[np.isfinite(v)]
+        if len(v) < 0.5 * n_resamples:
+            out["metrics"][k] = {"low": float("nan"), "high": float("nan"), "n_valid": int(len(v))}
+            continue
+        low, high = np.quantile(v, [alpha, 1 - alpha])
+        out["metrics"][k] = {"low": float(np.clip(low, 0, 1)), "high": float(np.clip(high, 0, 1)),
+                             "n_valid": int(len(v))}
+    return out
+
+
+def _indexed(y_true, proba, classes, task, threshold):
+    """(y as class indices or an indicator matrix, predictions alike, scores for AUROC)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if task == "multilabel":
+        y = np.asarray(y_true).astype(int)
+        return y, (proba >= threshold).astype(int), proba
+    index = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
+    try:
+        y = np.array([index[c] for c in np.asarray(y_true).ravel().tolist()], dtype=int)
+    except KeyError as e:
+        raise InvalidInputError(f"y_true holds label {e.args[0]!r} that is not in classes") from None
+    if task == "binary":
+        p = proba[:, 1] if proba.ndim == 2 else proba
+        return y, (p >= threshold).astype(int), np.column_stack([1 - p, p])
+    return y, proba.argmax(1), proba
+
+
+def _weighted_metrics(y, pred, scores, task, w) -> dict:
+    """Every bootstrap metric for each row of the weight matrix w (resamples x rows)."""
+    total = w.sum(1)
+    if task == "multilabel":
+        truth, hits = y.astype(np.float64), (pred == y).all(1)
+        predicted = pred.astype(np.float64)
+        auc_columns = range(y.shape[1])
+        positive = lambda j: y[:, j] == 1  # noqa: E731
+    else:
+        k = scores.shape[1]
+        truth = np.eye(k)[y]
+        predicted = np.eye(k)[pred]
+        hits = pred == y
+        auc_columns = [1] if task == "binary" else range(k)
+        positive = lambda j: y == j  # noqa: E731
+    support, n_pred, tp = w @ truth, w @ predicted, w @ (truth * predicted)
+    denom = support + n_pred
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = support > 0
+    macro = np.where(present.any(1), (f1 * present).sum(1) / np.maximum(present.sum(1), 1), np.nan)
+    aucs = np.column_stack([_weighted_auc(scores[:, j], positive(j), w) for j in auc_columns])
+    return {"accuracy": w @ hits / total, "macro_f1": macro,
+            "weighted_f1": (f1 * support).sum(1) / np.maximum(support.sum(1), 1e-300),
+            "auroc": aucs.mean(1)}  # NaN when any class lacks positives or negatives, as compute_metrics
+
+
+def _weighted_auc(score, positive, w) -> np.ndarray:
+    """AUROC (ties count one half) for each weight row: the Mann-Whitney statistic with weights."""
+    from scipy import sparse
+
+    uniq, inv = np.unique(score, return_inverse=True)
+    onehot = sparse.csr_matrix((np.ones(len(score)), (np.arange(len(score)), inv.ravel())),
+                               shape=(len(score), len(uniq)))
+    pos_w = (w * positive) @ onehot  # weight of positives at each distinct score, ascending
+    neg_w = (w * ~positive) @ onehot
+    below = np.cumsum(neg_w, axis=1) - neg_w
+    n_pos, n_neg = pos_w.sum(1), neg_w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos_w * (below + 0.5 * neg_w)).sum(1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def subgroup_metrics(y_true, proba, classes, task: str, values, threshold: float = 0.5, groups=None,
+                     n_resamples: int = 1000, seed: int = 0, min_rows: int = 30) -> dict:
+    """Metrics and bootstrap intervals per value of a subgroup column (e.g. sex), over test rows.
+
+    Rows with a missing value form the subgroup "(missing)". A subgroup under `min_rows` rows is
+    flagged `small`: its interval is wide and its point estimate unreliable.
+    """
+    values = np.array(["(missing)" if v is None or v != v else str(v) for v in values], dtype=object)
+    y_true, proba = np.asarray(y_true), np.asarray(proba)
+    out = {}
+    for value in sorted(set(values.tolist())):
+        rows = np.flatnonzero(values == value)
+        g = None if groups is None else np.asarray(groups, dtype=object)[rows]
+        m = compute_metrics(y_true[rows], proba[rows], classes, task, threshold)
+        entry = {"n": int(len(rows)), "n_groups": int(len(set(g.tolist()))) if g is not None else int(len(rows)),
+                 "metrics": {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece")},
+                 "small": bool(len(rows) < min_rows)}
+        if "absent_classes" in m:
+            entry["absent_classes"] = m["absent_classes"]
+        entry["bootstrap"] = bootstrap_metrics(y_true[rows], proba[rows], classes, task, threshold, g,
+                                               n_resamples=n_resamples, seed=seed)["metrics"]
+        out[value] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# splits: stratified, and grouped when rows share a patient
 
 
 def _strata(y) -> np.ndarray:
@@ -170,47 +310,100 @@ def _strata(y) -> np.ndarray:
     return np.unique(y.ravel(), return_inverse=True)[1]
 
 
-def _allocate(counts: np.ndarray, frac: float, cap: np.ndarray, rng) -> np.ndarray:
-    """Rows per stratum for a split of size round(frac * n): floor of each share, the remainder to
-    the largest fractional parts (ties at random), at most cap per stratum."""
-    ideal = counts * frac
-    take = np.floor(ideal).astype(int)
-    extra = int(round(frac * counts.sum())) - int(take.sum())
-    order = np.lexsort((rng.random(len(counts)), -(ideal - take)))
-    take[order[:extra]] += 1
-    return np.clip(np.minimum(take, cap), 0, None)
+def _group_ids(groups, n: int) -> np.ndarray:
+    """Integer group per row; None (no grouping, or a row without a group) = a group of its own."""
+    if groups is None:
+        return np.arange(n)
+    keys = [f"row:{i}" if g is None or g != g else f"g:{g}" for i, g in enumerate(groups)]
+    return np.unique(np.array(keys, dtype=object), return_inverse=True)[1].ravel()
 
 
-def split_indices(y, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> dict:
+def _hold_out(strata: np.ndarray, group_ids: np.ndarray, fraction: float, seed: int, grouped: bool):
+    """(kept, held-out) positions: a stratified share `fraction` held out, whole groups at a time.
+
+    Ungrouped rows use scikit-learn's stratified shuffle split (exact sizes); grouped rows use
+    StratifiedGroupKFold with about 1/fraction folds and hold out its first fold, so the share is
+    approximate but no group is ever cut.
+    """
+    positions = np.arange(len(strata))
+    if fraction <= 0:
+        return positions, positions[:0]
+    if not grouped:
+        n_out = int(round(fraction * len(strata)))
+        if n_out == 0:
+            return positions, positions[:0]
+        try:
+            keep, out = train_test_split(positions, test_size=n_out, stratify=strata, random_state=seed)
+        except ValueError:  # fewer held-out rows than classes: stratification is impossible, draw at random
+            keep, out = train_test_split(positions, test_size=n_out, random_state=seed)
+        return np.sort(keep), np.sort(out)
+    n_groups = len(np.unique(group_ids))
+    k = int(min(max(2, round(1 / fraction)), n_groups))
+    if k < 2:
+        raise InvalidInputError(f"only {n_groups} group(s): cannot hold out a {fraction:.0%} split by group")
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected
+        warnings.simplefilter("ignore", UserWarning)
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        keep, out = next(folds.split(positions, strata, group_ids))
+    return np.sort(keep), np.sort(out)
+
+
+def split_indices(y, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, groups=None) -> dict:
     """Stratified train/val/test row indices (sorted int arrays), deterministic per seed.
 
-    Each stratum keeps at least one row in train, so a class with a single row lives in train
-    only (with a warning) instead of turning the whole split unstratified.
+    groups: one value per row (a patient id); rows of one group always land in one split. None:
+    rows are independent. Each stratum keeps at least one row in train, so a class with a
+    single row (or a single group) lives in train only (with a warning).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise InvalidInputError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
     strata = _strata(y)
-    counts = np.bincount(strata)
-    if (counts < 2).any():
-        warnings.warn(
-            f"{int((counts < 2).sum())} class(es) or label set(s) have a single row; kept in train only", stacklevel=2
-        )
-    rng = np.random.default_rng(seed)
-    n_test = _allocate(counts, test_fraction, counts - 1, rng)
-    n_val = _allocate(counts, val_fraction, counts - n_test - 1, rng)
-    parts = {"train": [], "val": [], "test": []}
-    for s in range(len(counts)):
-        rows = rng.permutation(np.flatnonzero(strata == s))
-        parts["test"].append(rows[: n_test[s]])
-        parts["val"].append(rows[n_test[s] : n_test[s] + n_val[s]])
-        parts["train"].append(rows[n_test[s] + n_val[s] :])
-    return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in parts.items()}
+    gid = _group_ids(groups, len(strata))
+    groups_per_stratum = np.array([len(np.unique(gid[strata == s])) for s in range(strata.max() + 1)])
+    lone = np.isin(strata, np.flatnonzero(groups_per_stratum < 2))
+    if lone.any():
+        warnings.warn(f"{int((groups_per_stratum < 2).sum())} class(es) or label set(s) have a single row "
+                      f"{'or group ' if groups is not None else ''}; kept in train only", stacklevel=2)
+    pool = np.flatnonzero(~lone)
+    rest, test = _hold_out(strata[pool], gid[pool], test_fraction, seed, groups is not None)
+    rest, test = pool[rest], pool[test]
+    share = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
+    train, val = _hold_out(strata[rest], gid[rest], share, seed + 1, groups is not None)
+    idx = {"train": np.sort(np.concatenate([rest[train], np.flatnonzero(lone)])).astype(np.int64),
+           "val": np.sort(rest[val]).astype(np.int64), "test": np.sort(test).astype(np.int64)}
+    check_groups_disjoint(idx, groups)
+    return idx
 
 
-def kfold_indices(y, k: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold: a list of (train_idx, test_idx); every row is in exactly one test fold."""
+def kfold_indices(y, k: int = 5, seed: int = 0, groups=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified (and grouped) k-fold: a list of (train_idx, test_idx); every row is in one test fold."""
     strata = _strata(y)
     if k < 2 or k > len(strata):
         raise InvalidInputError(f"k must be between 2 and the number of rows ({len(strata)}), got {k}")
-    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(tr, te) for tr, te in folds.split(np.zeros((len(strata), 1)), strata)]
+    X = np.zeros((len(strata), 1))
+    if groups is None:
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, strata)
+    else:
+        gid = _group_ids(groups, len(strata))
+        if k > len(np.unique(gid)):
+            raise InvalidInputError(f"--cv {k} needs at least {k} groups; the data has {len(np.unique(gid))}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(X, strata, gid))
+    out = [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    for tr, te in out:
+        check_groups_disjoint({"train": tr, "test": te}, groups)
+    return out
+
+
+def check_groups_disjoint(idx: dict[str, np.ndarray], groups) -> None:
+    """Raise if any group has rows in two of the given splits (the guarantee every split keeps)."""
+    if groups is None:
+        return
+    groups = np.asarray(groups, dtype=object)
+    seen: dict = {}
+    for name, rows in idx.items():
+        for g in set(groups[rows].tolist()) - {None}:
+            if g in seen and seen[g] != name:
+                raise AssertionError(f"a group has rows in both {seen[g]} and {name}")  # its id stays private
+            seen[g] = name

@@ -1,0 +1,242 @@
+"""Using a trained model folder: predict new rows, evaluate on labelled ones.
+
+The saved alignment and calibration are applied exactly as in training. Rows that lack a
+modality are predicted when the model carries an aligner: the missing modality is stood in for
+by the present one moved across the gap fitted on training rows, and every output row says
+which modalities it had. evaluate refuses rows the model was fitted or selected on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.dataset import Dataset, load_dataset, row_keys
+from embedkit.errors import EmbedkitError
+from embedkit.store import IDENTITY_FIELDS, find_datasets, load_embeddings, write_json_atomic
+
+# What must agree between training and new embeddings: the store's identity fields, except the
+# dtype (a model trained on float32 embeddings may score bfloat16-extracted ones).
+PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f != "dtype")
+
+
+def load_model(model_dir):
+    model_dir = Path(model_dir)
+    info_path = model_dir / "embedkit_model.json"
+    if not info_path.is_file():
+        raise EmbedkitError(f"'{model_dir}' is not an embedkit model folder (no embedkit_model.json)")
+    info = json.loads(info_path.read_text())
+    from embedkit.fusion import FusionClassifier, LogisticBaseline
+
+    est = (LogisticBaseline if info["kind"] == "logistic" else FusionClassifier).load(model_dir)
+    return est, info
+
+
+def model_features(info: dict, blocks: dict[str, np.ndarray]) -> np.ndarray:
+    """The matrix a saved model expects: its modalities, with its training-fitted aligner applied.
+    `blocks` may lack one modality if the model carries an aligner: it is then stood in for."""
+    aligner = None
+    if info.get("alignment"):
+        from embedkit.fusion.align import aligner_from_dict
+
+        aligner = aligner_from_dict(info["alignment"])
+    blocks = complete_blocks(blocks, info["modalities"], aligner)
+    if info.get("learned_lambda"):  # the model shifts (normalised) embeddings with its learned lambda
+        from embedkit.fusion.align import l2_normalize
+
+        return np.concatenate([l2_normalize(blocks[m]) for m in info["modalities"]], axis=1).astype(np.float32)
+    if aligner is not None:
+        blocks = aligner.transform({m: blocks[m] for m in ("image", "text") if m in blocks})
+    return np.concatenate([blocks[m] for m in info["modalities"]], axis=1).astype(np.float32, copy=False)
+
+
+def complete_blocks(blocks: dict, needed: list[str], aligner) -> dict:
+    """Fill a modality the rows lack with the aligner's stand-in from the one they have."""
+    missing = [m for m in needed if m not in blocks]
+    if not missing:
+        return blocks
+    present = [m for m in ("image", "text") if m in blocks]
+    if aligner is None or not present:
+        raise EmbedkitError(f"these rows have no {missing[0]} embeddings and the model was trained without "
+                            f"--align, so nothing can stand in for them; train with --align none|shift|center|"
+                            f"standardize on embeddings in one space")
+    out = dict(blocks)
+    for m in missing:
+        out[m] = aligner.stand_in(present[0], blocks[present[0]])
+    return out
+
+
+def apply_calibration(proba, calibration: dict | None, task: str) -> np.ndarray:
+    """Probabilities after the saved temperature (identity without one)."""
+    t = (calibration or {}).get("temperature", 1.0)
+    if t == 1.0:
+        return np.asarray(proba, dtype=np.float64)
+    from embedkit.fusion.calibrate import logits_from_proba, proba_from_logits
+
+    return proba_from_logits(logits_from_proba(proba, task) / t, task)
+
+
+def decide(proba, classes, task: str, threshold: float) -> np.ndarray:
+    """Predicted labels (multilabel: a 0/1 matrix) from calibrated probabilities."""
+    if task == "multiclass":
+        return np.asarray(classes)[np.asarray(proba).argmax(1)]
+    if task == "binary":
+        return np.asarray(classes)[(np.asarray(proba)[:, 1] >= threshold).astype(int)]
+    return (np.asarray(proba) >= threshold).astype(np.int64)
+
+
+
+def check_encoders(info: dict, provenance: dict[str, dict], emb_dir) -> None:
+    """Refuse embeddings from another model, revision, pooling or preprocessing than training used."""
+    for m, given in provenance.items():
+        trained = info["encoders"].get(m)
+        if trained is None:
+            continue
+        diff = [k for k in PROVENANCE_MATCH if trained.get(k) != given.get(k)]
+        if diff:
+            raise EmbedkitError(f"the {m} embeddings in '{emb_dir}' come from another encoder than the model was "
+                                f"trained on ({given.get('name')} vs {trained.get('name')}; differs in "
+                                f"{', '.join(diff)}): extract them with the same model")
+
+
+def _modalities_to_read(info: dict, emb_dir) -> list[str]:
+    """The model's modalities that the folder has; with an aligner, any one of image/text will do."""
+    found = set(find_datasets(emb_dir))
+    wanted = set(info["modalities"]) | ({"image", "text"} if info.get("alignment") else set())
+    have = sorted(wanted & found)
+    if not have or (not info.get("alignment") and set(info["modalities"]) - found):
+        need = " and ".join(info["modalities"])
+        raise EmbedkitError(f"the model needs {need} embeddings; '{emb_dir}' has "
+                            f"{', '.join(sorted(found)) or 'none'}")
+    return have
+
+
+def _rows_features(info: dict, es) -> tuple[np.ndarray, list[str]]:
+    """Model input for every row of an outer-joined set, and which modalities each row had."""
+    n = len(es.ids)
+    had = np.array(["+".join(m for m in ("image", "text") if m in es.present and es.present[m][i])
+                    for i in range(n)], dtype=object)
+    x = None
+    for combo in sorted(set(had.tolist())):
+        rows = np.flatnonzero(had == combo)
+        blocks = {m: es.embeddings[m][rows] for m in combo.split("+")}
+        part = model_features(info, blocks)
+        if x is None:
+            x = np.empty((n, part.shape[1]), dtype=np.float32)
+        x[rows] = part
+    return x, had.tolist()
+
+
+def prediction_columns(info: dict, ids, columns: dict, proba, pred, had) -> dict:
+    import pyarrow as pa
+
+    cols = {"id": pa.array([str(i) for i in ids], pa.string())}
+    for name in ("group", "split"):
+        if name in columns:
+            cols[name] = pa.array([None if v is None else str(v) for v in columns[name]], pa.string())
+    for label in info["labels"]:
+        if label in columns:
+            cols[f"true_{label}"] = pa.array([None if v is None else str(v) for v in columns[label]], pa.string())
+    cols["modalities"] = pa.array(had, pa.string())
+    if info["task"] == "multilabel":
+        for j, c in enumerate(info["classes"]):
+            cols[f"pred_{c}"] = pa.array(np.asarray(pred)[:, j].astype(np.int8))
+            cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
+    else:
+        cols["predicted"] = pa.array([_jsonable(p) for p in pred])
+        for j, c in enumerate(info["classes"]):
+            cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
+    return cols
+
+
+def write_rows(cols: dict, out_path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+def predict(model_dir, emb_dir, out_path) -> dict:
+    """Write id, group, split, true labels (when present), modalities, predicted and per-class
+    probabilities to Parquet."""
+    est, info = load_model(model_dir)
+    es = load_embeddings(emb_dir, modalities=_modalities_to_read(info, emb_dir), how="outer")
+    check_encoders(info, es.provenance, emb_dir)
+    t0 = time.perf_counter()
+    x, had = _rows_features(info, es)
+    proba = apply_calibration(est.predict_proba(x), info.get("calibration"), info["task"])
+    pred = decide(proba, info["classes"], info["task"], (info.get("calibration") or {}).get("threshold", 0.5))
+    seconds = time.perf_counter() - t0
+    out = write_rows(prediction_columns(info, es.ids, es.columns, proba, pred, had), out_path)
+    counts = {k: had.count(k) for k in sorted(set(had))}
+    return {"rows": len(es.ids), "modalities": counts, "predict_seconds": round(seconds, 4), "out": str(out)}
+
+
+def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None, split: str | None = None,
+             allow_overlap: bool = False, rows_out=None) -> dict:
+    """The training metrics for a trained model on labelled embeddings it was not fitted on.
+
+    split: only rows whose split column says so (e.g. "test" of the training folder). Rows the
+    model was trained or selected on are refused unless allow_overlap (then counted and flagged).
+    """
+    from embedkit.dataset import SPLIT_NAMES
+    from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
+
+    est, info = load_model(model_dir)
+    labels = labels or info["labels"]
+    ds = load_dataset(emb_dir, labels, info["modalities"])
+    check_encoders(info, ds.provenance, emb_dir)
+    rows = np.arange(len(ds.ids))
+    if split is not None:
+        want = SPLIT_NAMES.get(split.strip().lower())
+        if want is None:
+            raise EmbedkitError(f"--split must be train, val or test, got '{split}'")
+        if ds.split is None:
+            raise EmbedkitError(f"--split {split}: the embeddings have no split column")
+        rows = np.flatnonzero(ds.split == want)
+        if not len(rows):
+            raise EmbedkitError(f"no labelled {want} rows in '{emb_dir}'")
+    overlap = _fitted_overlap(info, ds, rows)
+    if overlap and not allow_overlap:
+        raise EmbedkitError(f"{overlap} of {len(rows)} rows were used to train or select this model; its score on "
+                            f"them would be optimistic: pass --split test (rows it never saw) or --allow-overlap")
+    sub = {m: b[rows] for m, b in ds.blocks.items()}
+    x = model_features(info, sub)
+    y = ds.y[rows]
+    unknown = sorted({str(v) for v in y} - {str(c) for c in info["classes"]}) if y.ndim == 1 else []
+    if unknown:
+        raise EmbedkitError(f"labels not seen in training: {', '.join(unknown[:5])}")
+    calib = info.get("calibration") or {}
+    threshold = calib.get("threshold", 0.5)
+    proba = apply_calibration(est.predict_proba(x), calib, info["task"])
+    metrics = compute_metrics(y, proba, est.classes_, info["task"], threshold)
+    groups = ds.columns.get("group")
+    groups = None if groups is None or all(g is None for g in groups[rows]) else groups[rows]
+    boot = bootstrap_metrics(y, proba, est.classes_, info["task"], threshold, groups)
+    result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
+              "split": split, "model": str(model_dir), "embeddings": str(emb_dir)}
+    if out_path:
+        write_json_atomic(Path(out_path), result)
+    if rows_out:
+        pred = decide(proba, info["classes"], info["task"], threshold)
+        cols = {k: v[rows] for k, v in ds.columns.items()}
+        write_rows(prediction_columns(info, ds.ids[rows], cols, proba, pred,
+                                    ["+".join(info["modalities"])] * len(rows)), rows_out)
+    return result
+
+
+def _fitted_overlap(info: dict, ds: Dataset, rows) -> int:
+    fitted = set().union(*(info.get("fitted_rows", {}).values() or [set()]))
+    return sum(k in fitted for k in row_keys(ds, rows)) if fitted else 0
+
+
+def _jsonable(v):
+    return v.item() if hasattr(v, "item") else v

@@ -1,0 +1,210 @@
+"""The rules that protect a result, each checked by watching which rows reach each step.
+
+Every embedding row carries its row number in feature 0 of the image block (a marker), and
+`embedkit.train.model_features` - through which every row set passes on its way to a fit, a
+validation score or the test score - is wrapped to record the rows of each call, in order.
+From that log: test rows never reach a fit or a choice, each run scores its test rows once,
+after all its fits, and no group sits on two sides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import embedkit.train as train_module
+from embedkit.errors import EmbedkitError
+from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
+from embedkit.train import TrainConfig, evaluate, train
+
+from test_train import write_embeddings
+
+MARK = 1e-4  # feature 0 of the image block = row number * MARK
+
+
+def marked_clinic(tmp_path, n_groups=60, per_group=3, split=None, seed=0, labels="signal", name="emb"):
+    """Groups (patients) of near-identical rows; labels per group; image feature 0 = row marker."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    group = np.repeat([f"pt{g:03d}" for g in range(n_groups)], per_group).astype(object)
+    g_label = rng.integers(0, 2, n_groups) if labels == "random" else np.arange(n_groups) % 2
+    y = np.repeat(np.array(["neg", "pos"])[g_label], per_group).astype(object)
+    centre = rng.normal(size=(n_groups, 8))
+    signal = 0.0 if labels == "random" else 1.5
+    img = np.repeat(centre, per_group, 0) + rng.normal(size=(n, 8)) * 0.05
+    img += signal * np.repeat(g_label, per_group)[:, None]
+    txt = img[:, ::-1] + rng.normal(size=(n, 8)) * 0.05
+    img[:, 0] = np.arange(n) * MARK
+    cols = {"dx": y, "group": group}
+    if split is not None:
+        cols["split"] = split(group)
+    ids = np.array([f"r{i:04d}" for i in range(n)], dtype=object)
+    out = tmp_path / name
+    write_embeddings(out, "image", "clipish", ids, img.astype(np.float32), cols)
+    write_embeddings(out, "text", "clipish", ids, txt.astype(np.float32), cols)
+    return out, group
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Rows (by marker) of every model_features call in train, in order."""
+    log = []
+    original = train_module.model_features
+
+    def recording(info, blocks):
+        log.append(set(np.rint(blocks["image"][:, 0] / MARK).astype(int).tolist()) if "image" in blocks else set())
+        return original(info, blocks)
+
+    monkeypatch.setattr(train_module, "model_features", recording)
+    return log
+
+
+def runs_of(m):
+    return m["runs"]
+
+
+def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls):
+    emb, group = marked_clinic(tmp_path)
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3, seeds=2,
+                                               align_sweep="none,center,shift:0:1:0.5"))
+    splits = [train_module.split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
+                                         TrainConfig(labels=["dx"]), s, group) for s in (0, 1)]
+    # per run: 4 candidates x (training rows, validation rows) + the test call
+    per_run = 4 * 2 + 1
+    assert len(calls) == 2 * per_run
+    for r, idx in enumerate(splits):
+        log = calls[r * per_run:(r + 1) * per_run]
+        test = set(idx["test"].tolist())
+        assert log[-1] == test  # the test rows, once, after every fit and choice of the run
+        assert all(not (c & test) for c in log[:-1])  # no fit, no validation score, no choice saw a test row
+        fits = log[0:-1:2]
+        assert all(c == set(idx["train"].tolist()) for c in fits)
+        # groups: none on two sides
+        sides = {k: set(group[idx[k]].tolist()) for k in ("train", "val", "test")}
+        assert not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
+        assert not (sides["train"] & sides["val"])
+    assert m["data"]["groups"].startswith("column")
+    assert m["data"]["groups_per_split"]["test"] == len(set(group[splits[0]["test"]]))
+
+
+def test_grouped_split_reports_chance_on_random_labels_per_group(tmp_path):
+    """150 patients x 3 near-duplicate rows, labels random per patient: the honest answer is chance."""
+    emb, _ = marked_clinic(tmp_path, n_groups=150, labels="random")
+    cfg = dict(labels=["dx"], fusion="logistic", seeds=3)
+    grouped = train(emb, tmp_path / "g", TrainConfig(**cfg))
+    rows = train(emb, tmp_path / "r", TrainConfig(**cfg, groups=False))
+    acc_grouped = grouped["spread"]["test"]["accuracy"]["mean"]
+    acc_rows = rows["spread"]["test"]["accuracy"]["mean"]
+    assert acc_rows > 0.85  # near-duplicates of training rows in test: memorised
+    assert acc_grouped < 0.65  # patients never seen: chance
+    assert grouped["bootstrap"]["unit"] == "group" and rows["bootstrap"]["unit"] == "row"
+
+
+def test_official_split_keeps_test_and_purges_groups_that_cross_it(tmp_path, calls):
+    def split(group):  # the data's split puts patient pt000's rows on both sides
+        s = np.where(np.array([int(g[2:]) for g in group]) < 45, "train", "test").astype(object)
+        s[1] = "test"
+        return s
+
+    emb, group = marked_clinic(tmp_path, split=split)
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3))
+    test_rows = {i for i in range(len(group)) if int(group[i][2:]) >= 45} | {1}
+    assert calls[-1] == test_rows  # the official test rows, untouched
+    assert all(not ({0, 2} & c) for c in calls[:-1])  # pt000's other rows left out of train and validation
+    assert m["data"]["purged_rows"] == {"train": 2, "val": 0}
+
+
+def test_cv_keeps_the_official_test_split_out_of_the_folds(tmp_path, calls):
+    emb, group = marked_clinic(tmp_path, split=lambda g: np.where(np.arange(len(g)) >= 150, "test", "train")
+                               .astype(object))
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, cv=3))
+    official = set(range(150, 180))
+    tests = calls[2::3]  # per fold: train, validation, test
+    assert len(calls) == 9 and all(t == official for t in tests)
+    for k in range(3):
+        fit, val = calls[3 * k], calls[3 * k + 1]
+        assert not (fit & official) and not (val & official) and not (fit & val)
+        assert not (set(group[list(fit)]) & set(group[list(val)]))  # folds grouped too
+    assert m["spread"]["over"] == "folds" and "official test" in m["data"]["split"]
+
+
+def test_threshold_and_temperature_are_fitted_on_validation_only(tmp_path, monkeypatch):
+    from embedkit.fusion import calibrate
+
+    emb, _ = marked_clinic(tmp_path)
+    seen = []
+    real_fit, real_choose = calibrate.TemperatureScaler.fit, calibrate.choose_threshold
+
+    def fit(self, proba, targets, task):
+        seen.append(("temperature", len(targets)))
+        return real_fit(self, proba, targets, task)
+
+    def choose(p, targets, rule):
+        seen.append(("threshold", len(targets)))
+        return real_choose(p, targets, rule)
+
+    monkeypatch.setattr(calibrate.TemperatureScaler, "fit", fit)
+    monkeypatch.setattr(calibrate, "choose_threshold", choose)
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3))
+    assert seen == [("temperature", m["data"]["n"]["val"]), ("threshold", m["data"]["n"]["val"])]
+    cal = m["calibration"]
+    assert cal["threshold_rule"] == "val-f1" and 0 < cal["threshold"] < 1 and cal["temperature"] > 0
+
+
+def test_evaluate_refuses_rows_the_model_was_fitted_on(tmp_path):
+    emb, _ = marked_clinic(tmp_path, split=lambda g: np.where(np.arange(len(g)) >= 150, "test", "train")
+                           .astype(object))
+    train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="logistic"))
+    with pytest.raises(EmbedkitError, match="were used to train or select"):
+        evaluate(tmp_path / "m", emb)
+    r = evaluate(tmp_path / "m", emb, split="test")
+    assert r["rows"] == 30 and r["rows_seen_in_training"] == 0
+    flagged = evaluate(tmp_path / "m", emb, allow_overlap=True)
+    assert flagged["rows_seen_in_training"] == 150
+
+
+def test_bootstrap_matches_weighted_reference_and_groups_widen_it():
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    from embedkit.fusion.evaluate import _weighted_metrics  # the vectorised core, checked once by hand
+
+    rng = np.random.default_rng(0)
+    for task, k in (("binary", 2), ("multiclass", 3)):
+        y = rng.integers(0, k, 200)
+        proba = rng.dirichlet(np.ones(k), 200)
+        proba[np.arange(200), y] += 0.3
+        proba /= proba.sum(1, keepdims=True)
+        w = rng.integers(0, 3, (4, 200)).astype(float)
+        pred = (proba[:, 1] >= 0.5).astype(int) if task == "binary" else proba.argmax(1)
+        got = _weighted_metrics(y, pred, proba, task, w)
+        for b in range(4):
+            assert got["accuracy"][b] == pytest.approx(accuracy_score(y, pred, sample_weight=w[b]))
+            assert got["macro_f1"][b] == pytest.approx(f1_score(y, pred, average="macro", sample_weight=w[b]))
+            ref = roc_auc_score(y, proba[:, 1], sample_weight=w[b]) if task == "binary" else \
+                np.mean([roc_auc_score(y == j, proba[:, j], sample_weight=w[b]) for j in range(k)])
+            assert got["auroc"][b] == pytest.approx(ref)
+    # 40 patients x 5 identical rows: resampling rows pretends there are 200 independent cases
+    y = np.repeat(rng.integers(0, 2, 40), 5)
+    proba = np.column_stack([1 - (p := np.clip(y * 0.6 + rng.random(200) * 0.5, 0, 1)), p])
+    groups = np.repeat(np.arange(40), 5)
+    by_row = bootstrap_metrics(y, proba, [0, 1], "binary", groups=None, seed=1)["metrics"]["accuracy"]
+    by_group = bootstrap_metrics(y, proba, [0, 1], "binary", groups=groups, seed=1)["metrics"]["accuracy"]
+    assert by_group["high"] - by_group["low"] > 1.5 * (by_row["high"] - by_row["low"])
+    assert 0 <= by_group["low"] <= compute_metrics(y, proba, [0, 1], "binary")["accuracy"] <= by_group["high"] <= 1
+
+
+def test_absent_test_class_is_named_not_averaged_as_zero():
+    y = np.array(["a", "a", "b", "b"])
+    proba = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
+    m = compute_metrics(y, proba, ["a", "b", "c"], "multiclass")
+    assert m["absent_classes"] == ["c"]
+    assert m["macro_f1"] == pytest.approx((1.0 + 2 / 3) / 2)  # over a and b only
+
+
+def test_subgroups_reported_with_intervals(tmp_path):
+    emb, group = marked_clinic(tmp_path)
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="logistic", subgroups=["group"], bootstrap=200))
+    sub = m["subgroups"]["group"]
+    assert sum(e["n"] for e in sub.values()) == m["data"]["n"]["test"]
+    assert all(e["small"] for e in sub.values())  # 3 rows each
+    assert all(0 <= e["bootstrap"]["accuracy"]["low"] <= e["bootstrap"]["accuracy"]["high"] <= 1 for e in sub.values())
