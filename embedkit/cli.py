@@ -391,13 +391,18 @@ def pretrain(
     text_col: Optional[str] = typer.Option(None),
     text_file_col: Optional[str] = typer.Option(None),
     text_template: Optional[str] = typer.Option(None),
+    split_col: Optional[str] = typer.Option(None, help="Column with train/val/test: only 'train' rows are "
+                                                       "pretrained on (see --only-split)."),
+    group_col: Optional[str] = typer.Option(None, help="Column naming a group (e.g. patient): the held-out "
+                                                       "split keeps each group on one side."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="Hold out by image only, ignoring groups."),
     width: int = typer.Option(256, help="Transformer width."),
     depth: int = typer.Option(6, help="Shared transformer blocks."),
     image_size: int = typer.Option(112, help="Image side in pixels."),
     embed_dim: int = typer.Option(256, help="Common embedding width."),
     modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
-    only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (e.g. train), so "
-                                                        "later test rows stay unseen."),
+    only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (default: 'train' "
+                                                        "when the rows carry a split), so test rows stay unseen."),
     separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(64),
@@ -407,26 +412,55 @@ def pretrain(
 ):
     """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
     import json
+    from collections import Counter
 
     from embedkit.items import SourceOptions
     from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
     from embedkit.sources import scan_source
 
+    if group_col and no_groups:
+        raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
-                           text_file_col=text_file_col, text_template=text_template)
+                           text_file_col=text_file_col, text_template=text_template, split_col=split_col,
+                           group_col=group_col)
     rows, source = _manifest_or(manifest, data, source)
+    for name, value in (("split_col", split_col), ("group_col", group_col)):
+        if value:  # the flags win over a data manifest's own columns
+            setattr(source, name, value)
     scan = scan_source(data, source, rows=rows)
-    pairs = [it for it in scan.items if it.image_path is not None and it.has_text
-             and (only_split is None or it.split == only_split)]
+    pairs = [it for it in scan.items if it.image_path is not None and it.has_text]
+    if group_col:
+        # Sources that do not fill item.group yet carry the column through in meta.
+        if not any(it.group is not None or group_col in it.meta for it in pairs):
+            raise EmbedkitError(f"column '{group_col}' (--group-col) is not in the table")
+        for it in pairs:
+            if it.group is None and it.meta.get(group_col) is not None:
+                it.group = str(it.meta[group_col])
+    splits = Counter(it.split for it in pairs)
+    has_split = any(s is not None for s in splits)
+    if only_split is not None:
+        pairs = [it for it in pairs if it.split == only_split]
+    elif has_split:  # pretraining on test rows would let later test embeddings come from a model that saw them
+        held_back = ", ".join(f"{n} without a split" if s is None else f"{n} in '{s}'"
+                              for s, n in sorted(splits.items(), key=lambda kv: str(kv[0])) if s != "train")
+        pairs = [it for it in pairs if it.split == "train"]
+        print(f"pretrain: training on the {len(pairs)} pairs of split 'train' (held back: {held_back or 'none'}); "
+              f"--only-split picks another split", file=sys.stderr)
+    else:
+        print(f"pretrain: the pairs carry no split, so all {len(pairs)} are used: rows you later test on may "
+              f"have been seen here (--split-col)", file=sys.stderr)
     if len(pairs) < 4:
-        raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'")
+        raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
+                            + (f" in split '{only_split or 'train'}'" if has_split or only_split else ""))
     cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
                               modality_mode=modality_mode)
     if separate:
         cfg = matched_separate_config(cfg)
-    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")},
-                          default=str))
+    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                  grouped=not no_groups)
+    held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
+    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
+                          | {"held_out": held_out}, default=str))
 
 
 @app.command()

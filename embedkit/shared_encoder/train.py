@@ -1,8 +1,9 @@
 """pretrain(): train a SharedEncoder from scratch with the CLIP loss on image/text pairs, on a CPU.
 
 Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
-a split held out by image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine), and
-checkpoints written after every epoch so an interrupted run resumes where it stopped.
+a held-out split that keeps rows sharing an image or a group (a patient) on one side, the training
+loop (symmetric InfoNCE, AdamW, warmup + cosine), and checkpoints written after every epoch so an
+interrupted run resumes where it stopped.
 
 Files in out_dir (no pickle anywhere):
   model.safetensors, config.json, tokenizer files  - the self-contained model folder
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import GroupShuffleSplit
 
 from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
 from embedkit.errors import EmbedkitError
@@ -45,7 +49,7 @@ STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "met
 def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dict:
     """Decode each distinct image once, tokenise each text once; unusable pairs are recorded."""
     pre = image_preprocess(cfg)
-    images, image_of_path, kept, texts, image_index, skipped = [], {}, [], [], [], []
+    images, image_of_path, kept, texts, image_index, groups, skipped = [], {}, [], [], [], [], []
     for item in pairs:
         path = str(item.image_path) if item.image_path is not None else None
         if path is None or not item.has_text:
@@ -73,6 +77,7 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
         kept.append(item.id)
         texts.append(text)
         image_index.append(image_of_path[path])
+        groups.append(None if item.group is None else str(item.group))
     if len(kept) < 2:
         raise EmbedkitError(f"shared encoder training needs at least 2 usable image/text pairs, got {len(kept)}")
     # Pad to max_text_len once; each batch is trimmed to its own longest text later.
@@ -81,6 +86,7 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
         "ids": kept,
         "images": np.stack(images),  # uint8 [n_images, S, S, 3]: 37 KB per image at 112 px
         "image_index": torch.tensor(image_index),
+        "groups": groups,  # item.group per kept pair, None where it has none
         "input_ids": ids,
         "attention_mask": mask,
         "skipped": skipped,
@@ -88,13 +94,43 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
     }
 
 
-def split_by_image(image_index: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold out whole images (seeded), so no image is in both train and validation."""
-    groups = torch.unique(image_index)
-    n_val = min(round(val_fraction * len(groups)), len(groups) - 1) if val_fraction > 0 else 0
-    perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
-    is_val = torch.isin(image_index, groups[perm[:n_val]])
-    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+def linked_rows(image_index: torch.Tensor, groups: list[str | None] | None) -> np.ndarray:
+    """A component id per row: rows sharing an image, or a group, or linked through a chain of
+    both (row A shares an image with B, B a patient with C) get the same id."""
+    image_index = image_index.numpy()
+    n_images = int(image_index.max()) + 1
+    groups = groups if groups is not None else [None] * len(image_index)
+    has_group = np.array([g is not None for g in groups], dtype=bool)
+    names, group_code = np.unique([groups[i] for i in np.nonzero(has_group)[0]], return_inverse=True)
+    # A graph whose nodes are images then groups; each grouped row is an edge from its image to its group.
+    n_nodes = n_images + len(names)
+    edges = coo_matrix((np.ones(len(group_code)), (image_index[has_group], n_images + group_code)),
+                       shape=(n_nodes, n_nodes))
+    _, component = connected_components(edges, directed=False)
+    return component[image_index]
+
+
+def split_held_out(component: np.ndarray, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out val_fraction of the components (seeded): no image or group is on both sides."""
+    n_groups = len(np.unique(component))
+    n_val = min(round(val_fraction * n_groups), n_groups - 1) if val_fraction > 0 else 0
+    if n_val == 0:
+        return torch.arange(len(component)), torch.empty(0, dtype=torch.long)
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    train, val = next(splitter.split(np.zeros(len(component)), groups=component))
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
+
+
+def held_out_summary(data: dict, component: np.ndarray, train_rows, val_rows, grouped: bool) -> dict:
+    """What metrics.json records about the split: sizes, and the held-out ids to leave out later."""
+    return {
+        "by": "image and group" if grouped and any(g is not None for g in data["groups"]) else "image",
+        "n_train_rows": len(train_rows),
+        "n_val_rows": len(val_rows),
+        "n_train_groups": len(np.unique(component[train_rows.numpy()])),
+        "n_val_groups": len(np.unique(component[val_rows.numpy()])),
+        "val_ids": [data["ids"][i] for i in val_rows.tolist()],
+    }
 
 
 def pixel_batch(data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig) -> torch.Tensor:
@@ -157,8 +193,11 @@ def _load_checkpoint(out: Path, model, opt) -> None:
     opt.load_state_dict(sd)
 
 
-def _fingerprint(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
+    # Groups change the held-out split, so they are part of the data; runs without groups keep
+    # the fingerprint of their ids alone (checkpoints written before groups existed still resume).
+    lines = ids if not groups or all(g is None for g in groups) else [f"{i}\t{g}" for i, g in zip(ids, groups)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- training
@@ -179,14 +218,17 @@ def pretrain(
     warmup_fraction: float = 0.1,  # short runs collapse to ln(batch) without a real warmup
     augment: bool = False,
     save_every: int = 1,
+    grouped: bool = True,
 ) -> dict:
     """Train on image/text pairs, checkpoint into out_dir, return the metrics dict.
 
     Checkpoints are written every `save_every` epochs and after the last one. resume=True
     continues from the last checkpointed epoch in out_dir when the config, data and settings
     match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
-    The held-out retrieval (val_fraction of the images) counts ties against the query, so data
-    with several texts per image scores lower than its distinct-candidate retrieval would.
+    The held-out split takes val_fraction of the groups of linked rows: rows sharing an image,
+    or (grouped=True) an item.group such as a patient, all land on one side. Its held-out
+    retrieval counts ties against the query, so data with several texts per image scores lower
+    than its distinct-candidate retrieval would.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -202,7 +244,12 @@ def pretrain(
     data = prepare_pairs(pairs, cfg, tokenizer)
     if data["skipped"]:
         print(f"shared encoder: skipped {len(data['skipped'])} pairs (reasons in {out / METRICS})", file=sys.stderr)
-    train_rows, val_rows = split_by_image(data["image_index"], val_fraction, seed)
+    component = linked_rows(data["image_index"], data["groups"] if grouped else None)
+    train_rows, val_rows = split_held_out(component, val_fraction, seed)
+    held_out = held_out_summary(data, component, train_rows, val_rows, grouped)
+    if val_fraction > 0 and len(val_rows) == 0:
+        print(f"shared encoder: {held_out['n_train_groups']} group(s) of linked rows (sharing an image or a group) "
+              f"are too few to hold {val_fraction:.0%} out: no held-out retrieval", file=sys.stderr)
     n_train = len(train_rows)
     if n_train < 2:
         raise EmbedkitError("fewer than 2 training pairs left after the held-out split: lower val_fraction")
@@ -225,7 +272,7 @@ def pretrain(
 
     settings = {
         "config": cfg.to_dict(),
-        "data": _fingerprint(data["ids"]),
+        "data": _fingerprint(data["ids"], data["groups"] if grouped else None),
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
@@ -297,21 +344,22 @@ def pretrain(
                 "settings": settings,
                 "history": history,
             }
-            metrics = _metrics(data, cfg, model, history, n_train, len(val_rows), prepare_s, steps_per_epoch, bs)
+            metrics = _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs)
             _save_checkpoint(out, model, opt, state, metrics)
     if start_epoch >= epochs:  # nothing left to train: report what is on disk
         return json.loads((out / METRICS).read_text())
     return metrics
 
 
-def _metrics(data, cfg, model, history, n_train, n_val, prepare_s, steps_per_epoch, bs) -> dict:
+def _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs) -> dict:
     train_s = sum(h["seconds"] for h in history)
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "n_pairs_used": len(data["ids"]),
         "n_images": int(len(data["images"])),
-        "n_train": n_train,
-        "n_val": n_val,
+        "n_train": held_out["n_train_rows"],
+        "n_val": held_out["n_val_rows"],
+        "held_out": held_out,
         "skipped": [asdict(s) for s in data["skipped"]],
         "n_text_truncated": data["n_truncated"],
         "parameters": {"total": n_params, "non_embedding": n_params - model.tok_embed.weight.numel()},
