@@ -21,6 +21,7 @@ class Item:
     text_path: Path | None = None  # a report file, read when its batch is embedded
     labels: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
+    group: str | None = None  # rows sharing a group (a patient) never sit on both sides of a split
     meta: dict[str, Any] = field(default_factory=dict)  # other columns carried through to Parquet
 
     @property
@@ -43,8 +44,10 @@ class SourceOptions:
     text_template: str | None = None  # a sentence built from tabular columns, see templates.py
     label_cols: list[str] = field(default_factory=list)
     split_col: str | None = None
+    group_col: str | None = None  # a patient / lesion / study column: stored as `group`, for grouped splits
     meta_cols: list[str] | None = None  # None: carry every other column through
-    allow_leakage: bool = False  # a template naming a label column is refused unless this is set
+    allow_leakage: bool = False  # a template naming a label column or a leakage field is refused unless this is set
+    leakage_fields: list[str] = field(default_factory=list)  # columns known to leak (a data manifest's)
 
 
 @dataclass
