@@ -101,6 +101,12 @@ def test_folder_layouts_have_no_group_and_image_tables_no_text(tiny_models, pair
     assert _provenance(out / "image__tiny-dinov2")["group_col"] is None
 
 
+def test_empty_group_cells_are_no_group(tmp_path):
+    rows = [{"id": str(i), "text": "x", "patient": g} for i, g in enumerate(["", "  ", None, float("nan"), 12, " P7 "])]
+    scan = scan_source(tmp_path, SourceOptions(id_col="id", text_col="text", group_col="patient"), rows=rows)
+    assert [it.group for it in scan.items] == [None, None, None, None, "12", "P7"]
+
+
 def test_group_col_must_be_a_column(tmp_path):
     _write_csv(tmp_path / "m.csv", [{"id": "a", "text": "x"}])
     with pytest.raises(EmbedkitError, match=r"column 'patient' \(--group-col\) is not in the table"):
