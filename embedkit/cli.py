@@ -35,7 +35,11 @@ def extract(
     text_template: Optional[str] = typer.Option(None, help="Sentence over columns, e.g. 'Patient aged {age}, {sex}.'"),
     label_col: List[str] = typer.Option([], help="Label column (repeatable)."),
     split_col: Optional[str] = typer.Option(None, help="Column with train/val/test."),
-    allow_leakage: bool = typer.Option(False, help="Allow a text template that names a label column."),
+    group_col: Optional[str] = typer.Option(None, help="Column whose rows must stay on one side of a split (a "
+                                                       "patient id); stored as `group`. Default with --manifest: "
+                                                       "its [split].group_col ('none' turns it off)."),
+    allow_leakage: bool = typer.Option(False, help="Allow a text template that names a label column or a "
+                                                   "manifest's leakage field."),
     image_pooling: Optional[str] = typer.Option(None, help="dinov2: cls or mean."),
     text_pooling: Optional[str] = typer.Option(None, help="LLMs: mean or last; sentence: mean or cls."),
     max_length: Optional[int] = typer.Option(None, help="Text tokens before truncation."),
@@ -66,8 +70,10 @@ def extract(
 
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, label_cols=list(label_col),
-                           split_col=split_col, allow_leakage=allow_leakage)
+                           split_col=split_col, group_col=_none(group_col), allow_leakage=allow_leakage)
     rows, source = _manifest_or(manifest, data, source)
+    if manifest:
+        source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage)
     config = ExtractConfig(image_model=_none(image_model), text_model=_none(text_model), image_pooling=image_pooling,
                            text_pooling=text_pooling, max_length=max_length, device=device, dtype=dtype,
                            quantize=_none(quantize), batch_size=batch_size, threads=threads,
@@ -89,6 +95,16 @@ def _manifest_or(manifest: str | None, data: Path, source):
     return m.load_rows(data), m.source_options()
 
 
+def _extract_flags_over_manifest(source, text_template: str | None, group_col: str | None, allow_leakage: bool):
+    """The extract flags that refine a data manifest: another sentence (still checked against the manifest's
+    leakage fields), another group column or none, and leave to name leaking fields."""
+    from dataclasses import replace
+
+    return replace(source, text_template=text_template or source.text_template,
+                   group_col=source.group_col if group_col is None else _none(group_col),
+                   allow_leakage=allow_leakage)
+
+
 def _print_extract_summary(result) -> None:
     from rich.table import Table
 
@@ -103,6 +119,10 @@ def _print_extract_summary(result) -> None:
                       str(r.truncated_texts), f"{st.get('model', 0):.1f}", f"{r.costs.get('items_per_second', 0):.1f}",
                       f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
     console.print(table)
+    for m, r in result.modalities.items():
+        if r.rows_relabelled:
+            console.print(f"{m}: {r.rows_relabelled} stored rows relabelled from the table (labels, split, group, "
+                          f"metadata or path changed; embeddings kept)")
     if result.skipped:
         by = {}
         for s in result.skipped:

@@ -32,8 +32,8 @@ from embedkit.errors import EmbedkitError
 from embedkit.items import Item, SkippedInput, SourceOptions
 from embedkit.sources import SourceScan, scan_source
 from embedkit.store import (
-    PartWriter, build_schema, check_same_encoder, dataset_dir, drop_rows, existing_hashes, remove_partial_parts,
-    write_errors, write_json_atomic,
+    TEXT_COLUMN, PartWriter, build_schema, check_same_encoder, dataset_dir, drop_rows, existing_hashes, part_files,
+    read_provenance, relabel_parts, remove_partial_parts, write_errors, write_json_atomic,
 )
 
 MODALITIES = ("image", "text")
@@ -73,6 +73,7 @@ class ModalityResult:
     rows_embedded: int = 0  # this run
     rows_reused: int = 0  # already in --out with the same content hash
     rows_dropped: int = 0  # stale rows removed (content changed or input gone)
+    rows_relabelled: int = 0  # stored rows whose labels, split, group, metadata or path changed (not re-embedded)
     unique_inputs_embedded: int = 0  # identical files are embedded once
     skipped: int = 0
     truncated_texts: int = 0
@@ -113,6 +114,12 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     counts = scan.counts()
     say(f"[bold]layout[/]: {scan.layout}")
     say("found: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v or k in ("images", "texts")))
+    if scan.duplicate_ids:
+        say(f"note: {scan.duplicate_ids} table rows dropped because their id repeats an earlier row's "
+            f"(listed in errors.parquet)")
+    if scan.not_carried:
+        say(f"note: column(s) {', '.join(scan.not_carried)} not carried through: embedkit's own columns have these "
+            f"names (name such a column with --split-col or --group-col if that is what it holds)")
     skipped = list(scan.skipped)
     if config.strict and skipped:
         s = skipped[0]
@@ -179,9 +186,29 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
 
     label_cols = sorted({k for it in items for k in it.labels})
     meta_cols = sorted({k for it in items for k in it.meta} - set(label_cols))
+    # what the table says now: stored rows follow it (relabel_parts), new rows are written with it
+    table_keys = {"label_columns": label_cols, "metadata_columns": meta_cols, "group_col": scan.group_col}
+    columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
+    columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
+    by_id = {it.id: it for it in items}
+
+    def current_values(part) -> dict[str, list]:
+        rows = [by_id[i] for i in part.column("id").to_pylist()]  # stale rows were dropped: every id is here
+        values = _row_values(rows, modality, root, hashes, label_cols, meta_cols)
+        if modality == "text":  # same hash, same text: keep it; parts from before the column existed get it now
+            values[TEXT_COLUMN] = (part.column(TEXT_COLUMN).to_pylist() if TEXT_COLUMN in part.column_names
+                                   else [_read_text(it)[0] for it in rows])
+        return values
+
+    def relabel(dim: int, provenance: dict) -> int:
+        schema = build_schema(dim, columns, provenance, text_column=modality == "text")
+        return relabel_parts(directory, schema, current_values, table_keys) if directory.exists() else 0
+
     if not pending:
         if stale:
             res.rows_dropped = drop_rows(directory, stale)
+        if directory.exists() and part_files(directory):
+            res.rows_relabelled = relabel(read_provenance(part_files(directory)[0])["dim"], table_keys)
         say(f"{modality}: all {len(items)} rows already in {directory.name}, nothing to embed")
         res.rows_total = len(items)
         res.bytes = dir_bytes(directory) if directory.exists() else 0
@@ -191,24 +218,22 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     groups, batches = _plan(modality, pending, hashes, config.batch_size)
     with costs.stage("load_model"):
         encoder_provenance, embedded = _open_engine(modality, spec, batches, config, costs)
-    provenance = {**encoder_provenance, "label_columns": label_cols, "metadata_columns": meta_cols,
-                  "versions": _versions(), "layout": scan.layout, "data_root": str(root.resolve())}
+    provenance = {**encoder_provenance, **table_keys, "versions": _versions(), "layout": scan.layout,
+                  "data_root": str(root.resolve())}
     if directory.exists():
         check_same_encoder(directory, provenance)
     if stale:
         res.rows_dropped = drop_rows(directory, stale)
-    columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
-    columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
-    schema = build_schema(encoder_provenance["dim"], columns, provenance)
+    res.rows_relabelled = relabel(encoder_provenance["dim"], provenance)
+    schema = build_schema(encoder_provenance["dim"], columns, provenance, text_column=modality == "text")
     writer = PartWriter(directory, schema, rows_per_part=config.rows_per_part,
                         row_group_size=min(256, config.rows_per_part))
 
     def write(batch: list[Item], vectors: np.ndarray) -> None:
         with costs.stage("write"):
-            cols = {"id": [it.id for it in batch], "path": [_rel(_path(it, modality), root) for it in batch],
-                    "sha256": [hashes[it.id] for it in batch], "split": [it.split for it in batch]}
-            cols.update({c: [it.labels.get(c) for it in batch] for c in label_cols})
-            cols.update({c: [it.meta.get(c) for it in batch] for c in meta_cols})
+            cols = _row_values(batch, modality, root, hashes, label_cols, meta_cols)
+            if modality == "text":  # the text as the encoder got it (read again here, so every engine agrees)
+                cols[TEXT_COLUMN] = [_read_text(it)[0] for it in batch]
             writer.write(cols, vectors)
 
     # 3. embed
@@ -234,6 +259,17 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
                  "end_to_end_items_per_second": round(res.rows_embedded / busy, 2) if busy > 0 else 0}
     res.provenance = provenance
     return res
+
+
+def _row_values(rows: list[Item], modality: str, root: Path, hashes: dict[str, str], label_cols: list[str],
+                meta_cols: list[str]) -> dict[str, list]:
+    """Every stored column of `rows` but the embedding (and `text`), from the items as scanned now."""
+    values = {"id": [it.id for it in rows], "path": [_rel(_path(it, modality), root) for it in rows],
+              "sha256": [hashes[it.id] for it in rows], "split": [it.split for it in rows],
+              "group": [it.group for it in rows]}
+    values.update({c: [it.labels.get(c) for it in rows] for c in label_cols})
+    values.update({c: [it.meta.get(c) for it in rows] for c in meta_cols})
+    return values
 
 
 def _plan(modality: str, pending: list[Item], hashes: dict[str, str], batch_size: int):

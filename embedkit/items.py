@@ -44,9 +44,10 @@ class SourceOptions:
     text_template: str | None = None  # a sentence built from tabular columns, see templates.py
     label_cols: list[str] = field(default_factory=list)
     split_col: str | None = None
+    group_col: str | None = None  # a patient / lesion / study column: stored as `group`, for grouped splits
     meta_cols: list[str] | None = None  # None: carry every other column through
-    allow_leakage: bool = False  # a template naming a label column is refused unless this is set
-    group_col: str | None = None  # rows sharing this column's value form one group
+    allow_leakage: bool = False  # a template naming a label column or a leakage field is refused unless this is set
+    leakage_fields: list[str] = field(default_factory=list)  # columns known to leak (a data manifest's)
 
 
 @dataclass

@@ -403,11 +403,19 @@ class DatasetManifest:
         return f"{self.image_search_dirs[0]}/{rel}" if self.image_search_dirs else rel
 
     def source_options(self) -> SourceOptions:
+        """How `extract` reads this manifest's rows; a text template (this one or --text-template) may name
+        neither [leakage].fields nor the columns the labels are derived from, unless leakage is allowed."""
         return SourceOptions(metadata=None, id_col=self.id_col,
                              image_col=IMAGE_PATH_COL if self.has_image else None,
                              text_col=self.text_col, text_template=self.text_template,
                              text_file_col=TEXT_PATH_COL if self.text_file_pattern else self.text_file_col,
-                             label_cols=[lab.name for lab in self.labels], split_col=self.split_col)
+                             label_cols=[lab.name for lab in self.labels], split_col=self.split_col,
+                             group_col=self.group_col, leakage_fields=self.leaking_columns())
+
+    def leaking_columns(self) -> list[str]:
+        """[leakage].fields, then the source columns of the labels (a derived label's raw column is the answer too)."""
+        sources = [c for lab in self.labels for c in (lab.column, *(lab.columns or ())) if c]
+        return list(dict.fromkeys([*self.leakage_fields, *sources]))
 
 
 def _fill(tmpl, row: dict) -> str | None:

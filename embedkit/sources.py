@@ -6,6 +6,9 @@ Three layouts, detected in this order:
                 the folder name is the label `label` (ImageFolder style)
   paired folder images and same-stem report files (case01.jpg + case01.txt), any depth
 Class folders may hold reports too; they pair the same way.
+
+Every input path stays inside the data folder: a table path like `../x.jpg` or `/abs/x.jpg`, or a
+symlink pointing out of DATA, is skipped ("outside the data folder"), never read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from embedkit.errors import EmbedkitError
 from embedkit.items import Item, SkippedInput, SourceOptions
+from embedkit.store import RESERVED_COLUMNS
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 TEXT_EXTS = {".txt", ".md"}
@@ -32,6 +36,9 @@ class SourceScan:
     layout: str
     items: list[Item]
     skipped: list[SkippedInput] = field(default_factory=list)
+    group_col: str | None = None  # the column item.group came from (None: no groups)
+    duplicate_ids: int = 0  # table rows dropped because their id repeats an earlier row's
+    not_carried: list[str] = field(default_factory=list)  # table columns named like embedkit's own columns
 
     def counts(self) -> dict:
         images = sum(i.image_path is not None for i in self.items)
@@ -63,6 +70,13 @@ def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[
 
 def scan_folder(root: Path) -> SourceScan:
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    skipped: list[SkippedInput] = []
+    real_root = root.resolve()
+    outside = [p for p in files if not is_inside(p, real_root)]  # symlinks pointing out of DATA
+    for p in outside:
+        rel = p.relative_to(root)
+        skipped.append(SkippedInput(rel.with_suffix("").as_posix(), rel.as_posix(), "scan", OUTSIDE))
+    files = [p for p in files if p not in set(outside)]
     top_dirs = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
     # ImageFolder style: every image sits exactly one level down, in >= 2 sub-folders
     depths = {len(p.relative_to(root).parts) for p in files if p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS}
@@ -70,7 +84,6 @@ def scan_folder(root: Path) -> SourceScan:
 
     images: dict[str, Path] = {}
     reports: dict[str, Path] = {}
-    skipped: list[SkippedInput] = []
     for p in files:
         rel = p.relative_to(root)
         key = rel.with_suffix("").as_posix()
@@ -103,6 +116,14 @@ def scan_folder(root: Path) -> SourceScan:
 
 def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+OUTSIDE = "outside the data folder"
+
+
+def is_inside(path: Path, real_root: Path) -> bool:
+    """Whether `path`, with symlinks followed and `..` collapsed, lies under `real_root` (already resolved)."""
+    return path.resolve().is_relative_to(real_root)
 
 
 # ---------------------------------------------------------------- tables
@@ -155,27 +176,16 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
     if not rows:
         raise EmbedkitError("the metadata table has no rows")
     columns = set().union(*(r.keys() for r in rows))
-    named = {"--id-col": opts.id_col, "--image-col": opts.image_col, "--text-col": opts.text_col,
-             "--text-file-col": opts.text_file_col, "--split-col": opts.split_col}
-    for flag, col in list(named.items()) + [("--label-col", c) for c in opts.label_cols]:
-        if col and col not in columns:
-            raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: {', '.join(sorted(columns))}")
-    if not (opts.image_col or opts.text_col or opts.text_file_col or opts.text_template):
-        raise EmbedkitError("name what to embed: --image-col, --text-col, --text-file-col or --text-template")
-    template = None
-    if opts.text_template:
-        from embedkit.templates import check_template_fields, parse_template
+    _check_named_columns(columns, opts)
+    template = _checked_template(opts, columns)
 
-        template = parse_template(opts.text_template)
-        check_template_fields(template, columns, "--text-template")
-        leaked = [c for c in opts.label_cols if c in template.fields]
-        if leaked and not opts.allow_leakage:
-            raise EmbedkitError(f"the text template names the label column(s) {', '.join(leaked)}: the text would "
-                                f"contain the answer (pass --allow-leakage if this is intended)")
-
-    used = {opts.id_col, opts.image_col, opts.text_col, opts.text_file_col, opts.split_col, *opts.label_cols}
+    used = {opts.id_col, opts.image_col, opts.text_col, opts.text_file_col, opts.split_col, opts.group_col,
+            *opts.label_cols}
     meta_cols = opts.meta_cols if opts.meta_cols is not None else sorted(c for c in columns if c not in used)
-    items, skipped, seen = [], [], {}
+    not_carried = [c for c in meta_cols if c in RESERVED_COLUMNS]  # a stray 'split' must not pose as the split
+    meta_cols = [c for c in meta_cols if c not in RESERVED_COLUMNS]
+    paths = _TablePaths(root)
+    items, skipped, seen, duplicates = [], paths.skipped, {}, 0
     for n, row in enumerate(rows):
         image = row.get(opts.image_col) if opts.image_col else None
         if opts.id_col:
@@ -190,18 +200,16 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
             skipped.append(SkippedInput(None, where, "scan", f"empty id ({opts.id_col})"))
             continue
         if key in seen:
+            duplicates += 1
             skipped.append(SkippedInput(key, where, "scan", f"duplicate id (first seen in row {seen[key] + 1})"))
             continue
         seen[key] = n
         item = Item(id=key, labels={c: row.get(c) for c in opts.label_cols},
                     split=None if not opts.split_col or row.get(opts.split_col) is None else str(row[opts.split_col]),
+                    group=_group_value(row.get(opts.group_col)) if opts.group_col else None,
                     meta={c: row.get(c) for c in meta_cols})
         if image:
-            path = root / str(image)
-            if path.is_file():
-                item.image_path = path
-            else:
-                skipped.append(SkippedInput(key, str(image), "scan", "image file not found"))
+            item.image_path = paths.find(opts.image_col, image, key, "image file not found")
         elif opts.image_col:
             skipped.append(SkippedInput(key, where, "scan", f"no image path in column '{opts.image_col}'"))
         if template is not None:
@@ -213,11 +221,99 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
                 skipped.append(SkippedInput(key, where, "read", f"empty text in column '{opts.text_col}'"))
                 item.text = None
         elif opts.text_file_col and row.get(opts.text_file_col):
-            path = root / str(row[opts.text_file_col])
-            if path.is_file():
-                item.text_path = path
-            else:
-                skipped.append(SkippedInput(key, str(row[opts.text_file_col]), "scan", "report file not found"))
+            item.text_path = paths.find(opts.text_file_col, row[opts.text_file_col], key, "report file not found")
         if item.image_path is not None or item.has_text:
             items.append(item)
-    return SourceScan(layout, items, skipped)
+    paths.check_any_found()
+    _check_duplicates(duplicates, len(rows), opts)
+    return SourceScan(layout, items, skipped, group_col=opts.group_col, duplicate_ids=duplicates,
+                      not_carried=not_carried)
+
+
+def _check_named_columns(columns: set[str], opts: SourceOptions) -> None:
+    named = {"--id-col": opts.id_col, "--image-col": opts.image_col, "--text-col": opts.text_col,
+             "--text-file-col": opts.text_file_col, "--split-col": opts.split_col, "--group-col": opts.group_col}
+    for flag, col in list(named.items()) + [("--label-col", c) for c in opts.label_cols]:
+        if col and col not in columns:
+            raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: {', '.join(sorted(columns))}")
+    for col in opts.label_cols:
+        if col in RESERVED_COLUMNS:
+            raise EmbedkitError(f"label column '{col}' has the name of one of embedkit's own columns "
+                                f"({', '.join(RESERVED_COLUMNS)}): rename it in the table")
+    if not (opts.image_col or opts.text_col or opts.text_file_col or opts.text_template):
+        raise EmbedkitError("name what to embed: --image-col, --text-col, --text-file-col or --text-template")
+
+
+def _checked_template(opts: SourceOptions, columns: set[str]):
+    """The compiled text template, refused when it would put the answer (or a known shortcut) into the text."""
+    if not opts.text_template:
+        return None
+    from embedkit.templates import check_template_fields, parse_template
+
+    template = parse_template(opts.text_template)
+    check_template_fields(template, columns, "--text-template")
+    if opts.allow_leakage:
+        return template
+    leaked = [c for c in opts.label_cols if c in template.fields]
+    if leaked:
+        raise EmbedkitError(f"the text template names the label column(s) {', '.join(leaked)}: the text would "
+                            f"contain the answer (pass --allow-leakage if this is intended)")
+    leaky = [f for f in template.fields if f in opts.leakage_fields]
+    if leaky:
+        raise EmbedkitError(f"the text template names {', '.join(repr(f) for f in leaky)}, listed as leaking the label "
+                            f"in the data manifest ([leakage].fields): drop it from the template (pass "
+                            f"--allow-leakage if this is intended)")
+    return template
+
+
+def _group_value(value) -> str | None:
+    """A group cell as text; None when empty (an empty group is no group, not one big group)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+class _TablePaths:
+    """Resolves the file paths a table names, inside the data folder only, and remembers what it found."""
+
+    def __init__(self, root: Path):
+        self.root, self.real_root = root, root.resolve()
+        self.skipped: list[SkippedInput] = []
+        self.tried: Counter = Counter()  # column -> non-empty paths looked up
+        self.found: Counter = Counter()
+        self.example: dict[str, str] = {}
+
+    def find(self, column: str, value, key: str, missing: str) -> Path | None:
+        value = str(value)
+        self.tried[column] += 1
+        self.example.setdefault(column, value)
+        path = self.root / value  # an absolute value replaces root: caught by the inside check
+        if not is_inside(path, self.real_root):
+            self.skipped.append(SkippedInput(key, value, "scan", OUTSIDE))
+            return None
+        if not path.is_file():
+            self.skipped.append(SkippedInput(key, value, "scan", missing))
+            return None
+        self.found[column] += 1
+        return path
+
+    def check_any_found(self) -> None:
+        """A column none of whose paths exists is a wrong DATA folder, not a text-only (or image-only) run."""
+        for column, n in self.tried.items():
+            if not self.found[column]:
+                raise EmbedkitError(f"none of the {n} paths in column '{column}' is a file inside the data folder "
+                                    f"'{self.root}' (e.g. '{self.example[column]}'): pass as DATA the folder these "
+                                    f"paths are relative to")
+
+
+# A few repeated rows are data-entry slips worth recording; many mean the id column is not a row id.
+MAX_DUPLICATE_FRACTION = 0.01
+
+
+def _check_duplicates(duplicates: int, n_rows: int, opts: SourceOptions) -> None:
+    if duplicates < 2 or duplicates <= MAX_DUPLICATE_FRACTION * n_rows:
+        return
+    source = f"column '{opts.id_col}'" if opts.id_col else f"column '{opts.image_col}' (the id is the image path)"
+    raise EmbedkitError(f"{duplicates} of {n_rows} rows repeat an id in {source}: ids must be unique per row; for a "
+                        f"patient column use --group-col")

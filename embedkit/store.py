@@ -1,14 +1,16 @@
 """Parquet output: one dataset folder per (modality, model), written so that a crash loses nothing.
 
 Layout under `--out`:
-  image__dinov2-small/part-00000.parquet ...   rows: id, path, sha256, embedding, split, labels, metadata
-  text__minilm/part-00000.parquet ...
+  image__dinov2-small/part-00000.parquet ...   rows: id, path, sha256, embedding, split, group, labels, metadata
+  text__minilm/part-00000.parquet ...          the same, plus `text`: the exact text that was embedded
   errors.parquet                              id, path, stage, reason (this run's skipped inputs)
   manifest.json                               provenance, counts and costs of the last run
 
 Crash safety: a part is written as `part-N.parquet.tmp` and renamed when complete (rename is
 atomic), so after `kill -9` only whole, readable parts remain; the next run deletes the `.tmp`
-and embeds what is missing. Rows change only through whole-file replacement.
+and embeds what is missing. Rows change only through whole-file replacement: dropping stale rows
+and updating labels, split, group and metadata from an edited table (`relabel_parts`) both rewrite a
+part to `.tmp` and rename it over the old one.
 Provenance (the resolved encoder spec) is stored as JSON under the schema metadata key `embedkit`.
 """
 
@@ -28,7 +30,9 @@ import pyarrow.parquet as pq
 from embedkit.errors import EmbedkitError
 
 META_KEY = b"embedkit"
-BASE_COLUMNS = ("id", "path", "sha256", "embedding", "split")
+BASE_COLUMNS = ("id", "path", "sha256", "embedding", "split", "group")
+TEXT_COLUMN = "text"  # text tables only: the exact text that was embedded (for leakage checks on training rows)
+RESERVED_COLUMNS = (*BASE_COLUMNS, TEXT_COLUMN)  # no label or metadata column may take these names
 # Provenance fields that must agree for rows to live in one embedding column.
 IDENTITY_FIELDS = ("source", "family", "revision", "pooling", "dim", "preprocess", "max_length", "normalize", "dtype",
                    "quantize")
@@ -49,12 +53,19 @@ def write_json_atomic(path: Path, obj) -> None:
 # ---------------------------------------------------------------- schema
 
 
-def build_schema(dim: int, columns: dict[str, list], provenance: dict) -> pa.Schema:
-    """Schema from the values of every carried-through column across all items (so parts agree)."""
+def build_schema(dim: int, columns: dict[str, list], provenance: dict, text_column: bool = False) -> pa.Schema:
+    """Schema from the values of every carried-through column across all items (so parts agree).
+
+    `columns` holds labels and metadata; a name among BASE_COLUMNS there is the base column itself.
+    """
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("path", pa.string()),
               pa.field("sha256", pa.string()), pa.field("embedding", pa.list_(pa.float32(), dim)),
-              pa.field("split", pa.string())]
+              pa.field("split", pa.string()), pa.field("group", pa.string())]
+    if text_column:
+        fields.append(pa.field(TEXT_COLUMN, pa.string()))
     for name, values in columns.items():
+        if name in BASE_COLUMNS or (text_column and name == TEXT_COLUMN):
+            continue
         try:
             typ = pa.array(values).type
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -96,6 +107,8 @@ class PartWriter:
         for f in self.schema:
             if f.name == "embedding":
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
+            elif f.name == "group" and "group" not in columns:  # a writer with no groups (e.g. a projection)
+                arrays.append(pa.nulls(len(embeddings), pa.string()))
             else:
                 arrays.append(to_column(columns[f.name], f.type))
         self._buffer.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
@@ -193,6 +206,55 @@ def drop_rows(directory: Path, ids: set[str]) -> int:
         else:
             p.unlink()
     return dropped
+
+
+# Columns whose change is not a relabelling: the id and the content hash are the row's identity, and
+# `text` follows from the hash (the same content reads as the same text).
+_NOT_LABELS = ("id", "sha256", "embedding", TEXT_COLUMN)
+
+
+def relabel_parts(directory: Path, schema: pa.Schema, values_for, provenance_update: dict) -> int:
+    """Bring stored rows' labels, split, group, metadata and path up to date; embeddings stay as stored.
+
+    `schema` is the schema new rows get (build_schema over the current table; its embedding field is
+    ignored, each part keeps its own). `values_for(part)` returns, for a part read without its embedding
+    column, the current values of every other column of `schema`, in the part's row order. A part is
+    rewritten (to .tmp, then renamed over itself) only when a value, the schema, or one of the
+    `provenance_update` keys of its provenance differs. Returns how many rows changed a value.
+    """
+    relabelled = 0
+    for p in part_files(directory):
+        old_schema, provenance = pq.read_schema(p), read_provenance(p)
+        old = pq.read_table(p, columns=[n for n in old_schema.names if n != "embedding"])
+        new_provenance = json.loads(json.dumps({**provenance, **provenance_update}, default=str))
+        target = pa.schema([old_schema.field("embedding") if f.name == "embedding" else f for f in schema],
+                           metadata={META_KEY: json.dumps(new_provenance, default=str).encode()})
+        values = values_for(old)
+        new = {f.name: to_column(values[f.name], f.type) for f in target if f.name != "embedding"}
+        changed = _changed_rows(old, new)
+        label_like = [changed[n] for n in changed if n not in _NOT_LABELS]
+        relabelled += int(np.any(label_like, axis=0).sum()) if label_like else 0
+        same_schema = target.remove_metadata().equals(old_schema.remove_metadata())
+        if same_schema and new_provenance == provenance and not any(v.any() for v in changed.values()):
+            continue
+        embedding = pq.read_table(p, columns=["embedding"]).column("embedding")  # copied as stored, bit for bit
+        table = pa.Table.from_arrays([embedding if f.name == "embedding" else new[f.name] for f in target],
+                                     schema=target)
+        tmp = p.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, p)
+    return relabelled
+
+
+def _changed_rows(old: pa.Table, new: dict[str, pa.Array]) -> dict[str, np.ndarray]:
+    """Per column (of either side), which rows differ; a column one side lacks counts as all None there."""
+    n = old.num_rows
+    out = {}
+    for name in dict.fromkeys([*old.column_names, *new]):
+        a = old.column(name).to_pylist() if name in old.column_names else [None] * n
+        b = new[name].to_pylist() if name in new else [None] * n
+        out[name] = np.array([not (x == y or (x != x and y != y)) for x, y in zip(a, b)], dtype=bool)
+    return out
 
 
 def write_errors(out: Path, skipped: list) -> Path:
