@@ -449,13 +449,6 @@ def pretrain(
             setattr(source, name, value)
     scan = scan_source(data, source, rows=rows)
     pairs = [it for it in scan.items if it.image_path is not None and it.has_text]
-    if group_col:
-        # Sources that do not fill item.group yet carry the column through in meta.
-        if not any(it.group is not None or group_col in it.meta for it in pairs):
-            raise EmbedkitError(f"column '{group_col}' (--group-col) is not in the table")
-        for it in pairs:
-            if it.group is None and it.meta.get(group_col) is not None:
-                it.group = str(it.meta[group_col])
     splits = Counter(it.split for it in pairs)
     has_split = any(s is not None for s in splits)
     if only_split is not None:

@@ -226,3 +226,74 @@ def test_heads_shapes_and_sizes():
     n_params = (24 * 128 + 128) + 2 * 128 + (128 * 3 + 3)  # linear, BatchNorm affine, linear
     assert est.n_parameters_ == n_params
     assert est.model_bytes() == 4 * (n_params + 2 * 128) + 8  # + running mean/var, int64 counter
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_balanced_weights_reach_the_loss_for_multiclass_and_multilabel(task):
+    """Minority classes (labels) are recalled better with 'balanced' weights, and the weights are the
+    documented n / (k * count) and n_neg / n_pos."""
+    rng = np.random.default_rng(2)
+    n = 1200
+    if task == "multiclass":
+        y = rng.choice(3, n, p=[0.85, 0.1, 0.05])
+        Y = np.eye(3)[y]
+    else:
+        Y = (rng.random((n, 2)) < [0.5, 0.08]).astype(int)
+        y = Y
+    X = (0.4 * Y @ rng.normal(size=(Y.shape[1], 24)) + rng.normal(size=(n, 24))).astype(np.float32)
+    kw = dict(modality_dims=DIMS, epochs=10, random_state=0)
+    plain = FusionClassifier(class_weight=None, **kw).fit(X[:900], y[:900])
+    weighted = FusionClassifier(class_weight="balanced", **kw).fit(X[:900], y[:900])
+    if task == "multiclass":
+        counts = np.bincount(y[:900], minlength=3)
+        np.testing.assert_allclose(weighted.loss_weight_, 900 / (3 * counts))
+        rare = lambda est: recall_score(y[900:], est.predict(X[900:]), labels=[1, 2], average="macro")  # noqa: E731
+    else:
+        pos = Y[:900].sum(0)
+        np.testing.assert_allclose(weighted.loss_weight_, (900 - pos) / pos)
+        rare = lambda est: recall_score(Y[900:, 1], est.predict(X[900:])[:, 1])  # noqa: E731
+    assert rare(weighted) > rare(plain) + 0.1
+
+
+@pytest.mark.parametrize("path", ["standard", "none", "learn_lambda"])
+def test_noise_is_in_units_of_each_feature_training_std_on_every_path(path, monkeypatch):
+    """Rows take two values only (one per class), so what the head receives in training minus the
+    clean row is exactly the injected noise: its per-feature std must be noise_std times that
+    feature's training std, whatever the input scaling (unit-length rows have a spread of a few
+    hundredths, so absolute noise would be tens of times too strong)."""
+    rng = np.random.default_rng(3)
+    d, n = 8, 512
+    a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 2 * d)))
+    y = np.arange(n) % 2
+    X = np.where(y[:, None] == 1, b, a).astype(np.float32)
+    seen = []
+    build = FusionClassifier._build_model
+
+    def recording_build(self, *args, **kwargs):
+        model = build(self, *args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()) if m.training else None)
+        return model
+
+    monkeypatch.setattr(FusionClassifier, "_build_model", recording_build)
+    kw = dict(modality_dims=(d, d), epochs=4, random_state=0, noise_std=0.1, batch_size=128)
+    if path == "learn_lambda":
+        est = FusionClassifier(learn_lambda=True, **kw).fit(X, y, gap=(a[:d] - a[d:]).astype(np.float32))
+    else:
+        est = FusionClassifier(scale=path, **kw).fit(X, y)
+    fed = torch.cat(seen).numpy()
+    clean = est._standardise(X[:2])  # the two distinct rows as the head sees them without noise
+    nearest = np.argmin(((fed[:, None, :] - clean[None]) ** 2).sum(-1), axis=1)
+    noise = fed - clean[nearest]
+    unit = np.ones(2 * d) if path == "standard" else X.std(0)
+    np.testing.assert_allclose(noise.std(0) / unit, 0.1, rtol=0.15)
+    np.testing.assert_array_equal(est.predict_proba(X), est.predict_proba(X))  # none at predict
+
+
+def test_scale_none_feeds_rows_unchanged():
+    X, y = make_data("binary", n=200)
+    est = FusionClassifier(modality_dims=DIMS, epochs=2, scale="none").fit(X, y)
+    np.testing.assert_array_equal(est.mean_, 0) and np.testing.assert_array_equal(est.scale_, 1)
+    std = FusionClassifier(modality_dims=DIMS, epochs=2).fit(X, y)
+    np.testing.assert_allclose(std.mean_, X.mean(0), atol=1e-5)
+    with pytest.raises(EmbedkitError, match="scale"):
+        FusionClassifier(modality_dims=DIMS, scale="minmax").fit(X, y)

@@ -208,3 +208,105 @@ def test_subgroups_reported_with_intervals(tmp_path):
     assert sum(e["n"] for e in sub.values()) == m["data"]["n"]["test"]
     assert all(e["small"] for e in sub.values())  # 3 rows each
     assert all(0 <= e["bootstrap"]["accuracy"]["low"] <= e["bootstrap"]["accuracy"]["high"] <= 1 for e in sub.values())
+
+
+def test_leakage_scan_reads_training_texts_only(tmp_path):
+    """Half the 'pos' notes say 'died'; the scan names the token, from training rows only."""
+    rng = np.random.default_rng(0)
+    n = 240
+    y = np.array(["neg", "pos"] * (n // 2), dtype=object)
+    words = np.array(["cough", "fever", "chest", "film", "review", "pain"])
+    texts = [" ".join(rng.choice(words, 5)) + (" patient died" if y[i] == "pos" and i % 4 == 1 else "")
+             for i in range(n)]
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    ids = np.array([f"r{i:04d}" for i in range(n)], dtype=object)
+    emb = tmp_path / "emb"
+    write_embeddings(emb, "text", "minilm", ids, x, {"dx": y, "text": np.array(texts, dtype=object)})
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="text", epochs=2))
+    rules = m["leakage"]["rules"]
+    assert rules and rules[0]["token"] == "died" and rules[0]["class"] == "pos"
+    assert m["leakage"]["n_rows_scanned"] == m["data"]["n"]["train"]
+    assert "patient died" not in str(m["leakage"])  # tokens only, never a note
+
+
+def shared_space(tmp_path, n=300, name="emb", drop=None):
+    """Image and text rows of one latent (the class) in one space, offset by a modality gap."""
+    rng = np.random.default_rng(0)
+    y = np.array(["a", "b"] * (n // 2), dtype=object)
+    centres = rng.normal(size=(2, 16)) * 1.5
+    z = centres[(y == "b").astype(int)] + rng.normal(size=(n, 16))
+    img = z + 4.0 + rng.normal(size=(n, 16)) * 0.3
+    txt = z - 4.0 + rng.normal(size=(n, 16)) * 0.3
+    ids = np.array([f"r{i:04d}" for i in range(n)], dtype=object)
+    out = tmp_path / name
+    keep = np.ones(n, bool) if drop is None else drop
+    cols = {"dx": y}
+    write_embeddings(out, "image", "clipish", ids, img.astype(np.float32), cols)
+    if drop is not None:
+        cols = {"dx": y[keep]}
+        write_embeddings(out, "text", "clipish", ids[keep], txt[keep].astype(np.float32), cols)
+    else:
+        write_embeddings(out, "text", "clipish", ids, txt.astype(np.float32), cols)
+    return out, y
+
+
+def test_lambda_changes_what_the_classifier_sees_and_predicts(tmp_path):
+    from embedkit.predict import load_model, model_features
+    from embedkit.store import load_embeddings
+
+    emb, _ = shared_space(tmp_path)
+    es = load_embeddings(emb)
+    fed, preds = [], []
+    for lam in (0.0, 1.0):
+        m = train(emb, tmp_path / f"m{lam}", TrainConfig(labels=["dx"], fusion="early", epochs=5, align_lambda=lam))
+        assert m["alignment"]["scale"] == "none"  # the default when aligning: the shift survives
+        _, info = load_model(tmp_path / f"m{lam}")
+        fed.append(model_features(info, es.embeddings))
+        preds.append(np.array(__import__("pyarrow.parquet").parquet.read_table(
+            tmp_path / f"m{lam}" / "test_predictions.parquet").column("prob_b").to_pylist()))
+    assert np.abs(fed[0] - fed[1]).max() > 0.1
+    assert np.abs(preds[0] - preds[1]).max() > 0.01
+
+
+def test_missing_modality_is_stood_in_for_across_the_gap(tmp_path):
+    import pyarrow.parquet as pq
+
+    from embedkit.train import predict
+
+    emb, y = shared_space(tmp_path)
+    train(emb, tmp_path / "aligned", TrainConfig(labels=["dx"], fusion="early", epochs=10, align="center"))
+    train(emb, tmp_path / "raw", TrainConfig(labels=["dx"], fusion="early", epochs=10))
+    drop = np.arange(300) % 3 != 0  # a third of the rows have no report
+    partial, _ = shared_space(tmp_path, name="partial", drop=drop)
+    r = predict(tmp_path / "aligned", partial, tmp_path / "p.parquet")
+    assert r["modalities"] == {"image": 100, "image+text": 200}
+    t = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    only_image = np.array(t["modalities"]) == "image"
+    acc = (np.array(t["predicted"])[only_image] == np.array(t["true_dx"])[only_image]).mean()
+    assert acc > 0.85  # the image moved across the gap stands in for the report
+    with pytest.raises(EmbedkitError, match="without --align"):
+        predict(tmp_path / "raw", partial, tmp_path / "q.parquet")
+    # cross-modal transfer: a text-only model applied to images through the same stand-in
+    train(emb, tmp_path / "text_only", TrainConfig(labels=["dx"], fusion="text", epochs=10, align="center"))
+    images = tmp_path / "images_only"
+    write_embeddings(images, "image", "clipish", *_image_block(emb))
+    r = predict(tmp_path / "text_only", images, tmp_path / "t.parquet")
+    t = pq.read_table(tmp_path / "t.parquet").to_pydict()
+    assert set(t["modalities"]) == {"image"}
+    assert (np.array(t["predicted"]) == np.array(t["true_dx"])).mean() > 0.85
+
+
+def _image_block(emb):
+    from embedkit.store import load_embeddings
+
+    es = load_embeddings(emb, modalities=["image"])
+    return es.ids, es.embeddings["image"], {"dx": es.columns["dx"]}
+
+
+def test_modality_dropout_needs_an_aligner(tmp_path):
+    emb, _ = shared_space(tmp_path)
+    with pytest.raises(EmbedkitError, match="modality-dropout needs --align"):
+        train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", modality_dropout=0.3))
+    m = train(emb, tmp_path / "ok", TrainConfig(labels=["dx"], fusion="early", epochs=3, align="center",
+                                                modality_dropout=0.3))
+    assert m["alignment"]["modality_dropout"] == 0.3

@@ -168,7 +168,7 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     `extract` writes (dim and a `projection` entry updated), so `train --align-*`, `gap` and
     `retrieval` work on encoders that never shared a space.
     """
-    from embedkit.store import PartWriter, build_schema, dataset_dir, load_embeddings, write_json_atomic
+    from embedkit.store import TEXT_COLUMN, PartWriter, build_schema, dataset_dir, load_embeddings, write_json_atomic
 
     out_dir = Path(out_dir)
     es = load_embeddings(emb_dir, modalities=list(MODALITIES), models=models)
@@ -187,15 +187,21 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
         heads = ProjectionHeads.load(heads_dir)
     projected = dict(zip(MODALITIES, heads.apply(es.embeddings["image"], es.embeddings["text"])))
     weights_sha = hashlib.sha256((Path(heads_dir) / WEIGHTS).read_bytes()).hexdigest()
-    carried = {k: list(v) for k, v in es.columns.items() if k != "split" and not k.endswith(("_path", "_sha256"))}
+    carried = {k: list(v) for k, v in es.columns.items()
+               if k not in ("split", TEXT_COLUMN) and not k.endswith(("_path", "_sha256"))}
     for m in MODALITIES:
         prov = dict(es.provenance[m])
         prov.update(name=f"{prov.get('name')}+proj", dim=int(projected[m].shape[1]),
                     source=f"{prov.get('source')}+proj:{weights_sha[:16]}",
                     projection={"heads": str(Path(heads_dir).resolve()), "sha256": weights_sha})
-        writer = PartWriter(dataset_dir(out_dir, m, prov["name"]), build_schema(prov["dim"], carried, prov))
+        with_text = m == "text" and TEXT_COLUMN in es.columns  # the text table keeps its texts (leakage checks)
+        writer = PartWriter(dataset_dir(out_dir, m, prov["name"]),
+                            build_schema(prov["dim"], carried, prov, text_column=with_text))
         cols = {"id": list(es.ids), "path": list(es.columns[f"{m}_path"]), "sha256": list(es.columns[f"{m}_sha256"]),
-                "split": list(es.columns.get("split", [None] * len(es.ids))), **carried}
+                "split": list(es.columns.get("split", [None] * len(es.ids))),
+                "group": list(es.columns.get("group", [None] * len(es.ids))), **carried}
+        if with_text:
+            cols[TEXT_COLUMN] = list(es.columns[TEXT_COLUMN])
         writer.write(cols, projected[m])
         writer.close()
     result = {"rows": int(len(es.ids)), "dim": int(heads.dim), "heads": str(heads_dir), "fit": metrics}
