@@ -3,11 +3,14 @@
 For each requested modality:
   1. hash every input (sha256 of the file, or of the text) and compare with what `--out` holds:
      only new or changed items are embedded; rows of changed or vanished items are dropped;
+     the rows kept take the table's current labels, split, group and metadata (store.relabel_parts),
+     their embeddings untouched;
   2. load the encoder only if there is work;
   3. images: decode + resize of batch k+1 runs in a thread while the model embeds batch k;
      identical files (same sha256) are embedded once;
      texts: sorted by length so a batch pads to similar lengths (sentence-transformers' trick);
-  4. rows stream into row groups of atomically-renamed part files (see store.py).
+  4. rows stream into row groups of atomically-renamed part files (see store.py); a text row also
+     keeps the exact text that was embedded, so training can check training rows for leakage.
 Bad inputs become rows of errors.parquet; `strict` turns the first one into a failure.
 Only step 3 differs by engine: "local" embeds in this process (below), "ray" in Ray actors
 (engines/ray_engine.py); both yield the same batches to the same writer.
@@ -191,24 +194,23 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
     by_id = {it.id: it for it in items}
+    is_text = modality == "text"
 
     def current_values(part) -> dict[str, list]:
         rows = [by_id[i] for i in part.column("id").to_pylist()]  # stale rows were dropped: every id is here
         values = _row_values(rows, modality, root, hashes, label_cols, meta_cols)
-        if modality == "text":  # same hash, same text: keep it; parts from before the column existed get it now
+        if is_text:  # same hash, same text: keep it; parts from before the column existed get it now
             values[TEXT_COLUMN] = (part.column(TEXT_COLUMN).to_pylist() if TEXT_COLUMN in part.column_names
                                    else [_read_text(it)[0] for it in rows])
         return values
 
-    def relabel(dim: int, provenance: dict) -> int:
-        schema = build_schema(dim, columns, provenance, text_column=modality == "text")
-        return relabel_parts(directory, schema, current_values, table_keys) if directory.exists() else 0
-
     if not pending:
         if stale:
             res.rows_dropped = drop_rows(directory, stale)
-        if directory.exists() and part_files(directory):
-            res.rows_relabelled = relabel(read_provenance(part_files(directory)[0])["dim"], table_keys)
+        if part_files(directory):
+            dim = read_provenance(part_files(directory)[0])["dim"]
+            schema = build_schema(dim, columns, table_keys, text_column=is_text)
+            res.rows_relabelled = relabel_parts(directory, schema, current_values, table_keys)
         say(f"{modality}: all {len(items)} rows already in {directory.name}, nothing to embed")
         res.rows_total = len(items)
         res.bytes = dir_bytes(directory) if directory.exists() else 0
@@ -224,15 +226,15 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         check_same_encoder(directory, provenance)
     if stale:
         res.rows_dropped = drop_rows(directory, stale)
-    res.rows_relabelled = relabel(encoder_provenance["dim"], provenance)
-    schema = build_schema(encoder_provenance["dim"], columns, provenance, text_column=modality == "text")
+    schema = build_schema(encoder_provenance["dim"], columns, provenance, text_column=is_text)
+    res.rows_relabelled = relabel_parts(directory, schema, current_values, table_keys)
     writer = PartWriter(directory, schema, rows_per_part=config.rows_per_part,
                         row_group_size=min(256, config.rows_per_part))
 
     def write(batch: list[Item], vectors: np.ndarray) -> None:
         with costs.stage("write"):
             cols = _row_values(batch, modality, root, hashes, label_cols, meta_cols)
-            if modality == "text":  # the text as the encoder got it (read again here, so every engine agrees)
+            if is_text:  # the text as the encoder got it (read again here, so every engine agrees)
                 cols[TEXT_COLUMN] = [_read_text(it)[0] for it in batch]
             writer.write(cols, vectors)
 

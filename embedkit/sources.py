@@ -72,11 +72,14 @@ def scan_folder(root: Path) -> SourceScan:
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
     skipped: list[SkippedInput] = []
     real_root = root.resolve()
-    outside = [p for p in files if not is_inside(p, real_root)]  # symlinks pointing out of DATA
-    for p in outside:
-        rel = p.relative_to(root)
-        skipped.append(SkippedInput(rel.with_suffix("").as_posix(), rel.as_posix(), "scan", OUTSIDE))
-    files = [p for p in files if p not in set(outside)]
+    inside = []
+    for p in files:
+        if is_inside(p, real_root):
+            inside.append(p)
+        else:  # a symlink pointing out of DATA
+            rel = p.relative_to(root)
+            skipped.append(SkippedInput(rel.with_suffix("").as_posix(), rel.as_posix(), "scan", OUTSIDE))
+    files = inside
     top_dirs = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
     # ImageFolder style: every image sits exactly one level down, in >= 2 sub-folders
     depths = {len(p.relative_to(root).parts) for p in files if p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS}
@@ -235,7 +238,8 @@ def _check_named_columns(columns: set[str], opts: SourceOptions) -> None:
              "--text-file-col": opts.text_file_col, "--split-col": opts.split_col, "--group-col": opts.group_col}
     for flag, col in list(named.items()) + [("--label-col", c) for c in opts.label_cols]:
         if col and col not in columns:
-            raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: {', '.join(sorted(columns))}")
+            raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: "
+                                f"{', '.join(sorted(columns))}")
     for col in opts.label_cols:
         if col in RESERVED_COLUMNS:
             raise EmbedkitError(f"label column '{col}' has the name of one of embedkit's own columns "
@@ -314,6 +318,8 @@ MAX_DUPLICATE_FRACTION = 0.01
 def _check_duplicates(duplicates: int, n_rows: int, opts: SourceOptions) -> None:
     if duplicates < 2 or duplicates <= MAX_DUPLICATE_FRACTION * n_rows:
         return
-    source = f"column '{opts.id_col}'" if opts.id_col else f"column '{opts.image_col}' (the id is the image path)"
-    raise EmbedkitError(f"{duplicates} of {n_rows} rows repeat an id in {source}: ids must be unique per row; for a "
-                        f"patient column use --group-col")
+    if opts.id_col:
+        where, fix = f"column '{opts.id_col}'", "for a patient column use --group-col"
+    else:  # ids come from image paths: several rows about one image (questions, readers)
+        where, fix = f"column '{opts.image_col}' (the id is the image path)", "name a row id column with --id-col"
+    raise EmbedkitError(f"{duplicates} of {n_rows} rows repeat an id in {where}: ids must be unique per row; {fix}")

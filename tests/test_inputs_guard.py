@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +282,55 @@ def test_parts_written_before_group_and_text_existed_get_them(tiny_models, tmp_p
     assert _stored(directory) == before
 
 
+RELABEL_KILL = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from embedkit import store
+    from embedkit.extract import ExtractConfig, extract
+    from embedkit.items import SourceOptions
+    root, out, model = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    src = SourceOptions(metadata=root / "meta.csv", id_col="id", text_col="text", label_cols=["dx"])
+    cfg = ExtractConfig(image_model=None, text_model=model, rows_per_part=2, batch_size=2, progress=False)
+    def half_then_die(table, where, **kw):  # a kill -9 in the middle of rewriting a part
+        Path(where).write_bytes(b"PAR1 half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    store.pq.write_table = half_then_die
+    extract(root, out, cfg, source=src)
+""")
+
+
+def test_kill_9_while_relabelling_leaves_whole_parts(tiny_models, tmp_path):
+    _write_csv(tmp_path / "meta.csv", _rows())
+    src = SourceOptions(metadata=tmp_path / "meta.csv", id_col="id", text_col="text", label_cols=["dx"])
+    cfg = _cfg(tiny_models, image_model=None, rows_per_part=2, batch_size=2)
+    out = tmp_path / "emb"
+    extract(tmp_path, out, cfg, source=src)
+    directory = out / "text__tiny-bert"
+    before = _stored(directory)
+    _write_csv(tmp_path / "meta.csv", _rows(a={"dx": "5"}, f={"dx": "5"}))
+    (tmp_path / "kill.py").write_text(RELABEL_KILL)
+    proc = subprocess.run([sys.executable, tmp_path / "kill.py", tmp_path, out, tiny_models["bert"]],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert _stored(directory) == before  # every part whole, and as it was
+    r = extract(tmp_path, out, cfg, source=src).modalities["text"]
+    assert (r.rows_embedded, r.rows_relabelled) == (0, 2)
+    after = _stored(directory)
+    assert after["a"]["dx"] == after["f"]["dx"] == "5" and not list(directory.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- columns named like embedkit's own
+
+def test_table_columns_named_like_embedkit_columns(tmp_path):
+    _write_csv(tmp_path / "m.csv", [{"id": "a", "note": "x", "split": "test", "group": "g1", "site": "s"}])
+    scan = scan_source(tmp_path, SourceOptions(metadata=tmp_path / "m.csv", id_col="id", text_col="note"))
+    assert scan.not_carried == ["group", "split"] and scan.items[0].meta == {"site": "s"}
+    assert scan.items[0].split is None and scan.items[0].group is None  # a stray column is not the split
+    with pytest.raises(EmbedkitError, match="label column 'group' has the name of one of embedkit's own columns"):
+        scan_source(tmp_path, SourceOptions(metadata=tmp_path / "m.csv", id_col="id", text_col="note",
+                                            label_cols=["group"]))
+
+
 # ---------------------------------------------------------------- repeated ids
 
 def test_many_repeated_ids_fail_a_few_are_recorded(tmp_path):
@@ -296,6 +347,11 @@ def test_many_repeated_ids_fail_a_few_are_recorded(tmp_path):
         scan_source(tmp_path, opts)
     assert str(e.value) == ("3 of 200 rows repeat an id in column 'patient_id': ids must be unique per row; for a "
                             "patient column use --group-col")
+    make_image(tmp_path / "x.jpg", 0)  # no id column: the image path is the id, and two questions share one
+    _write_csv(tmp_path / "q.csv", [{"image": "x.jpg", "question": q} for q in ("left?", "right?", "both?")])
+    with pytest.raises(EmbedkitError, match=r"^2 of 3 rows repeat an id in column 'image' \(the id is the image "
+                                            r"path\): ids must be unique per row; name a row id column with --id-col$"):
+        scan_source(tmp_path, SourceOptions(metadata=tmp_path / "q.csv", image_col="image", text_col="question"))
 
 
 def test_repeated_ids_are_counted_on_the_console_and_fail_the_cli(tiny_models, tmp_path, capsys):
