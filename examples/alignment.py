@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from embedkit.fusion.align import gap_stats
+from embedkit.fusion.gap import gap_report
 from embedkit.store import load_embeddings
 from embedkit.train import TrainConfig, train
 
@@ -38,7 +38,11 @@ def main() -> None:
         emb = args.out / "projected"
         project_embeddings(args.emb, emb)
     es = load_embeddings(emb, modalities=["image", "text"])
-    stats = gap_stats(es.embeddings["image"], es.embeddings["text"], lambda_=1.0)
+    split = es.columns.get("split")
+    train_rows = None if split is None else [v == "train" for v in split]
+    stats = gap_report(es.embeddings["image"], es.embeddings["text"], methods=["none", "shift", "center"],
+                       lambda_=1.0, fit_rows=train_rows if train_rows and any(train_rows) else None)
+    before, after = stats["methods"]["none"], stats["methods"]["shift"]
     variants = {"none": {}, "shift": {"align_sweep": args.sweep}, "noise": {"noise_std": args.noise},
                 "shift + noise": {"align_sweep": args.sweep, "noise_std": args.noise}}
     rows = []
@@ -49,8 +53,11 @@ def main() -> None:
         rows.append({"variant": name, "lambda": (m.get("alignment") or {}).get("lambda"),
                      **{k: [s[k]["mean"], s[k]["std"]] for k in ("macro_f1", "auroc", "accuracy")}})
     lines = [f"Alignment on {emb} (label `{args.label}`, early fusion, {args.seeds} seeds, mean ± std on test)", "",
-             f"gap norm {stats['gap_norm']:.3f} -> {stats['after_gap_norm']:.3f} at lambda 1; "
-             f"pair cosine {stats['mean_pair_cosine']:.3f} -> {stats['after_mean_pair_cosine']:.3f}", "",
+             f"gap norm {before['gap_norm']:.3f} -> {after['gap_norm']:.3f} at lambda 1; "
+             f"pair cosine {before['mean_pair_cosine']:.3f} -> {after['mean_pair_cosine']:.3f}; "
+             f"modality probe {before['probe_accuracy']:.2f} -> {after['probe_accuracy']:.2f} "
+             f"(centered: {stats['methods']['center']['probe_accuracy']:.2f}; aligners fitted on {stats['fitted_on']})",
+             "",
              "| variant | lambda (val) | macro-F1 | AUROC | accuracy |", "|---|---|---|---|---|"]
     for r in rows:
         lam = "-" if r["lambda"] is None else f"{r['lambda']:g}"
