@@ -322,22 +322,77 @@ def evaluate(
 @app.command()
 def gap(
     emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings in one space."),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Also show the statistics after this shift."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for gap.json and gap_pca.png."),
+    align: str = typer.Option("none,shift,center,standardize", help="Comma-separated alignment methods to compare: "
+                                                                    "none, shift, center, standardize."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="The shift's lambda (default 1: closes the gap "
+                                                                   "between the means)."),
+    split: Optional[str] = typer.Option(None, help="Fit the aligners on rows of this split only (e.g. train); "
+                                                   "default: all rows."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for gap.json and gap_pca.png (default: EMB)."),
 ):
-    """Modality-gap diagnostics: gap norm, pair cosine, cone effect, PCA plot."""
-    import json
+    """Modality-gap diagnostics per alignment method: centroid gap, cosines, cones, probe, MMD, PCA plot."""
+    import numpy as np
 
-    from embedkit.fusion.align import gap_stats, plot_gap_pca
-    from embedkit.store import load_embeddings
+    from embedkit.fusion.align import ALIGN_METHODS, fit_aligners, plot_gap_pca
+    from embedkit.fusion.gap import gap_report
+    from embedkit.store import load_embeddings, write_json_atomic
 
+    methods = [m.strip() for m in align.split(",") if m.strip()]
+    if not methods or any(m not in ALIGN_METHODS for m in methods):
+        raise EmbedkitError(f"--align takes a comma-separated list of {', '.join(ALIGN_METHODS)} (got '{align}')")
+    if lambda_ is not None and "shift" not in methods:
+        raise EmbedkitError("--lambda sets the shift: add shift to --align")
     es = load_embeddings(emb, modalities=["image", "text"])
-    stats = gap_stats(es.embeddings["image"], es.embeddings["text"], lambda_=lambda_)
-    out = out or emb
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "gap.json").write_text(json.dumps(stats, indent=2))
-    plot_gap_pca(es.embeddings["image"], es.embeddings["text"], Path(out) / "gap_pca.png", lambda_=lambda_)
-    typer.echo(json.dumps(stats, indent=2))
+    image, text = es.embeddings["image"], es.embeddings["text"]
+    n = len(es.ids)
+    if n == 0:
+        raise EmbedkitError(f"no sample under '{emb}' has both image and text embeddings (joined on id)")
+    fit_rows, fitted_on = None, f"all {n} rows"
+    if split:
+        column = es.columns.get("split")
+        found = sorted({str(v) for v in column if v is not None}) if column is not None else []
+        fit_rows = np.array([v == split for v in column]) if column is not None else np.zeros(n, bool)
+        if not fit_rows.any():
+            raise EmbedkitError(f"--split {split}: no rows have split '{split}' under '{emb}' (splits found: "
+                                f"{', '.join(found[:10]) or 'none'})")
+        fitted_on = f"{int(fit_rows.sum())} of {n} rows (split == '{split}')"
+    lam = 1.0 if lambda_ is None else lambda_
+    report = gap_report(image, text, methods=methods, lambda_=lam, fit_rows=fit_rows)
+    report.update(fitted_on=fitted_on, source=str(emb), unmatched_rows=es.unmatched)
+    out = Path(out or emb)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "gap.json", report)
+    plot_gap_pca(image, text, out / "gap_pca.png", aligners=fit_aligners(image, text, methods, lam, fit_rows))
+    _print_gap_report(report, out)
+
+
+def _print_gap_report(report: dict, out: Path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+
+    columns = {"gap_norm": "gap norm", "centroid_distance": "centroid dist", "mean_pair_cosine": "pair cos",
+               "mean_within_image_cosine": "image cone", "mean_within_text_cosine": "text cone",
+               "probe_accuracy": "probe acc", "mmd2": "MMD²"}
+    table = Table(title=f"modality gap · {report['n_rows']} rows, {report['width']}-d · aligners fitted on "
+                        f"{report['fitted_on']}, measured on {report['evaluated_on']}")
+    table.add_column("method")
+    for label in columns.values():
+        table.add_column(label, justify="right")
+    for name, row in report["methods"].items():
+        label = f"shift (λ {row['params']['lambda_']:g})" if name == "shift" else name
+        table.add_row(label, *("n/a" if row[k] is None else f"{row[k]:.3f}" for k in columns))
+    console.print(table)
+    for key, label in columns.items():
+        console.print(f"  [bold]{label}[/]: {escape(report['explain'][key])}")
+    unmatched = {m: k for m, k in report.get("unmatched_rows", {}).items() if k}
+    if unmatched:
+        console.print("  left out (no partner in the other modality): "
+                      + ", ".join(f"{k} {m} rows" for m, k in unmatched.items()))
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w['message'])}", soft_wrap=True)
+    console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}")
 
 
 @app.command()

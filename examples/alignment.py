@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedkit.dataset import load_dataset
-from embedkit.fusion.align import aligner_from_dict, gap_stats, l2_normalize
+from embedkit.fusion.align import aligner_from_dict, l2_normalize
 from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
+from embedkit.fusion.gap import gap_report
 from embedkit.predict import apply_calibration, load_model, model_features
 from embedkit.train import TrainConfig, train
 
@@ -78,7 +79,9 @@ def main() -> None:
         emb = args.out / "projected"
         project_embeddings(args.emb, emb)
     ds = load_dataset(emb, [args.label], ["image", "text"])
-    stats = gap_stats(ds.blocks["image"], ds.blocks["text"], lambda_=1.0)
+    fit_rows = None if ds.split is None else ds.split == "train"
+    stats = gap_report(ds.blocks["image"], ds.blocks["text"], methods=["none", "shift", "center", "standardize"],
+                       fit_rows=fit_rows)
     rows = []
     for name, kw in VARIANTS.items():
         folder = args.out / name.replace(" + ", "_").replace(" ", "_")
@@ -90,9 +93,14 @@ def main() -> None:
                      "run0": [m["test"]["macro_f1"], b["low"], b["high"]], "groups": m["data"]["groups"],
                      "missing": missing_modality(folder, emb, args.label)})
     lines = [f"Alignment on {emb} (label `{args.label}`, early fusion, {args.seeds} seeds; groups: {rows[0]['groups']})",
-             "", f"gap norm {stats['gap_norm']:.3f} -> {stats['after_gap_norm']:.3f} at lambda 1; "
-             f"pair cosine {stats['mean_pair_cosine']:.3f} -> {stats['after_mean_pair_cosine']:.3f}", "",
-             "| variant | lambda per run (val) | macro-F1 mean ± std | run 0 [95% bootstrap] |", "|---|---|---|---|"]
+             "", f"Gap diagnostics (aligners fitted on {stats['fitted_on']}; probe accuracy 0.5 = the modalities "
+             "cannot be told apart):", "", "| method | gap norm | pair cosine | probe accuracy | MMD^2 |",
+             "|---|---|---|---|---|"]
+    for name, g in stats["methods"].items():
+        lines.append(f"| {name} | {g['gap_norm']:.3f} | {g['mean_pair_cosine']:.3f} | {g['probe_accuracy']:.3f} | "
+                     f"{g['mmd2']:.4f} |")
+    lines += ["",
+              "| variant | lambda per run (val) | macro-F1 mean ± std | run 0 [95% bootstrap] |", "|---|---|---|---|"]
     for r in rows:
         lam = ", ".join("-" if v is None else f"{v:g}" for v in r["chosen_lambda"])
         lines.append(f"| {r['variant']} | {lam} | {r['macro_f1'][0]:.3f} ± {r['macro_f1'][1]:.3f} | "
