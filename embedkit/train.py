@@ -85,9 +85,11 @@ def parse_sweep(spec: str) -> list[dict]:
     `shift:START:STOP:STEP`; a bare START:STOP:STEP means gap-shift lambdas."""
     out = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        method, _, rest = part.partition(":") if ":" in part and not part[0].isdigit() and part[0] != "-" \
-            else ("shift", ":", part)
-        method, _, value = method.partition("=")
+        if part[0].isdigit() or part[0] in "-.":  # a bare lambda grid
+            method, value, grid = "shift", "", part
+        else:
+            head, _, grid = part.partition(":")
+            method, _, value = head.partition("=")
         if method not in ("none", "shift", "center", "standardize"):
             raise EmbedkitError(f"--align-sweep: unknown method '{method}' (none, shift, center, standardize)")
         if method != "shift":
@@ -95,7 +97,7 @@ def parse_sweep(spec: str) -> list[dict]:
         elif value:
             out.append({"method": "shift", "lambda": _number(value)})
         else:
-            out.extend({"method": "shift", "lambda": lam} for lam in _grid(rest))
+            out.extend({"method": "shift", "lambda": lam} for lam in _grid(grid or "1:1:1"))
     if not out:
         raise EmbedkitError("--align-sweep is empty")
     return out

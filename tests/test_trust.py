@@ -22,18 +22,18 @@ from test_train import write_embeddings
 MARK = 1e-4  # feature 0 of the image block = row number * MARK
 
 
-def marked_clinic(tmp_path, n_groups=60, per_group=3, split=None, seed=0, labels="signal", name="emb"):
+def marked_clinic(tmp_path, n_groups=60, per_group=3, split=None, seed=0, labels="signal", name="emb", dim=8):
     """Groups (patients) of near-identical rows; labels per group; image feature 0 = row marker."""
     rng = np.random.default_rng(seed)
     n = n_groups * per_group
     group = np.repeat([f"pt{g:03d}" for g in range(n_groups)], per_group).astype(object)
     g_label = rng.integers(0, 2, n_groups) if labels == "random" else np.arange(n_groups) % 2
     y = np.repeat(np.array(["neg", "pos"])[g_label], per_group).astype(object)
-    centre = rng.normal(size=(n_groups, 8))
+    centre = rng.normal(size=(n_groups, dim))
     signal = 0.0 if labels == "random" else 1.5
-    img = np.repeat(centre, per_group, 0) + rng.normal(size=(n, 8)) * 0.05
+    img = np.repeat(centre, per_group, 0) + rng.normal(size=(n, dim)) * 0.05
     img += signal * np.repeat(g_label, per_group)[:, None]
-    txt = img[:, ::-1] + rng.normal(size=(n, 8)) * 0.05
+    txt = img[:, ::-1] + rng.normal(size=(n, dim)) * 0.05
     img[:, 0] = np.arange(n) * MARK
     cols = {"dx": y, "group": group}
     if split is not None:
@@ -69,8 +69,9 @@ def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls
                                                align_sweep="none,center,shift:0:1:0.5"))
     splits = [train_module.split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
                                          TrainConfig(labels=["dx"]), s, group) for s in (0, 1)]
-    # per run: 4 candidates x (training rows, validation rows) + the test call
-    per_run = 4 * 2 + 1
+    # per run: 5 candidates x (training rows, validation rows) + the test call
+    assert len(m["alignment"]["sweep"]) == 5
+    per_run = 5 * 2 + 1
     assert len(calls) == 2 * per_run
     for r, idx in enumerate(splits):
         log = calls[r * per_run:(r + 1) * per_run]
@@ -89,8 +90,8 @@ def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls
 
 def test_grouped_split_reports_chance_on_random_labels_per_group(tmp_path):
     """150 patients x 3 near-duplicate rows, labels random per patient: the honest answer is chance."""
-    emb, _ = marked_clinic(tmp_path, n_groups=150, labels="random")
-    cfg = dict(labels=["dx"], fusion="logistic", seeds=3)
+    emb, _ = marked_clinic(tmp_path, n_groups=150, labels="random", dim=64)
+    cfg = dict(labels=["dx"], fusion="early", seeds=3, epochs=40)
     grouped = train(emb, tmp_path / "g", TrainConfig(**cfg))
     rows = train(emb, tmp_path / "r", TrainConfig(**cfg, groups=False))
     acc_grouped = grouped["spread"]["test"]["accuracy"]["mean"]
@@ -185,7 +186,8 @@ def test_bootstrap_matches_weighted_reference_and_groups_widen_it():
             assert got["auroc"][b] == pytest.approx(ref)
     # 40 patients x 5 identical rows: resampling rows pretends there are 200 independent cases
     y = np.repeat(rng.integers(0, 2, 40), 5)
-    proba = np.column_stack([1 - (p := np.clip(y * 0.6 + rng.random(200) * 0.5, 0, 1)), p])
+    p = np.repeat(np.clip(y[::5] * 0.3 + rng.random(40) * 0.7, 0, 1), 5)
+    proba = np.column_stack([1 - p, p])
     groups = np.repeat(np.arange(40), 5)
     by_row = bootstrap_metrics(y, proba, [0, 1], "binary", groups=None, seed=1)["metrics"]["accuracy"]
     by_group = bootstrap_metrics(y, proba, [0, 1], "binary", groups=groups, seed=1)["metrics"]["accuracy"]
