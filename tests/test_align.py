@@ -388,6 +388,15 @@ def test_gap_report_tells_separated_from_identical_distributions():
     assert report["n_fit_rows"] == 300 and report["lambda"] == 1.0 and report["warnings"] == []
     json.dumps(report, allow_nan=False)  # JSON-safe
 
+    # Pairs stay in one fold: here each text is its image's content plus noise, in 64-d, so a probe that
+    # saw a pair's image in training would call its text an image in the test fold (accuracy ~0.1).
+    rng = np.random.default_rng(0)
+    image, _ = translated(100, d=64, seed=1)
+    content = (image - image[:, :1] * np.eye(64)[0]) / 0.6 + 0.3 * rng.normal(size=(100, 64)) / 8
+    content[:, :2] = 0
+    text = 0.8 * np.eye(64)[1] + 0.6 * l2_normalize(content)
+    assert abs(gap_report(image, text, methods=["center"])["methods"]["center"]["probe_accuracy"] - 0.5) < 0.1
+
     # Separated cones: every method but "none" takes the centroids together; the probe still sees the shift.
     sep = gap_report(*cones(200), methods=["none", "shift"], lambda_=1.0)
     assert sep["methods"]["none"]["probe_accuracy"] > 0.97 and list(sep["methods"]) == ["none", "shift"]
@@ -434,6 +443,10 @@ def test_collapse_warning_fires_on_collapsed_data_only():
     only_text = gap_report(spread_image, text, methods=["center"])["warnings"]  # judged before alignment
     assert [w["modality"] for w in only_text] == ["text"]
     assert gap_report(*cones(100, spread=0.3), methods=["none"])["warnings"] == []
+    # At the threshold: within-modality cosine s^2 = 0.985 warns, 0.975 does not.
+    near = gap_report(*translated(200, r=np.sqrt(0.015)), methods=["none"])["warnings"]
+    assert [w["mean_within_cosine"] for w in near] == pytest.approx([0.985, 0.985], abs=0.002)
+    assert gap_report(*translated(200, r=np.sqrt(0.025)), methods=["none"])["warnings"] == []
 
 
 def test_plot_gap_pca_writes_png(tmp_path):
@@ -562,7 +575,7 @@ def test_gap_command_writes_the_report_fitted_on_a_split(tmp_path):
         got = dict(report["methods"][method])
         assert got.pop("params") == row.pop("params")
         assert got == pytest.approx(row, abs=1e-6)
-    for shown in ("gap norm", "probe acc", "MMD", "center", "standardize", "gap.json", "80 of 120"):
+    for shown in ("gap norm", "probe acc", "MMD", "center", "standardize", "gap.json", "80 of 120", "narrow cone"):
         assert shown in r.stderr
     assert r.stdout == ""  # messages on stderr, data in files
 
@@ -572,7 +585,8 @@ def test_gap_command_writes_the_report_fitted_on_a_split(tmp_path):
     (tmp_path / "solo").mkdir()
     _write_modality(tmp_path / "solo", "image", ids, image, splits)
     for args, says in (((tmp_path / "wide",), "shared"), ((emb, "--split", "val"), "val"),
-                       ((emb, "--align", "center,magic"), "--align"), ((tmp_path / "solo",), "text")):
+                       ((emb, "--align", "center,magic"), "--align"), ((tmp_path / "solo",), "text"),
+                       ((emb, "--align", "center", "--lambda", "0.5"), "--lambda")):
         r = _cli("gap", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error:") and says in r.stderr and r.stderr.count("\n") <= 3
