@@ -312,3 +312,16 @@ def test_modality_dropout_needs_an_aligner(tmp_path):
     m = train(emb, tmp_path / "ok", TrainConfig(labels=["dx"], fusion="early", epochs=3, align="center",
                                                 modality_dropout=0.3))
     assert m["alignment"]["modality_dropout"] == 0.3
+
+
+def test_cv_without_an_official_test_split_validates_inside_the_other_folds(tmp_path, calls):
+    emb, group = marked_clinic(tmp_path)
+    train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, cv=3))
+    folds = [calls[3 * k:3 * k + 3] for k in range(3)]  # per fold: train, validation, test
+    assert len(calls) == 9
+    tested = [t for _, _, t in folds]
+    assert sorted(i for t in tested for i in t) == list(range(len(group)))  # each row tested once
+    for fit, val, test in folds:
+        assert not (fit & test) and not (val & test) and not (fit & val)
+        sides = [set(group[list(s)]) for s in (fit, val, test)]
+        assert not (sides[0] & sides[2]) and not (sides[1] & sides[2]) and not (sides[0] & sides[1])
