@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import json
 import re
 
@@ -62,10 +63,16 @@ def test_model_report_is_self_contained_with_metrics_and_plots(model_run):
     assert fmt(metrics["costs"]["peak_rss_mb"]) in page
 
 
-def test_model_report_without_embeddings_explains_the_missing_reliability_plot(model_run, tmp_path):
+def test_model_report_draws_reliability_from_the_saved_test_rows(model_run, tmp_path):
     page = build_report(model_run / "model", out=tmp_path / "r.html").read_text()
     self_contained(page)
-    assert "--emb" in page and page.count("data:image/png;base64,") >= 4
+    assert 'alt="reliability diagram"' in page and page.count("data:image/png;base64,") >= 4
+    assert "bootstrap interval" in page and "temperature" in page
+    old = tmp_path / "old_model"  # an older model folder without per-row test predictions: ask for --emb
+    shutil.copytree(model_run / "model", old)
+    (old / "test_predictions.parquet").unlink()
+    page = build_report(old, out=tmp_path / "r2.html").read_text()
+    assert "--emb" in page and 'alt="reliability diagram"' not in page
 
 
 def test_bench_report_embeds_tables_and_plots(tmp_path):
