@@ -188,7 +188,8 @@ def cv_runs(ds: Dataset, cfg, groups) -> list[dict[str, np.ndarray]]:
     return runs
 
 
-def warn_shared_inputs(ds: Dataset, idx: dict) -> dict:
+def warn_shared_inputs(ds: Dataset, idx: dict, fix: str = "extract with --group-col (e.g. a patient or image "
+                                                         "column)") -> dict:
     """Without groups: count test rows whose image file or text is identical to a training row's."""
     shared = {}
     for col in ("image_sha256", "text_sha256"):
@@ -202,7 +203,7 @@ def warn_shared_inputs(ds: Dataset, idx: dict) -> dict:
 
         say("[yellow]warning:[/] " + ", ".join(f"{n} test rows have the same {m} as a training row" for m, n in
                                                shared.items())
-            + "; these rows are not independent: extract with --group-col (e.g. a patient or image column)")
+            + f"; these rows are not independent: {fix}")
     return shared
 
 

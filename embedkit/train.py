@@ -341,7 +341,8 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
         runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
     first = runs[0]
     te = first.idx["test"]
-    shared_inputs = warn_shared_inputs(ds, first.idx) if groups is None else {}
+    fix = "leave out --no-groups" if not cfg.groups and groups_for(ds, cfg.group_col)[0] is not None else None
+    shared_inputs = (warn_shared_inputs(ds, first.idx, *([fix] if fix else [])) if groups is None else {})
     leakage = _leakage_scan(ds, cfg, first)
 
     with costs.stage("intervals"):

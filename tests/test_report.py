@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import json
 import re
+import shutil
 
 import pytest
 
