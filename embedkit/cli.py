@@ -487,10 +487,10 @@ def pretrain(
 ):
     """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
     import json
-    from collections import Counter
 
     from embedkit.items import SourceOptions
     from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
+    from embedkit.shared_encoder.train import select_pairs
     from embedkit.sources import scan_source
 
     if group_col and no_groups:
@@ -503,23 +503,11 @@ def pretrain(
         if value:  # the flags win over a data manifest's own columns
             setattr(source, name, value)
     scan = scan_source(data, source, rows=rows)
-    pairs = [it for it in scan.items if it.image_path is not None and it.has_text]
-    splits = Counter(it.split for it in pairs)
-    has_split = any(s is not None for s in splits)
-    if only_split is not None:
-        pairs = [it for it in pairs if it.split == only_split]
-    elif has_split:  # pretraining on test rows would let later test embeddings come from a model that saw them
-        held_back = ", ".join(f"{n} without a split" if s is None else f"{n} in '{s}'"
-                              for s, n in sorted(splits.items(), key=lambda kv: str(kv[0])) if s != "train")
-        pairs = [it for it in pairs if it.split == "train"]
-        print(f"pretrain: training on the {len(pairs)} pairs of split 'train' (held back: {held_back or 'none'}); "
-              f"--only-split picks another split", file=sys.stderr)
-    else:
-        print(f"pretrain: the pairs carry no split, so all {len(pairs)} are used: rows you later test on may "
-              f"have been seen here (--split-col)", file=sys.stderr)
+    pairs, note = select_pairs(scan.items, only_split)
+    print(note, file=sys.stderr)
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
-                            + (f" in split '{only_split or 'train'}'" if has_split or only_split else ""))
+                            + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
     cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
                               modality_mode=modality_mode)
     if separate:

@@ -77,3 +77,14 @@ def test_project_puts_two_encoders_in_one_space(tmp_path):
     r = _cli("project", emb, "--out", tmp_path / "again", "--heads", out / "projection")
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(load_embeddings(tmp_path / "again").embeddings["text"], s.embeddings["text"], atol=1e-6)
+
+
+def test_projection_is_fitted_on_training_rows_whose_group_stays_in_training():
+    import numpy as np
+
+    from embedkit.shared_encoder.project import projection_rows
+
+    cols = {"split": np.array(["train", "train", "train", "test", None], dtype=object),
+            "group": np.array(["a", "b", "c", "b", None], dtype=object)}
+    assert projection_rows(cols).tolist() == [True, False, True, False, False]
+    assert projection_rows({"split": np.array([None, None], dtype=object)}).tolist() == [True, True]

@@ -158,12 +158,26 @@ def fit_projection(
     return heads, metrics
 
 
+def projection_rows(columns: dict) -> np.ndarray:
+    """Rows the heads may be fitted on: the training split (all rows without one), minus training rows
+    whose group (a patient, an image) also has rows in another split, which a later test would score."""
+    split, group = columns.get("split"), columns.get("group")
+    if split is None or all(s is None for s in split):
+        return np.ones(len(split if split is not None else next(iter(columns.values()))), bool)
+    train = np.array([s == "train" for s in split])
+    if group is not None:
+        elsewhere = {g for g, t in zip(group, train) if not t and g is not None}
+        train &= np.array([g is None or g not in elsewhere for g in group])
+    return train
+
+
 def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs: int = 100, seed: int = 0,
                        models: dict | None = None) -> dict:
     """Put the image and text embeddings of an extract folder into one space, as a new extract folder.
 
     Without `heads_dir`, heads are trained on the rows of the training split (all rows when the
-    data has no split column) and saved to OUT/projection; with it, saved heads are applied as
+    data has no split column; never a training row whose group has rows in another split) and
+    saved to OUT/projection; with it, saved heads are applied as
     they are (new data, same encoders). The output has the same schema and provenance as
     `extract` writes (dim and a `projection` entry updated), so `train --align-*`, `gap` and
     `retrieval` work on encoders that never shared a space.
@@ -176,9 +190,7 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
         raise EmbedkitError(f"no id has both image and text embeddings in '{emb_dir}'")
     metrics = {}
     if heads_dir is None:
-        split = es.columns.get("split")
-        train_rows = np.ones(len(es.ids), bool) if split is None or all(s is None for s in split) else \
-            np.array([s == "train" for s in split])
+        train_rows = projection_rows(es.columns)
         heads, metrics = fit_projection(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows],
                                         dim=dim, epochs=epochs, seed=seed)
         heads_dir = out_dir / "projection"

@@ -46,6 +46,29 @@ STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "met
 
 # ----------------------------------------------------------------------------- data
 
+def select_pairs(items: list[Item], only_split: str | None = None) -> tuple[list[Item], str]:
+    """The image + text pairs to pretrain on, and a one-line note saying which and why.
+
+    When the rows carry a split, only `train` rows are used (`only_split` picks another): a model
+    pretrained on test rows would later embed those rows having seen them.
+    """
+    from collections import Counter
+
+    pairs = [it for it in items if it.image_path is not None and it.has_text]
+    splits = Counter(it.split for it in pairs)
+    if only_split is not None:
+        chosen = [it for it in pairs if it.split == only_split]
+        return chosen, f"pretrain: training on the {len(chosen)} pairs of split '{only_split}'"
+    if any(s is not None for s in splits):
+        held_back = ", ".join(f"{n} without a split" if s is None else f"{n} in '{s}'"
+                              for s, n in sorted(splits.items(), key=lambda kv: str(kv[0])) if s != "train")
+        chosen = [it for it in pairs if it.split == "train"]
+        return chosen, (f"pretrain: training on the {len(chosen)} pairs of split 'train' (held back: "
+                        f"{held_back or 'none'}); --only-split picks another split")
+    return pairs, (f"pretrain: the pairs carry no split, so all {len(pairs)} are used: rows you later test on may "
+                   f"have been seen here (--split-col)")
+
+
 def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dict:
     """Decode each distinct image once, tokenise each text once; unusable pairs are recorded."""
     pre = image_preprocess(cfg)
