@@ -331,38 +331,10 @@ def gap(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for gap.json and gap_pca.png (default: EMB)."),
 ):
     """Modality-gap diagnostics per alignment method: centroid gap, cosines, cones, probe, MMD, PCA plot."""
-    import numpy as np
-
-    from embedkit.fusion.align import ALIGN_METHODS, fit_aligners, plot_gap_pca
-    from embedkit.fusion.gap import gap_report
-    from embedkit.store import load_embeddings, write_json_atomic
+    from embedkit.fusion.gap import gap_report_for_folder
 
     methods = [m.strip() for m in align.split(",") if m.strip()]
-    if not methods or any(m not in ALIGN_METHODS for m in methods):
-        raise EmbedkitError(f"--align takes a comma-separated list of {', '.join(ALIGN_METHODS)} (got '{align}')")
-    if lambda_ is not None and "shift" not in methods:
-        raise EmbedkitError("--lambda sets the shift: add shift to --align")
-    es = load_embeddings(emb, modalities=["image", "text"])
-    image, text = es.embeddings["image"], es.embeddings["text"]
-    n = len(es.ids)
-    if n == 0:
-        raise EmbedkitError(f"no sample under '{emb}' has both image and text embeddings (joined on id)")
-    fit_rows, fitted_on = None, f"all {n} rows"
-    if split:
-        column = es.columns.get("split")
-        found = sorted({str(v) for v in column if v is not None}) if column is not None else []
-        fit_rows = np.array([v == split for v in column]) if column is not None else np.zeros(n, bool)
-        if not fit_rows.any():
-            raise EmbedkitError(f"--split {split}: no rows have split '{split}' under '{emb}' (splits found: "
-                                f"{', '.join(found[:10]) or 'none'})")
-        fitted_on = f"{int(fit_rows.sum())} of {n} rows (split == '{split}')"
-    lam = 1.0 if lambda_ is None else lambda_
-    report = gap_report(image, text, methods=methods, lambda_=lam, fit_rows=fit_rows)
-    report.update(fitted_on=fitted_on, source=str(emb), unmatched_rows=es.unmatched)
-    out = Path(out or emb)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "gap.json", report)
-    plot_gap_pca(image, text, out / "gap_pca.png", aligners=fit_aligners(image, text, methods, lam, fit_rows))
+    report, out = gap_report_for_folder(emb, methods, lambda_, split, out)
     _print_gap_report(report, out)
 
 

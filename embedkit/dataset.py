@@ -120,6 +120,8 @@ def groups_for(ds: Dataset, group_col: str | None = None, use_groups: bool = Tru
         return None, "none (no group column stored; rows assumed independent)"
     values = ds.columns[name]
     if all(v is None or v != v for v in values):
+        if not group_col:  # extract stored no group: the usual case without --group-col
+            return None, "none (no group column stored; rows assumed independent)"
         return None, f"none (column '{name}' is empty; rows assumed independent)"
     stored = next((p.get("group_col") for p in ds.provenance.values() if p.get("group_col")), None)
     label = group_col or stored or "group"

@@ -128,11 +128,17 @@ def _label_words(vocabulary, token_class_rows, class_rows, classes, label_names)
         j = column.get(token)
         if j is None:
             continue
+        total = int(token_class_rows[j].sum())
         for k, c in enumerate(classes):
             rows = int(token_class_rows[j, k])
-            if rows:
+            share = rows / class_rows[k] if class_rows[k] else 0.0
+            others = class_rows.sum() - class_rows[k]
+            elsewhere = (total - rows) / others if others else 0.0
+            # only where the word is more common in this class than in the others: "no melanoma" in a
+            # benign note, or "normal limits" in every class, gives nothing away
+            if rows and share > elsewhere:
                 found.append({"token": token, "source": sources[token], "class": _plain(c),
-                              "share": float(rows / class_rows[k]), "rows": rows})
+                              "share": float(share), "share_elsewhere": float(elsewhere), "rows": rows})
     return sorted(found, key=lambda w: (-w["share"], w["token"]))
 
 
@@ -158,5 +164,6 @@ def format_leakage(result: dict, label: str) -> list[str]:
     lines = [f"leakage? token '{r['token']}' -> class {r['class']} on {r['coverage']:.0%} of its training rows "
              f"(precision {r['precision']:.2f}){where}" for r in result.get("rules", [])]
     lines += [f"leakage? the {w['source']} word '{w['token']}' is in {w['share']:.0%} of class {w['class']}'s "
-              f"training texts ({w['rows']} rows){where}" for w in result.get("label_words", [])]
+              f"training texts ({w['rows']} rows; {w['share_elsewhere']:.0%} of the other classes'){where}"
+              for w in result.get("label_words", [])]
     return lines

@@ -219,7 +219,7 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     from embedkit.fusion.evaluate import compute_metrics
 
     t0 = time.perf_counter()
-    tr, va, te = idx["train"], idx["val"], idx["test"]
+    va, te = idx["val"], idx["test"]
     curve, best = [], None
     for cand in alignment_candidates(cfg):
         est, info, x_val = fit_candidate(ds, cfg, modalities, idx, seed, cand)

@@ -100,11 +100,11 @@ def test_label_words_name_the_class_and_its_share():
         y.append("basal cell carcinoma")
     r = scan_text_leakage(texts, np.array(y, dtype=object), "multiclass", classes, label_names=["diagnosis"])
     words = {(w["token"], w["class"]): w for w in r["label_words"]}
-    assert set(words) == {("melanoma", "melanoma"), ("melanoma", "nevus"), ("cell", "basal cell carcinoma"),
-                          ("diagnosis", "melanoma")}
+    # 'melanoma' in one benign note ("no melanoma") is rarer there than elsewhere: not a hint for nevus
+    assert set(words) == {("melanoma", "melanoma"), ("cell", "basal cell carcinoma"), ("diagnosis", "melanoma")}
     assert words["melanoma", "melanoma"]["share"] == pytest.approx(15 / 20)
+    assert words["melanoma", "melanoma"]["share_elsewhere"] == pytest.approx(1 / 30)
     assert words["melanoma", "melanoma"]["rows"] == 15 and words["melanoma", "melanoma"]["source"] == "class name"
-    assert words["melanoma", "nevus"]["share"] == pytest.approx(1 / 20)
     assert words["cell", "basal cell carcinoma"]["share"] == pytest.approx(4 / 10)
     assert words["diagnosis", "melanoma"]["source"] == "label name"
     assert words["diagnosis", "melanoma"]["share"] == pytest.approx(2 / 20)
