@@ -209,9 +209,9 @@ def warn_shared_inputs(ds: Dataset, idx: dict, fix: str = "extract with --group-
     return shared
 
 
-def row_keys(ds_like, rows) -> list[str]:
-    """sha256 of (id, image hash, text hash) per row: the same sample, not merely the same id."""
+def row_keys(ds_like, rows, modalities: list[str]) -> list[str]:
+    """sha256 of (id, content hash of each modality) per row: the same sample, not merely the same id."""
     cols = ds_like.columns
     parts = [np.asarray(ds_like.ids, dtype=object)[rows]]
-    parts += [np.asarray(cols[c], dtype=object)[rows] for c in ("image_sha256", "text_sha256") if c in cols]
+    parts += [np.asarray(cols[f"{m}_sha256"], dtype=object)[rows] for m in modalities if f"{m}_sha256" in cols]
     return [hashlib.sha256("|".join(str(v) for v in vals).encode()).hexdigest()[:20] for vals in zip(*parts)]

@@ -235,7 +235,7 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
 
 def _fitted_overlap(info: dict, ds: Dataset, rows) -> int:
     fitted = set().union(*(info.get("fitted_rows", {}).values() or [set()]))
-    return sum(k in fitted for k in row_keys(ds, rows)) if fitted else 0
+    return sum(k in fitted for k in row_keys(ds, rows, info["modalities"])) if fitted else 0
 
 
 def _jsonable(v):

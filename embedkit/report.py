@@ -245,7 +245,8 @@ def _bootstrap_section(metrics: dict) -> str:
         f"{_e(boot.get('n_resamples'))} resamples)."
     absent = metrics["test"].get("absent_classes")
     if absent:
-        note += " Classes absent from the test rows, not averaged into macro-F1: " + html.escape(", ".join(map(str, absent)))
+        note += (" Classes absent from the test rows, not averaged into macro-F1: "
+                 + html.escape(", ".join(map(str, absent))))
     return "<h2>Test metrics of the saved model, with bootstrap intervals</h2>" + html_table(
         ["metric", "test", "95 % bootstrap interval"], rows, note)
 

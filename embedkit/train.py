@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
-from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups, row_keys,
-                              split_for_run, warn_shared_inputs)
+from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups,
+                              row_keys, split_for_run, warn_shared_inputs)
 from embedkit.errors import EmbedkitError
 from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, load_model,  # noqa: F401
                               model_features, predict, prediction_columns, write_rows)
@@ -432,14 +432,15 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
         "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
         "group_col": (cfg.group_col or "group") if groups is not None else None,
         # hashed, so the folder names no patient; evaluate refuses rows the model was fitted or selected on
-        "fitted_rows": {k: sorted(row_keys(ds, run.idx[k])) for k in ("train", "val")},
+        "fitted_rows": {k: sorted(row_keys(ds, run.idx[k], run.info["modalities"])) for k in ("train", "val")},
         "config": asdict(cfg),
     }
 
 
 def _save_model_folder(out_dir: Path, est, info: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("lambda_curve.png", "gap_pca.png", "lambda_trajectory.png", "test_predictions.parquet"):  # never mix with an earlier run
+    # an earlier run's artefacts never appear beside this one's
+    for stale in ("lambda_curve.png", "gap_pca.png", "lambda_trajectory.png", "test_predictions.parquet"):
         (out_dir / stale).unlink(missing_ok=True)
     est.save(out_dir)
     write_json_atomic(out_dir / "embedkit_model.json", info)

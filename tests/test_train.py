@@ -264,6 +264,10 @@ def test_learned_lambda_trains_lambda_and_round_trips(tmp_path):
     m = train(emb, tmp_path / "model", TrainConfig(labels=["dx"], fusion="early", learned_lambda=True, epochs=10,
                                                    lr=3e-3))
     assert m["runs"][0]["learned_lambda"] != 0.0  # moved from its initial 0
+    a = m["alignment"]  # printed, stored and plotted, not `alignment: null`
+    assert a["learned_lambda"] == [m["runs"][0]["learned_lambda"]] and len(a["lambda_trajectory"]) == 10
+    assert a["lambda_trajectory"][-1] != a["lambda_trajectory"][0]
+    assert (tmp_path / "model" / "lambda_trajectory.png").read_bytes()[:4] == b"\x89PNG"
     predict(tmp_path / "model", emb, tmp_path / "p.parquet")
     from embedkit.train import load_model
 
