@@ -290,6 +290,8 @@ def test_missing_modality_is_stood_in_for_across_the_gap(tmp_path):
         predict(tmp_path / "raw", partial, tmp_path / "q.parquet")
     # cross-modal transfer: a text-only model applied to images through the same stand-in
     train(emb, tmp_path / "text_only", TrainConfig(labels=["dx"], fusion="text", epochs=10, align="center"))
+    with pytest.raises(EmbedkitError, match="were used to train or select"):  # keyed on the model's own modality
+        evaluate(tmp_path / "text_only", emb)
     images = tmp_path / "images_only"
     write_embeddings(images, "image", "clipish", *_image_block(emb))
     r = predict(tmp_path / "text_only", images, tmp_path / "t.parquet")
