@@ -54,9 +54,10 @@ def tiny_gguf(tmp_path_factory) -> dict:
     from embedkit.encoders.gguf_convert import convert_llama_to_gguf, random_llama_folder
 
     root = tmp_path_factory.mktemp("gguf")
-    folder = random_llama_folder(root / "tiny-llama", _corpus(), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=512)
+    # vocab_size above the BPE's 300 tokens: the converter pads the file's vocabulary to the embedding's rows
+    folder = random_llama_folder(root / "tiny-llama", _corpus(), tokenizer_vocab=300, vocab_size=384, hidden_size=64,
+                                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=512)
     files = {t: convert_llama_to_gguf(folder, root / f"tiny-{t}.gguf", t) for t in ("f32", "q8_0")}
     return {"folder": folder, "root": root, **files}
 
