@@ -274,6 +274,8 @@ def test_extract_train_predict_and_gap_refusal_end_to_end(tiny_gguf, tiny_models
     table = read_embedding_table(text_dir)
     p = table.provenance
     assert p["family"] == "gguf" and p["quantize"] == "Q8_0" and p["pooling"] == "last" and p["dim"] == 64
+    summary_row = next(line for line in r.stderr.splitlines() if "text · gguf:" in line)
+    assert f"{p['model_bytes'] / 2**20:.2f}" in summary_row  # the weights' size, beside peak memory
     assert p["gguf"]["sha256"] == hashlib.sha256(tiny_gguf["q8_0"].read_bytes()).hexdigest()
     assert table.embeddings.shape == (48, 64) and pq.read_metadata(next(text_dir.glob("*.parquet"))).num_rows
     # the stored vectors are the encoder's, row for row (extract sorts by length and batches by 8)
