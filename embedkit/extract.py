@@ -441,7 +441,14 @@ def _version() -> str:
 
 
 def _versions() -> dict:
-    import torch
-    import transformers
+    # read from the installed packages' metadata, not by importing them: a llama.cpp run needs no torch,
+    # and importing torch and transformers costs about 200 MB of memory
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"embedkit": _version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    out = {"embedkit": _version()}
+    for package in ("torch", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
