@@ -479,7 +479,7 @@ def bench(
     quick: bool = typer.Option(False, help="Smaller N: about 2 minutes instead of 10."),
     preset: Optional[str] = typer.Option(None, hidden=True, help="full, quick or tiny (tests)."),
     sections: Optional[str] = typer.Option(None, help="Comma-separated subset of: images, text, raw, scaling, "
-                                                      "train, quantize."),
+                                                      "train, quantize, backends."),
     images: Optional[Path] = typer.Option(None, help="A folder of real images for the throughput section "
                                                      "(default: generated ones)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),

@@ -316,6 +316,12 @@ def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], co
     if config.engine == "ray":
         from embedkit.engines.ray_engine import open_ray
 
+        if config.backend != "torch":  # export and measure once here; actors on this machine load the entry
+            from embedkit.encoders.backends import load_entry, release_reference
+
+            load_entry(spec, modality, config.backend, config.precision or "fp32", config.threads, log=say)
+            release_reference()
+
         return open_ray(modality, spec, batches, config, costs)
     encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
                              quantize=config.quantize, backend=config.backend, precision=config.precision,

@@ -423,6 +423,29 @@ def _backend_encoder(spec: EncoderSpec, modality: str, backend: str, precision: 
                               max_length=max_length)
 
 
+def open_encoders(spec: EncoderSpec, modality: str, pairs: list[tuple[str, str]], threads: int | None = None,
+                  log=None) -> tuple[dict, dict]:
+    """Several (backend, precision) encoders of one model at once, tracing it once, parity not enforced
+    (for measuring). -> ({pair: encoder}, {pair: why it could not be opened})."""
+    out, errors = {}, {}
+    for backend, precision in pairs:
+        try:
+            if backend == "torch" and precision == "fp32":
+                out[(backend, precision)] = _torch_encoder(spec, modality, "fp32", threads)
+                continue
+            folder, meta, _ = load_entry(spec, modality, backend, precision, threads, log=log)
+            if backend == "torch":
+                enc = _torch_encoder(spec, modality, precision, threads)
+                enc.backend_fields = backend_provenance("torch", precision, meta["parity"], meta)
+            else:
+                enc = _backend_encoder(spec, modality, backend, precision, folder, meta, threads)
+            out[(backend, precision)] = enc
+        except EmbedkitError as e:
+            errors[(backend, precision)] = str(e)
+    release_reference()
+    return out, errors
+
+
 def refuse_below_floor(spec: EncoderSpec, modality: str, backend: str, precision: str, result: dict,
                        floor: float) -> None:
     if result["min_cosine"] >= floor:

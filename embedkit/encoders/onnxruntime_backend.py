@@ -49,9 +49,17 @@ def build(onnx_path: Path, folder: Path, precision: str) -> None:
         return
     # int8: weights quantised per output channel (one scale per row), activations per batch at run time.
     # Per tensor, one outlier row sets the scale of all rows; per channel keeps MiniLM near fp32.
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(onnx_path), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs shape-inference notes on the root logger, per tensor
+    try:
+        quantize_dynamic(str(onnx_path), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     if onnx_path != target:
         onnx_path.unlink()
 
