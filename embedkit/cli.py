@@ -458,6 +458,8 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep everything here (default: a temp folder)."),
     n: int = typer.Option(300, help="Synthetic cases."),
     seeds: int = typer.Option(3, min=1),
+    backend: str = typer.Option("auto", help="Extraction backend (default: the fastest that keeps parity with "
+                                             "torch fp32 on this machine)."),
 ):
     """End to end on a generated SYNTHETIC clinic: extract, train every fusion, one table of results and costs."""
     import tempfile
@@ -467,7 +469,7 @@ def demo(
 
     with tempfile.TemporaryDirectory(prefix="embedkit-demo-") as tmp:
         folder = out or Path(tmp)
-        summary = run_demo(folder, DemoConfig(n=n, seeds=seeds))
+        summary = run_demo(folder, DemoConfig(n=n, seeds=seeds, backend=backend))
         console.print(format_summary(summary))
         console.print(summary["gap_shift"] if summary["gap_shift"] != "run" else "")
         console.print(f"total {summary['total_seconds']:.0f} s" + (f"; everything kept in {out}" if out else ""))
