@@ -38,7 +38,7 @@ import numpy as np
 
 from embedkit.errors import EmbedkitError
 
-SECTIONS = ("images", "text", "raw", "scaling", "train", "quantize")
+SECTIONS = ("images", "text", "raw", "scaling", "train", "quantize", "backends")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class Preset:
     matmul_n: int = 2048
     raw_image_model: str = "efficientnet-lite0"  # embedkit's default image encoder (real weights, offline)
     text_batch: int = 32  # extract's default batch
+    backend_image_models: tuple[str, ...] = ("efficientnet-lite0", "dinov2-small")  # `backends` section
+    backend_images: int = 315  # VQA-RAD's image count
+    backend_texts: int = 600
 
 
 PRESETS = {
@@ -70,11 +73,13 @@ PRESETS = {
                    train_epochs=5, quant_rows=300, quant_epochs=30, quant_seeds=3, repeats=2),
     "quick": Preset(("dinov2-small",), images=32, images_other=0, pipeline_images=12, texts=192, raw_rows=64,
                     raw_emb_epochs=3, scaling=(250, 1000, 4000), train_rows=4000, train_epochs=2, quant_rows=90,
-                    quant_epochs=15, quant_seeds=2, repeats=2),
+                    quant_epochs=15, quant_seeds=2, repeats=2, backend_image_models=("efficientnet-lite0",),
+                    backend_images=64, backend_texts=192),
     # for tests: every code path, seconds of work
     "tiny": Preset(("dinov2-tiny",), images=8, images_other=0, pipeline_images=3, texts=24, raw_rows=12,
                    raw_emb_epochs=2, scaling=(16, 64), train_rows=200, train_epochs=1, quant_rows=30, quant_epochs=3,
-                   quant_seeds=1, repeats=1, matmul_n=512, raw_image_model="dinov2-tiny", text_batch=6),
+                   quant_seeds=1, repeats=1, matmul_n=512, raw_image_model="dinov2-tiny", text_batch=6,
+                   backend_image_models=("dinov2-tiny",), backend_images=6, backend_texts=12),
 }
 
 
@@ -792,6 +797,24 @@ def bench_quantize(work: Path, p: Preset, cfg: BenchConfig) -> dict:
     return out
 
 
+def bench_backends(work: Path, models: _Models, p: Preset, cfg: BenchConfig, log=None) -> dict:
+    """ONNX Runtime and OpenVINO against torch, per encoder (embedkit/bench_backends.py does the measuring)."""
+    from embedkit import bench_backends as bb
+
+    if cfg.images:
+        data, rows = Path(cfg.images), folder_rows(Path(cfg.images), p.backend_images)
+        source = f"{len(rows)} images from {cfg.images}"
+    else:
+        data, rows = work, photo_rows(work, p.backend_images)
+        source = f"{len(rows)} generated radiograph-like JPEGs (1024 x 1024 px)"
+    image_models = {a: str(models[a]) if a in ARCHS else a for a in p.backend_image_models}
+    return {"repeats": p.repeats,
+            "images": bb.bench_images(data, rows, source, image_models, work, p.repeats, cfg.batch_size, cfg.threads,
+                                      log),
+            "text": bb.bench_texts(skewed_reports(p.backend_texts), cfg.text_model, work, p.repeats, cfg.batch_size,
+                                   cfg.threads, log)}
+
+
 # ---------------------------------------------------------------------------------------------
 # the run: sections -> targets -> bench.json, bench.md, plots
 
@@ -826,7 +849,8 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, log=None) -> d
                    "raw": lambda: bench_raw(work, models, p, cfg),
                    "scaling": lambda: bench_scaling(work, models, p, cfg),
                    "train": lambda: train_speed(p.train_rows, p.train_epochs),
-                   "quantize": lambda: bench_quantize(work, p, cfg)}
+                   "quantize": lambda: bench_quantize(work, p, cfg),
+                   "backends": lambda: bench_backends(work, models, p, cfg, log)}
         for name in SECTIONS:
             if name not in cfg.sections:
                 continue
@@ -903,6 +927,10 @@ def targets(r: dict) -> list[dict]:
             t["speedup_pca"], ">= 10x, macro-F1 >= reference", t["speedup_pca"] >= 10 and f1_ok,
             f"macro-F1 {pca['macro_f1']} vs {t['reference']['macro_f1']}; PCA fitted once in {pca['fit_seconds']} s, "
             f"keeps {pca['variance_kept']} of the variance; synthetic signal is low-rank, check on real data")
+    if "backends" in s:
+        from embedkit import bench_backends as bb
+
+        bb.targets(s["backends"], add)
     return rows
 
 
@@ -1002,6 +1030,10 @@ def tables(r: dict) -> list[dict]:
               f"model-stage speed-up {t['speedup']}x; macro-F1 change {t['macro_f1_change']:+}; cosine between "
               f"float32 and int8 embeddings: mean {t['cosine_float32_int8']['mean']}, "
               f"min {t['cosine_float32_int8']['min']}")
+    if "backends" in s:
+        from embedkit import bench_backends as bb
+
+        bb.tables(s["backends"], table)
     return out
 
 

@@ -50,8 +50,17 @@ def extract(
     dtype: str = typer.Option("float32", help="float32, bfloat16 (float16 on GPU only)."),
     quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 Linear layers on CPU (transformer "
                                                       "encoders; faster, slightly different vectors)."),
+    backend: str = typer.Option("torch", help="torch, onnxruntime, openvino, or auto: the fastest on this machine "
+                                              "that keeps parity with torch fp32 (measured once, cached)."),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16, int8 or auto (default: --dtype/--quantize on "
+                                                       "torch, fp32 elsewhere); refused below --parity-floor."),
+    parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, help="Lowest cosine to torch fp32 on the "
+                                                                     "calibration batch a backend may reach."),
     batch_size: int = typer.Option(32, min=1),
-    threads: Optional[int] = typer.Option(None, help="CPU threads of torch or llama.cpp (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="Model CPU threads: torch's, llama.cpp's or the backend's "
+                                                     "(default: all cores)."),
+    decode_workers: Optional[int] = typer.Option(None, min=1, help="Image decode threads (default: 1 beside "
+                                                                   "torch, one per core beside other backends)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
@@ -81,7 +90,8 @@ def extract(
                            text_pooling=text_pooling, max_length=max_length, text_normalize=normalize,
                            device=device, dtype=dtype,
                            quantize=_none(quantize), batch_size=batch_size, threads=threads,
-                           trust_remote_code=trust_remote_code,
+                           backend=backend, precision=_none(precision), parity_floor=parity_floor,
+                           decode_workers=decode_workers, trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
                            ray_gpus_per_actor=gpus_per_actor)
@@ -143,9 +153,15 @@ def _model_mb(provenance: dict) -> str:
     return ("-" if not n else f"{n / 2**20:.0f}" if n >= 10 * 2**20 else f"{n / 2**20:.2f}")
 
 
-@app.command()
-def models():
-    """List the model registry and what is available offline on this machine."""
+models_app = typer.Typer(help="The model registry, and the CPU backends each model can run on.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context):
+    """List the model registry and what is available offline on this machine (`models check` measures backends)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
     from embedkit.console import console
@@ -158,6 +174,48 @@ def models():
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
                       ("[green]yes[/] " if r["available"] else "[red]no[/] ") + r["where"])
     console.print(table)
+
+
+@models_app.command("check")
+def models_check(
+    model: str = typer.Argument(..., help="Registry name, hf:ID, a local folder or shared:PATH."),
+    modality: Optional[str] = typer.Option(None, help="image or text (default: every modality the model has)."),
+    backend: str = typer.Option("all", help="all, torch, onnxruntime or openvino."),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or int8 (default: every one the backend runs)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Model CPU threads (default: all cores)."),
+    parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, help="Lowest cosine to torch fp32 that passes."),
+    trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
+):
+    """Export (once, cached), measure parity to torch fp32 and speed of every backend for MODEL on this machine.
+
+    Exits 2 when a single --backend and --precision were asked for and fall below --parity-floor."""
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.encoders.backends import check_backends
+
+    rows = check_backends(model, modality=modality, backend=backend, precision=_none(precision), threads=threads,
+                          floor=parity_floor, trust_remote_code=trust_remote_code)
+    table = Table(title=f"embedkit models check {model} (parity floor {parity_floor:g}; calibration batch, "
+                        f"{threads or 'default'} threads)")
+    for col in ("modality", "backend", "precision", "cosine min", "cosine mean", "items/s", "x torch fp32",
+                "export s", "verdict"):
+        table.add_column(col, justify="left" if col in ("modality", "backend", "precision", "verdict") else "right")
+    for r in rows:
+        p = r.get("parity")
+        table.add_row(r["modality"], r["backend"], r["precision"], "reference" if p is None else f"{p['min_cosine']:.4f}",
+                      "" if p is None else f"{p['mean_cosine']:.4f}", f"{r.get('items_per_second') or 0:.1f}",
+                      f"{r.get('speedup') or 0:.2f}", "" if r.get("export_seconds") is None else
+                      f"{r['export_seconds']:.1f}", r["verdict"])
+    console.print(table)
+    for r in rows:
+        if r.get("error"):
+            console.print(f"  {r['modality']} {r['backend']} {r['precision']}: {r['error']}", soft_wrap=True)
+    asked_one = backend != "all" and precision is not None
+    if asked_one and any(r["verdict"] != "passes" for r in rows):
+        failed = next(r for r in rows if r["verdict"] != "passes")
+        raise EmbedkitError(failed.get("error") or f"{failed['backend']} {failed['precision']} is below the parity "
+                                                   f"floor {parity_floor:g} for {model}")
 
 
 @app.command()
@@ -383,6 +441,8 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep everything here (default: a temp folder)."),
     n: int = typer.Option(300, help="Synthetic cases."),
     seeds: int = typer.Option(3, min=1),
+    backend: str = typer.Option("auto", help="Extraction backend (default: the fastest that keeps parity with "
+                                             "torch fp32 on this machine)."),
 ):
     """End to end on a generated SYNTHETIC clinic: extract, train every fusion, one table of results and costs."""
     import tempfile
@@ -392,7 +452,7 @@ def demo(
 
     with tempfile.TemporaryDirectory(prefix="embedkit-demo-") as tmp:
         folder = out or Path(tmp)
-        summary = run_demo(folder, DemoConfig(n=n, seeds=seeds))
+        summary = run_demo(folder, DemoConfig(n=n, seeds=seeds, backend=backend))
         console.print(format_summary(summary))
         console.print(summary["gap_shift"] if summary["gap_shift"] != "run" else "")
         console.print(f"total {summary['total_seconds']:.0f} s" + (f"; everything kept in {out}" if out else ""))
@@ -404,7 +464,7 @@ def bench(
     quick: bool = typer.Option(False, help="Smaller N: about 2 minutes instead of 10."),
     preset: Optional[str] = typer.Option(None, hidden=True, help="full, quick or tiny (tests)."),
     sections: Optional[str] = typer.Option(None, help="Comma-separated subset of: images, text, raw, scaling, "
-                                                      "train, quantize."),
+                                                      "train, quantize, backends."),
     images: Optional[Path] = typer.Option(None, help="A folder of real images for the throughput section "
                                                      "(default: generated ones)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),

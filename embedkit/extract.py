@@ -19,6 +19,7 @@ Only step 3 differs by engine: "local" embeds in this process (below), "ray" in 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections import Counter, deque
@@ -53,9 +54,12 @@ class ExtractConfig:
     device: str = "auto"
     dtype: str = "float32"
     quantize: str | None = None  # "int8": dynamic int8 Linear layers on CPU (encoders/models.py)
+    backend: str = "torch"  # torch | onnxruntime | openvino | auto (encoders/backends.py)
+    precision: str | None = None  # fp32 | bf16 | int8 | auto; None: torch's dtype/quantize, fp32 elsewhere
+    parity_floor: float = 0.99  # min cosine to torch fp32 on the calibration batch a backend must reach
     batch_size: int = 32
-    threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
-    decode_workers: int = 1  # threads decoding the next image batch while the model runs
+    threads: int | None = None  # model threads (torch or the backend); None: the library's default (all cores)
+    decode_workers: int | None = None  # threads decoding images while the model runs; None: see decode_threads
     trust_remote_code: bool = False
     rows_per_part: int = 8192  # rows per Parquet part file: the most a crash can cost to recompute
     overwrite: bool = False
@@ -144,6 +148,10 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                              normalize=config.text_normalize if m == "text" else None,
                              trust_remote_code=config.trust_remote_code) for m in todo}
 
+    from embedkit.encoders.backends import check_request
+
+    for m in todo:  # an unknown backend, a missing package or an impossible precision fails before any work
+        check_request(specs[m], m, config.backend, config.precision, config.device)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for m in todo:
@@ -295,14 +303,31 @@ def _plan(modality: str, pending: list[Item], hashes: dict[str, str], batch_size
 def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], config: ExtractConfig, costs: Costs):
     """The one step that differs by engine. Returns (encoder provenance, lazy stream of embedded batches):
     each element is (batch, ok items, their vectors, [(bad item, reason)], texts truncated)."""
+    from embedkit.console import say
+    from embedkit.encoders import create_encoder
+
+    if config.backend == "auto" or config.precision == "auto":  # measured once here, never in each Ray actor
+        from dataclasses import replace
+
+        from embedkit.encoders.backends import choose_backend
+
+        backend, precision = choose_backend(spec, modality, threads=config.threads, floor=config.parity_floor,
+                                            device=config.device, log=say,
+                                            only_backend=None if config.backend == "auto" else config.backend)
+        config = replace(config, backend=backend, precision=precision)
     if config.engine == "ray":
         from embedkit.engines.ray_engine import open_ray
 
-        return open_ray(modality, spec, batches, config, costs)
-    from embedkit.encoders import create_encoder
+        if config.backend != "torch":  # export and measure once here; actors on this machine load the entry
+            from embedkit.encoders.backends import load_entry, release_reference
 
+            load_entry(spec, modality, config.backend, config.precision or "fp32", config.threads, log=say)
+            release_reference()
+
+        return open_ray(modality, spec, batches, config, costs)
     encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
-                             quantize=config.quantize)
+                             quantize=config.quantize, backend=config.backend, precision=config.precision,
+                             parity_floor=config.parity_floor, log=say)
     embed = _embed_images if modality == "image" else _embed_texts
     return encoder.provenance(), embed(batches, encoder, config, costs)
 
@@ -324,31 +349,41 @@ def _write_batches(modality, embedded, groups, config, skipped, root, write, adv
         advance(sum(len(groups[it.id]) for it in batch))
 
 
+def decode_threads(config: ExtractConfig) -> int:
+    """Image decode threads: `decode_workers`, or by default one beside torch (whose model stage takes every
+    core and most of the time) and one per core beside ONNX Runtime / OpenVINO, whose model stage is fast
+    enough that decoding becomes the limit. Pillow releases the GIL while it decodes and resizes."""
+    if config.decode_workers:
+        return config.decode_workers
+    return 1 if config.backend == "torch" else max(1, min(4, os.cpu_count() or 1))
+
+
 def _embed_images(batches, encoder, config, costs):
     from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
 
     pre = encoder.preprocess
     buffer = np.empty((config.batch_size, 3, pre.crop, pre.crop), dtype=np.float32)
 
-    def decode(batch: list[Item]):
+    def decode(it: Item):
         t0 = time.perf_counter()
-        ok, arrays, bad = [], [], []
-        for it in batch:
-            try:
-                arrays.append(decode_image(it.image_path, pre))
-                ok.append(it)
-            except ImageDecodeError as e:
-                bad.append((it, str(e)))
-        costs.add("decode", time.perf_counter() - t0)
-        return ok, arrays, bad
+        try:
+            return decode_image(it.image_path, pre), None
+        except ImageDecodeError as e:
+            return None, str(e)
+        finally:
+            costs.add("decode", time.perf_counter() - t0)
 
-    with ThreadPoolExecutor(max_workers=max(1, config.decode_workers)) as pool:
+    with ThreadPoolExecutor(max_workers=decode_threads(config)) as pool:
         queue = iter(batches)
-        ahead = deque(pool.submit(decode, b) for b in islice(queue, config.decode_workers + 1))
+        # one task per image, two batches queued: the threads share a batch and run ahead of the model
+        ahead = deque([pool.submit(decode, it) for it in b] for b in islice(queue, 2))
         for batch in batches:
-            ok, arrays, bad = ahead.popleft().result()
+            decoded = [f.result() for f in ahead.popleft()]
             for nxt in islice(queue, 1):
-                ahead.append(pool.submit(decode, nxt))  # decode ahead while the model runs
+                ahead.append([pool.submit(decode, it) for it in nxt])  # decode ahead while the model runs
+            ok = [it for it, (img, _) in zip(batch, decoded) if img is not None]
+            arrays = [img for img, _ in decoded if img is not None]
+            bad = [(it, reason) for it, (img, reason) in zip(batch, decoded) if img is None]
             vectors = None
             if ok:
                 with costs.stage("preprocess"):

@@ -19,8 +19,9 @@ from embedkit.errors import EmbedkitError
 from embedkit.store import IDENTITY_FIELDS, find_datasets, load_embeddings, write_json_atomic
 
 # What must agree between training and new embeddings: the store's identity fields, except the
-# dtype (a model trained on float32 embeddings may score bfloat16-extracted ones).
-PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f != "dtype")
+# dtype, backend and precision (a model trained on float32 torch embeddings may score bfloat16 or
+# OpenVINO ones: the backend that wrote them measured and recorded their parity to torch fp32).
+PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f not in ("dtype", "backend", "precision"))
 
 
 def load_model(model_dir):

@@ -35,7 +35,20 @@ TEXT_COLUMN = "text"  # text tables only: the exact text that was embedded (for 
 RESERVED_COLUMNS = (*BASE_COLUMNS, TEXT_COLUMN)  # no label or metadata column may take these names
 # Provenance fields that must agree for rows to live in one embedding column.
 IDENTITY_FIELDS = ("source", "family", "revision", "pooling", "dim", "preprocess", "max_length", "normalize", "dtype",
-                   "quantize")
+                   "quantize", "backend", "precision")
+
+
+def identity_value(provenance: dict, key: str):
+    """An identity field as recorded; tables from before backends existed ran torch at their dtype."""
+    if key in provenance:
+        return provenance[key]
+    if key == "backend":
+        return "torch"
+    if key == "precision":
+        if provenance.get("quantize"):
+            return provenance["quantize"]
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(provenance.get("dtype"))
+    return None
 
 
 def dataset_dir(out: Path, modality: str, model_name: str) -> Path:
@@ -184,7 +197,7 @@ def check_same_encoder(directory: Path, provenance: dict) -> None:
     if not parts:
         return
     old = read_provenance(parts[0])
-    diff = [k for k in IDENTITY_FIELDS if k in provenance and old.get(k) != provenance.get(k)]
+    diff = [k for k in IDENTITY_FIELDS if k in provenance and identity_value(old, k) != provenance.get(k)]
     if diff:
         raise EmbedkitError(f"{directory} holds embeddings from another configuration (differs in "
                             f"{', '.join(diff)}); use --overwrite to start over or choose another --out")
@@ -289,7 +302,7 @@ def read_embedding_table(path: str | Path) -> EmbeddingTable:
         raise EmbedkitError(f"no embedding parts in {path}")
     provs = [read_provenance(p) for p in parts]
     for p, prov in zip(parts[1:], provs[1:]):
-        diff = [k for k in IDENTITY_FIELDS if prov.get(k) != provs[0].get(k)]
+        diff = [k for k in IDENTITY_FIELDS if identity_value(prov, k) != identity_value(provs[0], k)]
         if diff:
             raise EmbedkitError(f"{path} mixes embeddings from different model configurations ({', '.join(diff)} "
                                 f"differ in {p.name}); re-extract with --overwrite")

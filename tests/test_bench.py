@@ -18,7 +18,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return out, run_bench(out, BenchConfig(preset="tiny"))
+    with pytest.MonkeyPatch.context() as mp:  # the backends section exports into a cache of its own
+        mp.setenv("EMBEDKIT_CACHE", str(tmp_path_factory.mktemp("export_cache")))
+        return out, run_bench(out, BenchConfig(preset="tiny"))
 
 
 def close(a, b, rel=0.02):
@@ -145,3 +147,24 @@ def test_quantize_refusals(tiny_models):
                        quantize="int8")
     with pytest.raises(EmbedkitError, match="Linear layers"):
         create_encoder(resolve_spec("efficientnet-lite0", "image"), "image", device="cpu", quantize="int8")
+
+
+def test_backends_section_compares_every_backend_to_torch(bench):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    b = bench[1]["sections"]["backends"]
+    for m in [*b["images"]["models"].values(), b["text"]]:
+        stage = m["model_stage"]
+        assert stage["torch fp32"]["ratio"] == 1.0 and stage["torch fp32"]["cosine"]["min"] >= 0.99999
+        for name in ("onnxruntime fp32", "openvino fp32"):
+            assert stage[name]["cosine"]["min"] >= 0.9999  # measured on every input, not assumed
+            assert close(stage[name]["ratio"], stage[name]["items_per_second"] / stage["torch fp32"]["items_per_second"])
+            assert m["end_to_end"][name]["items_per_second"] > 0
+        best = m["best_at_0.9999"]
+        assert stage[best["config"]]["cosine"]["min"] >= 0.9999
+        assert all(stage[best["config"]]["items_per_second"] >= v["items_per_second"] for k, v in stage.items()
+                   if k in ("torch fp32", "onnxruntime fp32", "openvino fp32") or
+                   (v.get("cosine") and v["cosine"]["min"] >= 0.9999 and not k.startswith("sentence")))
+    assert "sentence-transformers torch" in b["text"]["model_stage"]
+    md = (bench[0] / "bench.md").read_text()
+    assert "CPU backends against embedkit's torch fp32" in md and "| minilm, model stage" in md

@@ -15,9 +15,9 @@ from embedkit.store import load_embeddings
 from conftest import REPO, shared_data_dir
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout)
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
 
 
 def test_extract_vqa_rad_with_its_manifest_end_to_end(tiny_models, tmp_path):
@@ -85,9 +85,13 @@ def test_demo_data_is_synthetic_and_balanced(tmp_path):
 
 def test_demo_runs_end_to_end_with_the_offline_models(tmp_path):
     out = tmp_path / "demo"
-    r = _cli("demo", "--out", out, "--n", "36", "--seeds", "2")
+    r = _cli("demo", "--out", out, "--n", "36", "--seeds", "2", env={"EMBEDKIT_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
+    for m in ("image", "text"):  # --backend auto: the fastest here whose parity to torch fp32 passes the floor
+        e = summary["extract"][m]
+        assert e["backend"] in ("torch", "onnxruntime", "openvino")
+        assert e["backend"] == "torch" and e["precision"] == "fp32" or e["parity_min_cosine"] >= 0.99
     assert summary["synthetic"] is True and summary["n"] == 36
     assert summary["extract"]["image"]["model"] == "efficientnet-lite0" and summary["extract"]["image"]["dim"] == 1280
     assert summary["extract"]["text"]["model"] == "minilm" and summary["extract"]["text"]["dim"] == 384

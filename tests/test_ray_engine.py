@@ -29,12 +29,14 @@ def local_ray(tmp_path_factory):
 
     marker = tmp_path_factory.mktemp("ray") / "die-once"
     path = os.pathsep.join(p for p in (str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
-    with pytest.MonkeyPatch.context() as mp:  # workers inherit the environment Ray starts with
-        mp.setenv("PYTHONPATH", path)
-        mp.setenv(DIE_ONCE, str(marker))
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield marker
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as cache:  # driver and actors share one export cache (--backend)
+        cache.setenv("EMBEDKIT_CACHE", str(tmp_path_factory.mktemp("export_cache")))
+        with pytest.MonkeyPatch.context() as mp:  # workers inherit the environment Ray starts with
+            mp.setenv("PYTHONPATH", path)
+            mp.setenv(DIE_ONCE, str(marker))
+            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        yield marker
+        ray.shutdown()
 
 
 class DyingEmbedder(ray_engine.Embedder):
@@ -115,3 +117,14 @@ def test_without_ray_the_error_is_one_line(tiny_models, paired_folder, tmp_path,
         extract(paired_folder, tmp_path / "emb", _cfg(tiny_models, engine="ray"))
     with pytest.raises(EmbedkitError, match="unknown engine 'spark'"):
         extract(paired_folder, tmp_path / "emb", _cfg(tiny_models, engine="spark"))
+
+
+def test_ray_actors_run_the_backend_the_local_engine_runs(local_ray, tiny_models, paired_folder, tmp_path):
+    pytest.importorskip("onnxruntime", reason="pip install 'embedkit[onnx]'")
+    kw = dict(backend="onnxruntime", precision="fp32")
+    extract(paired_folder, tmp_path / "local", _cfg(tiny_models, **kw))
+    res = extract(paired_folder, tmp_path / "ray", _cfg(tiny_models, engine="ray", **kw))
+    _assert_same_output(tmp_path / "local", tmp_path / "ray")
+    for modality in ("image", "text"):
+        prov = res.modalities[modality].provenance
+        assert prov["backend"] == "onnxruntime" and prov["parity_min_cosine"] >= 0.9999

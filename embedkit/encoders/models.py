@@ -14,6 +14,9 @@ from embedkit.encoders.registry import EncoderSpec
 from embedkit.errors import EmbedkitError
 
 
+_PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 class Encoder:
     modality: str
 
@@ -22,6 +25,7 @@ class Encoder:
         self.revision = model_revision(model) or spec.revision
         self.dim = spec.dim
         self.quantize: str | None = None  # "int8" once create_encoder quantised the Linear layers
+        self.backend_fields: dict = {}  # backend, precision and measured parity, when backends.py opened it
 
     @property
     def n_parameters(self) -> int:
@@ -35,7 +39,8 @@ class Encoder:
     def provenance(self) -> dict:
         return {**self.spec.to_dict(), "modality": self.modality, "dim": self.dim, "revision": self.revision,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
-                "n_parameters": self.n_parameters, "model_bytes": self.model_bytes}
+                "n_parameters": self.n_parameters, "model_bytes": self.model_bytes, "backend": "torch",
+                "precision": "int8" if self.quantize else _PRECISION_NAMES.get(self.dtype), **self.backend_fields}
 
     def _out(self, x: torch.Tensor) -> np.ndarray:
         x = x.float()

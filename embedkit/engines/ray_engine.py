@@ -45,11 +45,15 @@ class Embedder:
     """
 
     def __init__(self, spec: EncoderSpec, modality: str, device: str, dtype: str, threads: int,
-                 quantize: str | None):
+                 quantize: str | None, backend: str = "torch", precision: str | None = None,
+                 parity_floor: float = 0.99):
         from embedkit.encoders import create_encoder
 
         self.modality = modality
-        self.encoder = create_encoder(spec, modality, device=device, dtype=dtype, threads=threads, quantize=quantize)
+        # the same creation code as the local engine: a converted model comes from the export cache the
+        # driver filled (extract resolves --backend auto there), with the parity it measured
+        self.encoder = create_encoder(spec, modality, device=device, dtype=dtype, threads=threads, quantize=quantize,
+                                      backend=backend, precision=precision, parity_floor=parity_floor)
         self.provenance = self.encoder.provenance()
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,7 +131,8 @@ def open_ray(modality: str, spec: EncoderSpec, batches: list[list[Item]], config
             Embedder, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs=dict(spec=spec, modality=modality, device=config.device, dtype=config.dtype,
                                        threads=config.threads or max(1, int(config.ray_cpus_per_actor)),
-                                       quantize=config.quantize),
+                                       quantize=config.quantize, backend=config.backend,
+                                       precision=config.precision, parity_floor=config.parity_floor),
             compute=ray.data.ActorPoolStrategy(size=_actors(config, len(batches))),
             num_cpus=config.ray_cpus_per_actor, num_gpus=config.ray_gpus_per_actor,
             max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)

@@ -1,0 +1,321 @@
+"""CPU backends (ONNX Runtime, OpenVINO): parity with the torch path, the export cache, choice, refusal.
+
+Parity is checked on inputs the calibration batch never saw (generated JPEG/PNG files through the
+real decode path, and report sentences), against embedkit's own torch fp32 encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embedkit.encoders import create_encoder, resolve_spec
+from embedkit.encoders import backends, export_cache
+from embedkit.encoders.preprocess import preprocess_images
+from embedkit.errors import EmbedkitError
+from embedkit.extract import ExtractConfig, extract
+from embedkit.store import part_files, read_embedding_table
+
+from conftest import REPO, make_image, make_report
+
+pytest.importorskip("onnxruntime", reason="pip install 'embedkit[onnx]'")
+pytest.importorskip("openvino", reason="pip install 'embedkit[openvino]'")
+
+TEXTS = [make_report(i) for i in range(6)] + ["a very long report about the left lower lobe " * 40]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache(tmp_path_factory):
+    """One export cache for the module: each (model, backend, precision) is exported once."""
+    folder = tmp_path_factory.mktemp("export_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDKIT_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i in range(5):
+        p = folder / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        make_image(p, 100 + i, size=(80 + 10 * i, 60))
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shared_model(tmp_path_factory) -> Path:
+    import torch
+
+    from embedkit.shared_encoder import SharedEncoderConfig
+    from embedkit.shared_encoder.model import SharedEncoder
+    from embedkit.shared_encoder.runner import load_tokenizer, save_shared_encoder
+
+    tok = load_tokenizer("minilm")
+    cfg = SharedEncoderConfig(width=64, depth=2, heads=2, image_size=32, patch_size=8, max_text_len=16, embed_dim=32,
+                              modality_dim=4, vocab_size=len(tok))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("shared")
+    save_shared_encoder(SharedEncoder(cfg).eval(), tok, folder)
+    return folder
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def embed(encoder, modality: str, images: list[Path]):
+    if modality == "image":
+        return encoder.embed(preprocess_images(images, encoder.preprocess))
+    return encoder.embed(TEXTS)
+
+
+def _name(tiny_models, shared_model, model: str) -> str:
+    return f"shared:{shared_model}" if model == "shared" else str(tiny_models[model])
+
+
+# ------------------------------------------------------------------ parity, every family
+
+
+@pytest.mark.parametrize("model,modality", [("dinov2", "image"), ("clip", "image"), ("clip", "text"),
+                                            ("bert", "text"), ("shared", "image"), ("shared", "text")])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fp32_backends_match_the_torch_path_on_unseen_inputs(tiny_models, shared_model, images, model, modality,
+                                                            backend):
+    spec = resolve_spec(_name(tiny_models, shared_model, model), modality)
+    torch_enc = create_encoder(spec, modality, device="cpu")
+    enc = create_encoder(spec, modality, backend=backend, precision="fp32")
+    ref, out = embed(torch_enc, modality, images), embed(enc, modality, images)
+    if modality == "text":  # the same texts are counted as truncated on both paths
+        assert out[1] == ref[1]
+        ref, out = ref[0], out[0]
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert cosines(ref, out).min() >= 0.9999
+    np.testing.assert_allclose(out, ref, atol=2e-4)
+    prov = enc.provenance()
+    assert prov["backend"] == backend and prov["precision"] == "fp32" and prov["dim"] == ref.shape[1]
+    assert prov["parity_min_cosine"] >= 0.9999 and prov["parity_inputs"] >= 16
+
+
+def test_llms_are_not_exported_and_say_why(tiny_models):
+    spec = resolve_spec(str(tiny_models["llama"]), "text")
+    with pytest.raises(EmbedkitError, match="llm models are not exported to onnxruntime.*--backend torch"):
+        create_encoder(spec, "text", backend="onnxruntime")
+    assert ("onnxruntime", "fp32") not in backends.candidates(spec, "text")
+
+
+@pytest.mark.slow
+def test_real_efficientnet_on_every_backend(images):
+    spec = resolve_spec("efficientnet-lite0", "image")
+    ref = embed(create_encoder(spec, "image", device="cpu"), "image", images)
+    for backend, precision, floor in [("onnxruntime", "fp32", 0.9999), ("openvino", "fp32", 0.9999),
+                                      ("openvino", "bf16", 0.98)]:
+        if precision == "bf16" and backends.backend_module(backend).precision_problem(precision):
+            continue  # this CPU has no bf16 instructions
+        enc = create_encoder(spec, "image", backend=backend, precision=precision, parity_floor=floor)
+        assert cosines(ref, embed(enc, "image", images)).min() >= floor, (backend, precision)
+
+
+@pytest.mark.slow
+def test_real_minilm_fp32_and_per_channel_int8():
+    spec = resolve_spec("minilm", "text")
+    ref, _ = create_encoder(spec, "text", device="cpu").embed(TEXTS)
+    out, _ = create_encoder(spec, "text", backend="openvino", precision="fp32").embed(TEXTS)
+    assert cosines(ref, out).min() >= 0.9999
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)  # minilm's normalisation is in the graph
+    int8 = create_encoder(spec, "text", backend="onnxruntime", precision="int8", parity_floor=0.9)
+    measured = int8.provenance()["parity_min_cosine"]
+    assert 0.9 <= measured < 0.99999  # quantised: close, not equal, and the number says so
+    assert cosines(ref, int8.embed(TEXTS)[0]).min() >= 0.9
+
+
+# ------------------------------------------------------------------ refusal below the floor
+
+
+def test_a_backend_below_the_parity_floor_is_refused_naming_the_better_choice(tiny_models):
+    spec = resolve_spec(str(tiny_models["bert"]), "text")
+    enc = create_encoder(spec, "text", backend="onnxruntime", precision="int8", parity_floor=-1)
+    measured = enc.provenance()["parity_min_cosine"]
+    assert measured < 1.0
+    with pytest.raises(EmbedkitError, match=r"below the parity floor .*--precision fp32"):
+        create_encoder(spec, "text", backend="onnxruntime", precision="int8", parity_floor=min(1.0, measured + 1e-4))
+
+
+def test_impossible_requests_fail_before_any_model_loads(tiny_models):
+    spec = resolve_spec(str(tiny_models["bert"]), "text")
+    for kw, message in [(dict(backend="onnxruntime", precision="bf16"), "no bf16 kernels"),
+                        (dict(backend="openvino", precision="int8"), "NNCF"),
+                        (dict(backend="tensorrt"), "unknown backend"),
+                        (dict(backend="openvino", precision="fp8"), "unknown precision"),
+                        (dict(backend="openvino", device="cuda"), "runs on CPU")]:
+        with pytest.raises(EmbedkitError, match=message):
+            backends.check_request(spec, "text", kw["backend"], kw.get("precision"), kw.get("device", "auto"))
+    with pytest.raises(EmbedkitError, match="replace --dtype"):
+        create_encoder(spec, "text", backend="openvino", dtype="bfloat16")
+
+
+# ------------------------------------------------------------------ the export cache
+
+
+def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from transformers import Dinov2Model
+
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["dinov2"], folder)
+    spec = resolve_spec(str(folder), "image")
+    entry, meta, built = backends.load_entry(spec, "image", "onnxruntime", "fp32")
+    assert built and (entry / "model.onnx").is_file() and meta["export_seconds"] > 0
+    stamp = (entry / "model.onnx").stat().st_mtime_ns
+    _, again, built = backends.load_entry(spec, "image", "onnxruntime", "fp32")
+    assert not built and again["key"] == meta["key"] and (entry / "model.onnx").stat().st_mtime_ns == stamp
+
+    # new weights in the same folder: the entry is stale, rebuilt, and embeds with the new weights
+    model = Dinov2Model.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(folder)
+    _, fresh, built = backends.load_entry(spec, "image", "onnxruntime", "fp32")
+    assert built and fresh["key"] != meta["key"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    new_torch = create_encoder(spec, "image", device="cpu").embed(x)
+    assert cosines(new_torch, create_encoder(spec, "image", backend="onnxruntime").embed(x)).min() > 0.9999
+
+    # a changed byte in the exported model: refused, never run
+    with open(entry / "model.onnx", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    with pytest.raises(EmbedkitError, match="corrupt .*changed since it was exported"):
+        create_encoder(spec, "image", backend="onnxruntime")
+    (entry / "entry.json").write_text("{not json")
+    with pytest.raises(EmbedkitError, match="corrupt"):
+        backends.load_entry(spec, "image", "onnxruntime", "fp32")
+
+
+# ------------------------------------------------------------------ --backend auto
+
+
+def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    spec = resolve_spec(str(tiny_models["bert"]), "text")
+    chosen = backends.choose_backend(spec, "text", threads=1)
+    path = next((tmp_path / "cache").rglob("auto-text-*.json"))
+    rows = json.loads(path.read_text())["candidates"]
+    passing = [r for r in rows if r.get("items_per_second") and (r["parity"] is None or r["parity"]["min_cosine"]
+                                                                 >= backends.DEFAULT_PARITY_FLOOR)]
+    best = max(passing, key=lambda r: r["items_per_second"])
+    assert chosen == (best["backend"], best["precision"])
+    assert {(r["backend"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                              ("openvino", "fp32"), ("onnxruntime", "int8")}
+
+    # the cached measurement decides next time; a rigged one shows the floor is applied to it
+    for r in rows:
+        r["items_per_second"] = {("onnxruntime", "int8"): 1000.0, ("openvino", "fp32"): 500.0}.get(
+            (r["backend"], r["precision"]), 1.0)
+        if (r["backend"], r["precision"]) == ("onnxruntime", "int8"):
+            r["parity"] = {"min_cosine": 0.5, "mean_cosine": 0.7, "inputs": 24}
+    path.write_text(json.dumps({"candidates": rows}))
+    monkeypatch.setattr(backends, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    assert backends.choose_backend(spec, "text", threads=1) == ("openvino", "fp32")
+    assert backends.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
+
+
+# ------------------------------------------------------------------ extraction: provenance, no mixing
+
+
+def _cfg(tiny_models, **kw) -> ExtractConfig:
+    kw.setdefault("image_model", str(tiny_models["dinov2"]))
+    kw.setdefault("text_model", str(tiny_models["bert"]))
+    return ExtractConfig(progress=False, batch_size=3, **kw)
+
+
+def test_extract_with_a_backend_records_it_and_never_mixes_backends_in_one_table(tiny_models, paired_folder,
+                                                                                 tmp_path):
+    out = tmp_path / "emb"
+    res = extract(paired_folder, out, _cfg(tiny_models, backend="openvino", precision="fp32"))
+    assert res.modalities["image"].rows_embedded == 8
+    for modality in ("image", "text"):
+        prov = res.modalities[modality].provenance
+        assert prov["backend"] == "openvino" and prov["precision"] == "fp32"
+        assert prov["parity_min_cosine"] >= 0.9999 and prov["parity_mean_cosine"] >= prov["parity_min_cosine"]
+    torch_out = tmp_path / "torch"
+    extract(paired_folder, torch_out, _cfg(tiny_models))
+    for name in ("image__tiny-dinov2", "text__tiny-bert"):
+        a, b = read_embedding_table(out / name), read_embedding_table(torch_out / name)
+        assert a.ids == b.ids and cosines(a.embeddings, b.embeddings).min() >= 0.9999
+        assert read_embedding_table(torch_out / name).provenance["backend"] == "torch"
+
+    make_image(paired_folder / "new.png", 50)
+    with pytest.raises(EmbedkitError, match="differs in backend"):
+        extract(paired_folder, out, _cfg(tiny_models, text_model=None))  # torch onto an openvino table
+    with pytest.raises(EmbedkitError, match="differs in backend, precision"):
+        extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="onnxruntime", precision="int8",
+                                         parity_floor=-1))
+    res = extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="openvino", precision="fp32"))
+    assert res.modalities["image"].rows_embedded == 1 and res.modalities["image"].rows_reused == 8
+
+
+def test_tables_written_before_backends_existed_resume_with_torch(tiny_models, paired_folder, tmp_path):
+    out = tmp_path / "emb"
+    extract(paired_folder, out, _cfg(tiny_models, text_model=None))
+    for p in part_files(out / "image__tiny-dinov2"):  # strip what older embedkit never wrote
+        t = pq.read_table(p)
+        prov = json.loads(t.schema.metadata[b"embedkit"])
+        for k in ("backend", "precision"):
+            prov.pop(k)
+        pq.write_table(t.replace_schema_metadata({b"embedkit": json.dumps(prov).encode()}), p)
+    make_image(paired_folder / "new.png", 50)
+    assert extract(paired_folder, out, _cfg(tiny_models, text_model=None)).modalities["image"].rows_embedded == 1
+    make_image(paired_folder / "newer.png", 51)
+    with pytest.raises(EmbedkitError, match="differs in backend"):
+        extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="onnxruntime"))
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def _cli(*args, cache: Path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "EMBEDKIT_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    proc.output = proc.stdout + proc.stderr  # the console writes errors and notes to stderr
+    return proc
+
+
+def test_cli_backend_options_and_exit_codes(tiny_models, paired_folder, tmp_path, cache):
+    bert, dinov2 = tiny_models["bert"], tiny_models["dinov2"]
+    ok = _cli("extract", paired_folder, "--out", tmp_path / "a", "--image-model", dinov2, "--text-model", bert,
+              "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1", "--no-progress", cache=cache)
+    assert ok.returncode == 0, ok.output
+    assert read_embedding_table(tmp_path / "a" / "text__tiny-bert").provenance["backend"] == "onnxruntime"
+
+    bad = _cli("extract", paired_folder, "--out", tmp_path / "b", "--text-model", bert, "--image-model", "none",
+               "--backend", "onnxruntime", "--precision", "bf16", cache=cache)
+    assert bad.returncode == 2 and "error: ONNX Runtime has no bf16 kernels" in bad.output
+    assert not (tmp_path / "b").exists()  # refused before any work
+
+    refused = _cli("extract", paired_folder, "--out", tmp_path / "c", "--text-model", bert, "--image-model", "none",
+                   "--backend", "onnxruntime", "--precision", "int8", "--parity-floor", "1.0", cache=cache)
+    assert refused.returncode == 2 and "below the parity floor 1" in refused.output
+    assert "--precision fp32" in refused.output and "Traceback" not in refused.output
+
+    check = _cli("models", "check", bert, "--backend", "onnxruntime", "--precision", "fp32", cache=cache)
+    assert check.returncode == 0, check.output
+    assert "onnxruntime" in check.output and "passes" in check.output
+    failing = _cli("models", "check", bert, "--backend", "onnxruntime", "--precision", "int8", "--parity-floor",
+                   "1.0", cache=cache)
+    assert failing.returncode == 2 and "below" in failing.output
+    listing = _cli("models", cache=cache)
+    assert listing.returncode == 0 and "efficientnet-lite0" in listing.output
