@@ -396,6 +396,77 @@ def _print_gap_report(report: dict, out: Path) -> None:
 
 
 @app.command()
+def zeroshot(
+    emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings in one space (CLIP, "
+                                         "shared:PATH, or an `embedkit project` output)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="LABEL=text; repeat, several per label are averaged."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file of LABEL=text lines, or JSON "
+                                                                   "{label: [texts]}."),
+    text_model: Optional[str] = typer.Option(None, help="The text encoder that made EMB's text embeddings (default: "
+                                                        "the one their provenance names)."),
+    label: Optional[str] = typer.Option(None, help="Label column to score against (default: the folder's only one)."),
+    align: str = typer.Option("center", help="Gap correction fitted on the training rows: center, shift, "
+                                             "standardize or none."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="The shift's lambda (--align shift)."),
+    shots: Optional[int] = typer.Option(None, min=1, help="Train the linear probe on this many rows per class "
+                                                          "(few-shot; default: every training row)."),
+    temperature: float = typer.Option(0.01, min=1e-6, help="Softmax temperature over cosines (CLIP: 0.01)."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals (0: none)."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for zeroshot.json and "
+                                                                 "zeroshot_predictions.parquet (default: EMB)."),
+):
+    """Classify images by similarity to text prompts (gap-corrected), scored beside a linear probe."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedkit.store import write_json_atomic
+    from embedkit.zeroshot import ZeroShotConfig, parse_prompts, prediction_table
+    from embedkit.zeroshot import zeroshot as run
+
+    cfg = ZeroShotConfig(prompts=parse_prompts(list(prompt), prompts), label=label, text_model=text_model,
+                         align=align, align_lambda=lambda_, temperature=temperature, shots=shots,
+                         bootstrap=bootstrap, seed=seed)
+    result = run(emb, cfg)
+    out = Path(out or emb)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "zeroshot.json", result["report"])
+    pq.write_table(pa.table(prediction_table(result["predictions"])), out / "zeroshot_predictions.parquet")
+    _print_zeroshot(result["report"], out)
+
+
+def _print_zeroshot(report: dict, out: Path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+
+    check = report["encoder_check"]
+    console.print(f"prompts embedded with {escape(report['text_model'])}"
+                  + (f" (reproduces the stored text embeddings: cosine >= {check['min_cosine']:.4f} on "
+                     f"{check['rows']} rows)" if check.get("rows") else f" ({check.get('note')})")
+                  + f"; gap correction fitted on {report['alignment']['fitted_on']}", soft_wrap=True)
+    ev = report.get("evaluation")
+    if ev:
+        t = Table(title=f"zero-shot · column '{escape(report['label_column'])}' · {ev['rows']} rows "
+                        f"({escape(ev['evaluated_on'])})")
+        for col in ("method", "accuracy", "macro-F1", "95% interval", "AUROC"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        for name, m in ev["methods"].items():
+            if "skipped" in m:
+                t.add_row(escape(name), "-", "-", escape(m["skipped"]), "-")
+                continue
+            b = (m.get("bootstrap") or {}).get("metrics", {}).get("macro_f1")
+            t.add_row(escape(name), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                      f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-", f"{m['auroc']:.3f}")
+        console.print(t)
+    else:
+        console.print("no label column to score against (--label): predictions only")
+    console.print(f"{report['rows']} predictions ({escape(report['predicted_with'])}) -> "
+                  f"{out / 'zeroshot_predictions.parquet'} · report -> {out / 'zeroshot.json'}")
+
+
+@app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep everything here (default: a temp folder)."),
     n: int = typer.Option(300, help="Synthetic cases."),

@@ -28,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.align import NotNumbersError
 from embedkit.fusion.evaluate import InvalidInputError, detect_task
 from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
 
@@ -36,10 +37,6 @@ WEIGHTS_FILE, META_FILE = "model.safetensors", "estimator.json"
 
 class NotFittedEmbedkitError(EmbedkitError, NotFittedError):
     """predict before fit: a user error for the CLI, a NotFittedError for scikit-learn tools."""
-
-
-class NotNumbersError(InvalidInputError, TypeError):
-    """X holds something that is not a number (text, a dict): a TypeError, as numpy and scikit-learn raise."""
 
 
 # ---------------------------------------------------------------------------------------------
