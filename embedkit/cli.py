@@ -132,21 +132,80 @@ def _print_extract_summary(result) -> None:
             console.print(f"  {n:>5} × {stage}: {reason}")
 
 
-@app.command()
-def models():
-    """List the model registry and what is available offline on this machine."""
+models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                         help="List the model registry and the model store; pack and install offline bundles.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context):
+    """List the model registry, what is available offline on this machine, and the installed bundles."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.markup import escape
     from rich.table import Table
 
     from embedkit.console import console
-    from embedkit.encoders.registry import list_models
+    from embedkit.encoders.registry import installed_models, list_models, model_store
 
     table = Table(title="embedkit models (any transformers id or local folder works too)")
     for col in ("name", "family", "modalities", "dim", "pooling", "available here"):
         table.add_column(col)
     for r in list_models():
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
-                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + r["where"])
+                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + escape(r["where"]))
     console.print(table)
+    installed = installed_models()
+    store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
+    for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
+        store.add_column(col, justify="right" if col in ("files", "MB") else "left")
+    for m in installed:
+        files = m.get("files") or {}
+        store.add_row(*(escape(str(v)) for v in (m.get("name"), m.get("source"), (m.get("revision") or "-")[:12],
+                                                m.get("license"), len(files),
+                                                f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f}",
+                                                m.get("installed"))))
+    console.print(store if installed else f"no models installed from bundles in {escape(str(model_store()))} "
+                                          f"(embedkit models install BUNDLE)")
+
+
+@models_app.command("pack")
+def models_pack(
+    names: List[str] = typer.Argument(..., help="Registry names, hub ids in this machine's cache, or model folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle to write (a .tar file)."),
+):
+    """Bundle models for a machine without internet: files, spec, licence and the sha256 of every file."""
+    import json
+
+    from embedkit.bundles import pack
+    from embedkit.console import console
+
+    r = pack(list(names), out)
+    for m in r["models"]:
+        note = f"; left out: {', '.join(m['left_out'])}" if m["left_out"] else ""
+        console.print(f"{m['name']}: {m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence {m['license']}"
+                      + (" [yellow](check it before you redistribute)[/]" if m["license"] == "unknown" else "") + note,
+                      markup=m["license"] == "unknown", soft_wrap=True)
+    console.print(f"bundle -> {r['bundle']} ({r['bytes'] / 2**20:.1f} MB)", markup=False)
+    console.print(f"sha256 {r['sha256']}: check it on the offline machine with "
+                  f"`embedkit models install {Path(r['bundle']).name} --sha256 {r['sha256']}`", markup=False)
+    typer.echo(json.dumps({"sha256": r["sha256"], "models": [m["name"] for m in r["models"]]}))
+
+
+@models_app.command("install")
+def models_install(
+    bundle: Path = typer.Argument(..., help="A bundle from `embedkit models pack`."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="The bundle's sha256 as `pack` printed it."),
+):
+    """Verify every file of a bundle (checksums, no pickles, no paths outside it) and install it into the store."""
+    from embedkit.bundles import install
+    from embedkit.console import console
+
+    r = install(bundle, sha256)
+    for m in r["models"]:
+        console.print(f"installed {m['name']} ({m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence "
+                      f"{m['license']}) -> {m['folder']}", markup=False)
+    console.print(f"every file matched its sha256; bundle sha256 {r['sha256']}", markup=False)
 
 
 @app.command()
