@@ -348,7 +348,7 @@ def predict(
 ):
     """Predict labels for new embeddings (the training-time alignment and calibration are applied)."""
     from embedkit.console import say
-    from embedkit.train import predict as run
+    from embedkit.predict import predict as run  # not via embedkit.train: predict needs none of training
 
     r = run(model, emb, out)
     had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
@@ -368,7 +368,7 @@ def evaluate(
     """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
-    from embedkit.train import evaluate as run
+    from embedkit.predict import evaluate as run
 
     r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out)
     m, b = r["eval"], r["bootstrap"]["metrics"]

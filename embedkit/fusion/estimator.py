@@ -21,10 +21,6 @@ from scipy.special import expit, softmax
 from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import DataConversionWarning, NotFittedError
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from embedkit.errors import EmbedkitError
@@ -499,6 +495,8 @@ class FusionClassifier(_EmbeddingClassifier):
 
     @torch.no_grad()
     def _validate(self, val, loss_fn) -> tuple[float, float]:
+        from sklearn.metrics import f1_score  # fit only: predict does not pay for sklearn.metrics
+
         Xv, yv, targets = val
         self.model_.eval()
         logits = self.model_(Xv)
@@ -581,6 +579,10 @@ class LogisticBaseline(_EmbeddingClassifier):
         self.random_state = random_state
 
     def fit(self, X, y):
+        from sklearn.linear_model import LogisticRegression  # fit only, as the others below
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.preprocessing import StandardScaler
+
         t_fit = time.perf_counter()
         X, dims, names = _as_matrix(X)
         task, classes, targets = _encode_labels(y)
