@@ -9,6 +9,7 @@ _API = {
     "extract": ("embedkit.extract", "extract"),
     "ExtractConfig": ("embedkit.extract", "ExtractConfig"),
     "SourceOptions": ("embedkit.items", "SourceOptions"),
+    "load": ("embedkit.frame", "load"),
     "load_embeddings": ("embedkit.store", "load_embeddings"),
     "read_embedding_table": ("embedkit.store", "read_embedding_table"),
     "list_models": ("embedkit.encoders.registry", "list_models"),

@@ -153,27 +153,81 @@ def _model_mb(provenance: dict) -> str:
     return ("-" if not n else f"{n / 2**20:.0f}" if n >= 10 * 2**20 else f"{n / 2**20:.2f}")
 
 
-models_app = typer.Typer(help="The model registry, and the CPU backends each model can run on.")
+models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                         help="The model registry and store: list, check CPU backends, pack and install bundles.")
 app.add_typer(models_app, name="models")
 
 
 @models_app.callback(invoke_without_command=True)
 def models(ctx: typer.Context):
-    """List the model registry and what is available offline on this machine (`models check` measures backends)."""
+    """List the model registry, what is available offline on this machine, and the installed bundles
+    (`models check` measures the CPU backends)."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich.markup import escape
     from rich.table import Table
 
     from embedkit.console import console
-    from embedkit.encoders.registry import list_models
+    from embedkit.encoders.registry import installed_models, list_models, model_store
 
     table = Table(title="embedkit models (any transformers id, local folder or gguf:PATH works too)")
     for col in ("name", "family", "modalities", "dim", "pooling", "available here"):
         table.add_column(col)
     for r in list_models():
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
-                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + r["where"])
+                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + escape(r["where"]))
     console.print(table)
+    installed = installed_models()
+    store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
+    for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
+        store.add_column(col, justify="right" if col in ("files", "MB") else "left")
+    for m in installed:
+        files = m.get("files") or {}
+        store.add_row(*(escape(str(v)) for v in (m.get("name"), m.get("source"), (m.get("revision") or "-")[:12],
+                                                m.get("license"), len(files),
+                                                f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f}",
+                                                m.get("installed"))))
+    console.print(store if installed else f"no models installed from bundles in {escape(str(model_store()))} "
+                                          f"(embedkit models install BUNDLE)")
+
+
+@models_app.command("pack")
+def models_pack(
+    names: List[str] = typer.Argument(..., help="Registry names, hub ids in this machine's cache, or model folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle to write (a .tar file)."),
+):
+    """Bundle models for a machine without internet: files, spec, licence and the sha256 of every file."""
+    import json
+
+    from embedkit.bundles import pack
+    from embedkit.console import console
+
+    r = pack(list(names), out)
+    for m in r["models"]:
+        note = f"; left out: {', '.join(m['left_out'])}" if m["left_out"] else ""
+        console.print(f"{m['name']}: {m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence {m['license']}"
+                      + (" [yellow](check it before you redistribute)[/]" if m["license"] == "unknown" else "") + note,
+                      markup=m["license"] == "unknown", soft_wrap=True)
+    console.print(f"bundle -> {r['bundle']} ({r['bytes'] / 2**20:.1f} MB)", markup=False)
+    console.print(f"sha256 {r['sha256']}: check it on the offline machine with "
+                  f"`embedkit models install {Path(r['bundle']).name} --sha256 {r['sha256']}`", markup=False)
+    typer.echo(json.dumps({"sha256": r["sha256"], "models": [m["name"] for m in r["models"]]}))
+
+
+@models_app.command("install")
+def models_install(
+    bundle: Path = typer.Argument(..., help="A bundle from `embedkit models pack`."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="The bundle's sha256 as `pack` printed it."),
+):
+    """Verify every file of a bundle (checksums, no pickles, no paths outside it) and install it into the store."""
+    from embedkit.bundles import install
+    from embedkit.console import console
+
+    r = install(bundle, sha256)
+    for m in r["models"]:
+        console.print(f"installed {m['name']} ({m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence "
+                      f"{m['license']}) -> {m['folder']}", markup=False)
+    console.print(f"every file matched its sha256; bundle sha256 {r['sha256']}", markup=False)
 
 
 @models_app.command("check")
@@ -358,7 +412,7 @@ def predict(
 ):
     """Predict labels for new embeddings (the training-time alignment and calibration are applied)."""
     from embedkit.console import say
-    from embedkit.train import predict as run
+    from embedkit.predict import predict as run  # not via embedkit.train: predict needs none of training
 
     r = run(model, emb, out)
     had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
@@ -378,7 +432,7 @@ def evaluate(
     """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
-    from embedkit.train import evaluate as run
+    from embedkit.predict import evaluate as run
 
     r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out)
     m, b = r["eval"], r["bootstrap"]["metrics"]
@@ -434,6 +488,77 @@ def _print_gap_report(report: dict, out: Path) -> None:
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(w['message'])}", soft_wrap=True)
     console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}")
+
+
+@app.command()
+def zeroshot(
+    emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings in one space (CLIP, "
+                                         "shared:PATH, or an `embedkit project` output)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="LABEL=text; repeat, several per label are averaged."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file of LABEL=text lines, or JSON "
+                                                                   "{label: [texts]}."),
+    text_model: Optional[str] = typer.Option(None, help="The text encoder that made EMB's text embeddings (default: "
+                                                        "the one their provenance names)."),
+    label: Optional[str] = typer.Option(None, help="Label column to score against (default: the folder's only one)."),
+    align: str = typer.Option("center", help="Gap correction fitted on the training rows: center, shift, "
+                                             "standardize or none."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="The shift's lambda (--align shift)."),
+    shots: Optional[int] = typer.Option(None, min=1, help="Train the linear probe on this many rows per class "
+                                                          "(few-shot; default: every training row)."),
+    temperature: float = typer.Option(0.01, min=1e-6, help="Softmax temperature over cosines (CLIP: 0.01)."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals (0: none)."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for zeroshot.json and "
+                                                                 "zeroshot_predictions.parquet (default: EMB)."),
+):
+    """Classify images by similarity to text prompts (gap-corrected), scored beside a linear probe."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedkit.store import write_json_atomic
+    from embedkit.zeroshot import ZeroShotConfig, parse_prompts, prediction_table
+    from embedkit.zeroshot import zeroshot as run
+
+    cfg = ZeroShotConfig(prompts=parse_prompts(list(prompt), prompts), label=label, text_model=text_model,
+                         align=align, align_lambda=lambda_, temperature=temperature, shots=shots,
+                         bootstrap=bootstrap, seed=seed)
+    result = run(emb, cfg)
+    out = Path(out or emb)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "zeroshot.json", result["report"])
+    pq.write_table(pa.table(prediction_table(result["predictions"])), out / "zeroshot_predictions.parquet")
+    _print_zeroshot(result["report"], out)
+
+
+def _print_zeroshot(report: dict, out: Path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+
+    check = report["encoder_check"]
+    console.print(f"prompts embedded with {escape(report['text_model'])}"
+                  + (f" (reproduces the stored text embeddings: cosine >= {check['min_cosine']:.4f} on "
+                     f"{check['rows']} rows)" if check.get("rows") else f" ({check.get('note')})")
+                  + f"; gap correction fitted on {report['alignment']['fitted_on']}", soft_wrap=True)
+    ev = report.get("evaluation")
+    if ev:
+        t = Table(title=f"zero-shot · column '{escape(report['label_column'])}' · {ev['rows']} rows "
+                        f"({escape(ev['evaluated_on'])})")
+        for col in ("method", "accuracy", "macro-F1", "95% interval", "AUROC"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        for name, m in ev["methods"].items():
+            if "skipped" in m:
+                t.add_row(escape(name), "-", "-", escape(m["skipped"]), "-")
+                continue
+            b = (m.get("bootstrap") or {}).get("metrics", {}).get("macro_f1")
+            t.add_row(escape(name), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                      f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-", f"{m['auroc']:.3f}")
+        console.print(t)
+    else:
+        console.print("no label column to score against (--label): predictions only")
+    console.print(f"{report['rows']} predictions ({escape(report['predicted_with'])}) -> "
+                  f"{out / 'zeroshot_predictions.parquet'} · report -> {out / 'zeroshot.json'}")
 
 
 @app.command()

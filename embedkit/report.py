@@ -33,8 +33,14 @@ h3{font-size:14px;margin:16px 0 6px}table{border-collapse:collapse;margin:6px 0 
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:12px;max-width:900px}
 .met{color:#11772a;font-weight:600}.missed{color:#b3261e;font-weight:600}.muted{color:#777}
-img{max-width:100%;border:1px solid #eee;margin:6px 0}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
+table{display:block;max-width:100%;overflow-x:auto}td{overflow-wrap:break-word}
+@media (max-width:600px){body{margin:12px auto;padding:0 10px;font-size:15px}h1{font-size:19px}
+th,td{padding:3px 5px}table{font-size:13px}}
 """
+# Phones: the viewport tag keeps a phone from laying the page out 980 px wide and shrinking it; a table
+# wider than the screen scrolls inside itself (long values: paths, JSON), so the page never
+# scrolls sideways.
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | Path | None = None) -> Path:
@@ -98,6 +104,7 @@ def _page(title: str, body: str) -> str:
     footer = (f'<p class="muted">Written by embedkit {html.escape(__version__)} on '
               f'{time.strftime("%Y-%m-%d %H:%M")}. Self-contained: no scripts, no external files.</p>')
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{_CSS}</style></head><body>{body}{footer}</body></html>\n")
 
 

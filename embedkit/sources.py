@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,9 @@ def is_inside(path: Path, real_root: Path) -> bool:
 def read_table(path: str | Path) -> list[dict]:
     """Rows of a CSV/TSV, JSONL or JSON-array file, optionally gzipped.
 
-    Empty CSV cells become None; other cells stay strings (templates still format "45.6" with {age:.0f}).
+    Empty CSV cells become None; other cells stay strings here, so templates, ids and paths see
+    exactly what the table says. The labels and metadata stored at extract time are typed later,
+    per column (see `infer_column_types`).
     """
     path = Path(path)
     if not path.is_file():
@@ -171,8 +174,57 @@ def read_table(path: str | Path) -> list[dict]:
 
 
 def _parse_cell(v: str | None):
-    # Empty cells are missing values; everything else stays text, so ids like "000123" survive.
+    # Empty cells are missing values; the rest stays text until its whole column is looked at.
     return None if v is None or v.strip() == "" else v
+
+
+# A number as a person writes one, without a leading zero (an id such as "007" is text, not 7):
+# int(cell) or float(cell) then reads back as the same value the cell shows.
+_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)?\.[0-9]+(?:[eE][-+]?[0-9]+)?|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*)?[eE][-+]?[0-9]+"
+                    r"|-?(?:0|[1-9][0-9]*)\.")
+_NA = frozenset({"na", "n/a", "nan", "null", "none", "#n/a", "<na>"})  # pandas' missing markers, any case
+_INT64 = 2**63
+
+
+def infer_column_types(rows: list[dict]) -> list[dict]:
+    """Turn the text cells of wholly numeric columns into ints or floats, as pandas reads a CSV.
+
+    A column whose every filled cell is a number becomes int (float when any cell has a fraction or
+    an exponent) and its "NA"/"nan"/"null"-style cells become None. A column holding any other text
+    ("000123", "7 mg", "yes") or any non-text value (JSON already typed it) stays as it is. Works in
+    place and returns `rows`.
+    """
+    columns: dict[str, str] = {}  # column -> "int" | "float" | "text"
+    for row in rows:
+        for k, v in row.items():
+            kind = columns.get(k, "int")
+            if v is None or kind == "text":
+                columns.setdefault(k, kind)
+                continue
+            if not isinstance(v, str):
+                columns[k] = "text"  # typed already: leave the column alone
+                continue
+            cell = v.strip()
+            if cell.lower() in _NA:
+                columns.setdefault(k, kind)
+            elif _INT.fullmatch(cell) and abs(int(cell)) < _INT64:
+                columns[k] = kind
+            elif _FLOAT.fullmatch(cell):
+                columns[k] = "float"
+            else:
+                columns[k] = "text"
+    numeric = {k: int if kind == "int" else float for k, kind in columns.items() if kind != "text"}
+    # a column of missing markers only has no number in it: it stays as written
+    numeric = {k: t for k, t in numeric.items()
+               if any(r.get(k) is not None and r[k].strip().lower() not in _NA for r in rows)}
+    for row in rows:
+        for k, to_number in numeric.items():
+            v = row.get(k)
+            if v is not None:
+                cell = v.strip()
+                row[k] = None if cell.lower() in _NA else to_number(cell)
+    return rows
 
 
 def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: str) -> SourceScan:
@@ -229,6 +281,9 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
             items.append(item)
     paths.check_any_found()
     _check_duplicates(duplicates, len(rows), opts)
+    # numbers are stored as numbers (age 65, not "65"); the text and paths above used the cells as written
+    infer_column_types([it.labels for it in items])  # in place: the dicts are the items' own
+    infer_column_types([it.meta for it in items])
     return SourceScan(layout, items, skipped, group_col=opts.group_col, duplicate_ids=duplicates,
                       not_carried=not_carried)
 

@@ -233,7 +233,7 @@ def test_an_edited_table_relabels_stored_rows_without_re_embedding(tiny_models, 
     r = run(_rows(c={"dx": "9"}))
     assert (r.rows_embedded, r.rows_relabelled, r.rows_reused) == (0, 1, 6)
     after = _stored(directory)
-    assert after["c"]["dx"] == "9" and {k: v for k, v in after.items() if k != "c"} == \
+    assert after["c"]["dx"] == 9 and {k: v for k, v in after.items() if k != "c"} == \
         {k: v for k, v in before.items() if k != "c"}
     assert after["c"]["embedding"] == before["c"]["embedding"]
     changed = [name for name, st in _stat(directory).items() if st != files[name]]
@@ -245,7 +245,7 @@ def test_an_edited_table_relabels_stored_rows_without_re_embedding(tiny_models, 
     r = run(rows)
     assert (r.rows_embedded, r.rows_relabelled) == (0, 6)
     after = _stored(directory)
-    assert after["a"]["group"] == "P9" and after["b"]["split"] == "test" and after["c"]["dx"] == "0"
+    assert after["a"]["group"] == "P9" and after["b"]["split"] == "test" and after["c"]["dx"] == 0
     assert all("site" not in v and v["ward"] == "w1" for v in after.values())
     assert all(after[k]["embedding"] == before[k]["embedding"] for k in before)
     prov = _provenance(directory)
@@ -316,7 +316,7 @@ def test_kill_9_while_relabelling_leaves_whole_parts(tiny_models, tmp_path):
     r = extract(tmp_path, out, cfg, source=src).modalities["text"]
     assert (r.rows_embedded, r.rows_relabelled) == (0, 2)
     after = _stored(directory)
-    assert after["a"]["dx"] == after["f"]["dx"] == "5" and not list(directory.glob("*.tmp"))
+    assert after["a"]["dx"] == after["f"]["dx"] == 5 and not list(directory.glob("*.tmp"))
 
 
 # ---------------------------------------------------------------- columns named like embedkit's own

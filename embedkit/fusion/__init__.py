@@ -1,28 +1,31 @@
-"""Fusion classifiers on stored embeddings, their metrics and splits."""
+"""Fusion classifiers on stored embeddings, their metrics and splits.
 
-from embedkit.fusion.estimator import FusionClassifier, LogisticBaseline, NotFittedEmbedkitError
-from embedkit.fusion.evaluate import (
-    InvalidInputError,
-    compute_metrics,
-    detect_task,
-    expected_calibration_error,
-    kfold_indices,
-    split_indices,
-    summarize_runs,
-)
-from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
+Names are imported on first use, so `from embedkit.fusion import FusionClassifier` (what `predict`
+needs) does not also import the metrics and splitting code with scikit-learn's heavier modules.
+"""
 
-__all__ = [
-    "EarlyFusionHead",
-    "FusionClassifier",
-    "InvalidInputError",
-    "LateFusionHead",
-    "LogisticBaseline",
-    "NotFittedEmbedkitError",
-    "compute_metrics",
-    "detect_task",
-    "expected_calibration_error",
-    "kfold_indices",
-    "split_indices",
-    "summarize_runs",
-]
+_API = {
+    "FusionClassifier": "embedkit.fusion.estimator",
+    "LogisticBaseline": "embedkit.fusion.estimator",
+    "NotFittedEmbedkitError": "embedkit.fusion.estimator",
+    "InvalidInputError": "embedkit.fusion.evaluate",
+    "compute_metrics": "embedkit.fusion.evaluate",
+    "detect_task": "embedkit.fusion.evaluate",
+    "expected_calibration_error": "embedkit.fusion.evaluate",
+    "kfold_indices": "embedkit.fusion.evaluate",
+    "split_indices": "embedkit.fusion.evaluate",
+    "summarize_runs": "embedkit.fusion.evaluate",
+    "EarlyFusionHead": "embedkit.fusion.models",
+    "LateFusionHead": "embedkit.fusion.models",
+}
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'embedkit.fusion' has no attribute '{name}'")
+
+
+__all__ = sorted(_API)

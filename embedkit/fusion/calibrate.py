@@ -9,7 +9,6 @@ probabilities are, never their ranking (AUROC) nor the multiclass argmax.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
 
 from embedkit.fusion.evaluate import InvalidInputError
@@ -55,6 +54,8 @@ class TemperatureScaler:
         self.bounds = bounds
 
     def fit(self, proba, targets, task: str) -> "TemperatureScaler":
+        from scipy.optimize import minimize_scalar  # only fitting needs it; predict applies a saved temperature
+
         z = logits_from_proba(proba, task)
         targets = np.asarray(targets)
         if len(targets) < 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,15 +18,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from scipy.special import expit, softmax
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.preprocessing import StandardScaler
+from sklearn.exceptions import DataConversionWarning, NotFittedError
 from torch import nn
 
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.align import NotNumbersError
 from embedkit.fusion.evaluate import InvalidInputError, detect_task
 from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
 
@@ -44,8 +43,10 @@ def _as_matrix(X, modality_dims=None, names=None):
     """Return (float32 matrix with the blocks side by side, block widths, block names or None).
 
     names: at predict time, the modality order seen in fit, so a dict's key order does not matter.
+    Messages follow scikit-learn's wording where its own estimator checks look for it.
     """
-    if any(hasattr(b, "toarray") for b in (X.values() if isinstance(X, dict) else [X])):  # scipy.sparse
+    # before the dict test: scipy's dok format is a dict subclass
+    if sparse.issparse(X) or (isinstance(X, dict) and any(sparse.issparse(b) for b in X.values())):
         raise InvalidInputError("sparse input is not supported: embeddings are dense, pass X.toarray()")
     try:
         if isinstance(X, dict):
@@ -54,7 +55,7 @@ def _as_matrix(X, modality_dims=None, names=None):
                 if set(X) != set(names):
                     raise InvalidInputError(f"X has modalities {sorted(X)}, the model was fitted on {names}")
                 X = {k: X[k] for k in names}
-            blocks = [np.asarray(v, dtype=np.float32) for v in X.values()]
+            blocks = [_real_float32(v) for v in X.values()]
             if not blocks or any(b.ndim != 2 for b in blocks):
                 raise InvalidInputError("a dict X must map each modality name to a 2-D array (rows x features)")
             if len({len(b) for b in blocks}) > 1:
@@ -64,15 +65,20 @@ def _as_matrix(X, modality_dims=None, names=None):
                 raise InvalidInputError(f"modality_dims {tuple(modality_dims)} do not match the dict's block widths {dims}")
             X = np.concatenate(blocks, axis=1)
         else:
-            X = np.asarray(X, dtype=np.float32)
+            X = _real_float32(X)
             if X.ndim != 2:
-                raise InvalidInputError(f"X must be 2-D (rows x features), got shape {X.shape}")
+                raise InvalidInputError(f"X must be 2-D (rows x features), got shape {X.shape}; Reshape your data "
+                                        f"(X.reshape(1, -1) for a single row)")
+            if X.shape[1] == 0:
+                raise InvalidInputError(f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required.")
             dims = (X.shape[1],) if modality_dims is None else tuple(int(d) for d in modality_dims)
             if min(dims) < 1 or sum(dims) != X.shape[1]:
                 raise InvalidInputError(f"modality_dims {dims} must be positive and sum to X's {X.shape[1]} columns")
     except InvalidInputError:
         raise
-    except (TypeError, ValueError) as e:  # np.asarray on text or ragged lists
+    except TypeError as e:  # np.asarray on a dict or other objects
+        raise NotNumbersError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # np.asarray on text or ragged lists
         raise InvalidInputError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
     if len(X) == 0:
         raise InvalidInputError("X has no rows")
@@ -82,9 +88,18 @@ def _as_matrix(X, modality_dims=None, names=None):
     return X, dims, names
 
 
+def _real_float32(block) -> np.ndarray:
+    block = np.asarray(block)
+    if block.dtype.kind == "c":  # a cast to float would drop the imaginary part silently
+        raise InvalidInputError("Complex data not supported: embeddings are real numbers")
+    return block.astype(np.float32, copy=False)
+
+
 def _encode_labels(y, classes=None, task=None):
     """Fit (classes=None) or apply the label encoding. Returns (task, classes, targets): targets are
     class indices for binary/multiclass and a float32 0/1 matrix for multilabel."""
+    if y is None:
+        raise InvalidInputError("a classifier requires y to be passed, but the target y is None")
     columns = getattr(y, "columns", None)  # a pandas DataFrame names its labels
     y = np.asarray(y)
     task = task or detect_task(y)
@@ -98,6 +113,8 @@ def _encode_labels(y, classes=None, task=None):
                 raise InvalidInputError("every label column of y holds one value only; nothing to learn")
         return task, classes, targets
     if y.ndim == 2 and y.shape[1] == 1:
+        warnings.warn("A column-vector y was passed when a 1d array was expected; it is read as y.ravel()",
+                      DataConversionWarning, stacklevel=3)
         y = y.ravel()
     if y.dtype.kind == "f":
         if not np.isfinite(y).all():
@@ -156,6 +173,20 @@ def _read(folder, fmt: str):
 class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
     """What both estimators share: input checks, standardisation, labels out, common metadata."""
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True  # y may be a 0/1 indicator matrix
+        tags.target_tags.multi_output = True
+        return tags
+
+    def _class_weights(self) -> dict | None:
+        """class_weight as {class index: weight}: 'balanced' is left to the caller, a dict's keys are labels."""
+        if not isinstance(self.class_weight, dict):
+            return None
+        if self.task_ == "multilabel":
+            raise InvalidInputError("class_weight as a dict applies to binary and multiclass y, not multilabel")
+        return {i: float(self.class_weight.get(c, 1.0)) for i, c in enumerate(self.classes_.tolist())}
+
     def _check_fitted(self):
         if not hasattr(self, "classes_"):
             raise NotFittedEmbedkitError(f"this {type(self).__name__} is not fitted yet: call fit first")
@@ -165,7 +196,8 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         is_dict = isinstance(X, dict)
         X, dims, _ = _as_matrix(X, names=self.modalities_ if is_dict else None)
         if X.shape[1] != self.n_features_in_:
-            raise InvalidInputError(f"X has {X.shape[1]} columns, the model was fitted on {self.n_features_in_}")
+            raise InvalidInputError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                                    f"{self.n_features_in_} features as input (the columns it was fitted on)")
         if is_dict and dims != self.modality_dims_:
             raise InvalidInputError(f"modality block widths {dims} differ from the fitted {self.modality_dims_}")
         return X
@@ -195,8 +227,11 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         return idx if self.task_ == "multilabel" else self.classes_[idx]
 
     def _fitted_meta(self) -> dict:
+        params = self.get_params()
+        if isinstance(params.get("class_weight"), dict):  # JSON keys are text: keep the labels' types
+            params["class_weight"] = {"pairs": [[k, v] for k, v in params["class_weight"].items()]}
         return {
-            "params": self.get_params(),
+            "params": params,
             "task": self.task_,
             "classes": self.classes_.tolist(),
             "classes_dtype": self.classes_.dtype.str,  # round-trips ints, strings and bools
@@ -205,6 +240,14 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
             "modalities": self.modalities_,
             "fit_seconds": self.fit_seconds_,
         }
+
+    @staticmethod
+    def _params(meta: dict) -> dict:
+        """Constructor arguments from saved metadata (inverse of the class_weight packing in _fitted_meta)."""
+        params = dict(meta["params"])
+        if isinstance(params.get("class_weight"), dict):
+            params["class_weight"] = {k: v for k, v in params["class_weight"]["pairs"]}
+        return params
 
     def _restore_meta(self, meta: dict):
         self.task_ = meta["task"]
@@ -298,9 +341,14 @@ class FusionClassifier(_EmbeddingClassifier):
 
     def _loss(self, targets) -> nn.Module:
         """The task's loss with 'balanced' weights (kept as loss_weight_). Binary uses pos_weight =
-        n_neg / n_pos (the reference's binary weighting did nothing); multilabel the same per label."""
+        n_neg / n_pos (the reference's binary weighting did nothing); multilabel the same per label.
+        A dict {label: weight} sets per-class weights (binary: pos_weight = w_positive / w_negative)."""
         n = len(targets)
-        if self.task_ == "multiclass":
+        given = self._class_weights()
+        if given is not None:
+            w = np.array([given[i] for i in range(len(self.classes_))])
+            w = w if self.task_ == "multiclass" else np.array([w[1] / w[0]])
+        elif self.task_ == "multiclass":
             counts = np.bincount(targets, minlength=len(self.classes_))
             w = n / (len(self.classes_) * counts) if self.class_weight == "balanced" else None
         else:
@@ -326,8 +374,9 @@ class FusionClassifier(_EmbeddingClassifier):
     def _check_params(self):
         if self.fusion not in ("early", "late"):
             raise InvalidInputError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
-        if self.class_weight not in ("balanced", None):
-            raise InvalidInputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if not (self.class_weight in ("balanced", None) or isinstance(self.class_weight, dict)):
+            raise InvalidInputError(f"class_weight must be 'balanced', None or a dict {{label: weight}}, got "
+                                    f"{self.class_weight!r}")
         if self.scale not in ("standard", "none"):
             raise InvalidInputError(f"scale must be 'standard' or 'none', got {self.scale!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
@@ -446,6 +495,8 @@ class FusionClassifier(_EmbeddingClassifier):
 
     @torch.no_grad()
     def _validate(self, val, loss_fn) -> tuple[float, float]:
+        from sklearn.metrics import f1_score  # fit only: predict does not pay for sklearn.metrics
+
         Xv, yv, targets = val
         self.model_.eval()
         logits = self.model_(Xv)
@@ -480,7 +531,7 @@ class FusionClassifier(_EmbeddingClassifier):
     def load(cls, folder, device=None) -> "FusionClassifier":
         """A fitted estimator from save(); device overrides the saved one (e.g. 'cpu')."""
         meta, tensors = _read(folder, "embedkit.FusionClassifier")
-        params = dict(meta["params"], device=device or meta["params"]["device"])
+        params = dict(cls._params(meta), device=device or meta["params"]["device"])
         if params["modality_dims"] is not None:
             params["modality_dims"] = tuple(params["modality_dims"])
         est = cls(**params)
@@ -528,6 +579,10 @@ class LogisticBaseline(_EmbeddingClassifier):
         self.random_state = random_state
 
     def fit(self, X, y):
+        from sklearn.linear_model import LogisticRegression  # fit only, as the others below
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.preprocessing import StandardScaler
+
         t_fit = time.perf_counter()
         X, dims, names = _as_matrix(X)
         task, classes, targets = _encode_labels(y)
@@ -538,9 +593,9 @@ class LogisticBaseline(_EmbeddingClassifier):
         scaler = StandardScaler().fit(X)
         self.mean_, self.scale_ = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
         Xs = self._standardise(X)
-        lr = LogisticRegression(
-            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
-        )
+        # the regression sees class indices, so a dict keyed by labels is re-keyed by index
+        weights = self._class_weights() if isinstance(self.class_weight, dict) else self.class_weight
+        lr = LogisticRegression(C=self.C, class_weight=weights, max_iter=self.max_iter, random_state=self.random_state)
         if task == "multilabel":
             constant = [str(c) for c, col in zip(classes, targets.T) if col.min() == col.max()]
             if constant:
@@ -548,9 +603,11 @@ class LogisticBaseline(_EmbeddingClassifier):
             ovr = OneVsRestClassifier(lr).fit(Xs, targets.astype(np.int64))
             coef = np.vstack([e.coef_ for e in ovr.estimators_])
             intercept = np.concatenate([e.intercept_ for e in ovr.estimators_])
+            self.n_iter_ = np.concatenate([e.n_iter_ for e in ovr.estimators_]).astype(np.int32)
         else:
             lr.fit(Xs, targets)
             coef, intercept = lr.coef_, lr.intercept_
+            self.n_iter_ = np.asarray(lr.n_iter_, dtype=np.int32)
         # C order, as a loaded model has it: BLAS sums a Fortran-ordered matrix in another order, and the
         # fitted and reloaded models would then differ in the last bit
         self.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
@@ -580,13 +637,16 @@ class LogisticBaseline(_EmbeddingClassifier):
         self._check_fitted()
         names = ("coef_", "intercept_", "mean_", "scale_")
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in names}
-        return _write(folder, tensors, {"format": "embedkit.LogisticBaseline", "format_version": 1, **self._fitted_meta()})
+        meta = {"format": "embedkit.LogisticBaseline", "format_version": 1, **self._fitted_meta(),
+                "n_iter": self.n_iter_.tolist()}
+        return _write(folder, tensors, meta)
 
     @classmethod
     def load(cls, folder) -> "LogisticBaseline":
         meta, tensors = _read(folder, "embedkit.LogisticBaseline")
-        est = cls(**meta["params"])
+        est = cls(**cls._params(meta))
         est._restore_meta(meta)
+        est.n_iter_ = np.asarray(meta.get("n_iter", [0]), dtype=np.int32)
         for k, v in tensors.items():
             setattr(est, k, v.numpy())
         return est

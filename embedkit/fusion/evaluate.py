@@ -15,18 +15,11 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    multilabel_confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from embedkit.errors import EmbedkitError
+
+# scipy.stats, sklearn.metrics and sklearn.model_selection are imported inside the functions that use
+# them: `predict` needs InvalidInputError and detect_task from here, and those imports cost seconds.
 
 TASKS = ("binary", "multiclass", "multilabel")
 
@@ -80,6 +73,9 @@ def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -
     ECE uses the confidence of the predicted class; for multilabel every (row, label) pair counts
     as one binary prediction.
     """
+    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, multilabel_confusion_matrix,
+                                 precision_recall_fscore_support, roc_auc_score)
+
     if task not in TASKS:
         raise InvalidInputError(f"task must be one of {TASKS}, got {task!r}")
     classes = list(np.asarray(classes).tolist())
@@ -149,6 +145,8 @@ def summarize_runs(runs: list[dict]) -> dict:
 
     Non-finite values (an undefined AUROC, say) are left out, so n_runs can differ per metric.
     """
+    from scipy import stats
+
     if not runs:
         raise InvalidInputError("summarize_runs needs at least one run")
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]
@@ -325,6 +323,8 @@ def _hold_out(strata: np.ndarray, group_ids: np.ndarray, fraction: float, seed: 
     StratifiedGroupKFold with about 1/fraction folds and hold out its first fold, so the share is
     approximate but no group is ever cut.
     """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
     positions = np.arange(len(strata))
     if fraction <= 0:
         return positions, positions[:0]
@@ -377,6 +377,8 @@ def split_indices(y, val_fraction: float = 0.15, test_fraction: float = 0.15, se
 
 def kfold_indices(y, k: int = 5, seed: int = 0, groups=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified (and grouped) k-fold: a list of (train_idx, test_idx); every row is in one test fold."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     strata = _strata(y)
     if k < 2 or k > len(strata):
         raise InvalidInputError(f"k must be between 2 and the number of rows ({len(strata)}), got {k}")

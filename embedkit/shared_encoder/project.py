@@ -114,12 +114,15 @@ def fit_projection(
         raise EmbedkitError(f"projection needs row-aligned 2-D arrays, got {image.shape} and {text.shape}")
     if not (np.isfinite(image).all() and np.isfinite(text).all()):
         raise EmbedkitError("projection inputs contain NaN or infinite values")
-    rng = np.random.default_rng(seed)
+    from sklearn.model_selection import GroupShuffleSplit
+
     keys = np.arange(len(image)) if groups is None else np.asarray(groups)
-    uniq = rng.permutation(np.unique(keys))
-    n_val = min(round(val_fraction * len(uniq)), len(uniq) - 1) if val_fraction > 0 else 0
-    is_val = np.isin(keys, uniq[:n_val])
-    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    n_groups = len(np.unique(keys))
+    n_val = min(round(val_fraction * n_groups), n_groups - 1) if val_fraction > 0 else 0
+    tr, va = np.arange(len(image)), np.arange(0)
+    if n_val:  # a seeded share of whole groups held out
+        tr, va = map(np.sort, next(GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+                                   .split(image, groups=keys)))
     if len(tr) < 2:
         raise EmbedkitError("projection needs at least 2 training pairs")
 
