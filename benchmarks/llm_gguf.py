@@ -192,7 +192,8 @@ def seven_b(runs: dict) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Llama shape {r['formats']['f16']['n_parameters'] / 1e9:.2f}B ({r['model']['layers']} layers), {r['texts']} "
+    n = r["formats"]["f16"]["n_parameters"]  # the GGUF count: with the output head transformers leaves out
+    lines = [f"Llama shape {n / 1e9:.2f}B ({r['model']['layers']} layers), {r['texts']} "
              f"reports, {r['threads']} threads, best of {r['repeats']}; load average {r['load_average']}",
              "", "| format | tokens/s | vs fp32 | tokens/CPU-s | vs fp32 | peak RSS MB | weights MB | bytes/param "
              "| cosine to fp32 (mean / min) | 7B weights GB | 7B est. peak GB |",
