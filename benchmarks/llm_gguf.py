@@ -1,8 +1,11 @@
 """LLM report embeddings on a small machine: transformers fp32 against GGUF f16 / q8_0 / q4_K_M (llama.cpp).
 (Not named gguf.py: run as a script, that name would shadow the `gguf` package it imports.)
 
-    python benchmarks/llm_gguf.py                      # a 0.44B Llama shape, 48 reports, 2 threads (~4 min)
-    python benchmarks/llm_gguf.py --layers 4 --texts 16   # a quick look
+    python benchmarks/llm_gguf.py                      # a 0.44B Llama shape, 32 reports, 2 threads
+    python benchmarks/llm_gguf.py --layers 8 --texts 16 --threads 1   # a smaller look, one thread
+
+The first took 12 minutes on the shared 2-core development machine at load average 7 to 8
+(other developers' jobs on the same cores), the second 2.
 
 One random-weight Llama shaped like a real small LLM (hidden 1024, 32 layers, 16 heads with 8
 KV heads, MLP 2816, LLaMA-2's vocabulary of 32,000; 0.44B parameters) is saved with
@@ -119,7 +122,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--texts", type=int, default=48)
+    ap.add_argument("--texts", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "llm_gguf.json")
@@ -189,7 +192,8 @@ def seven_b(runs: dict) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Llama shape {r['model']['n_parameters'] / 1e9:.2f}B ({r['model']['layers']} layers), {r['texts']} "
+    n = r["formats"]["f16"]["n_parameters"]  # the GGUF count: with the output head transformers leaves out
+    lines = [f"Llama shape {n / 1e9:.2f}B ({r['model']['layers']} layers), {r['texts']} "
              f"reports, {r['threads']} threads, best of {r['repeats']}; load average {r['load_average']}",
              "", "| format | tokens/s | vs fp32 | tokens/CPU-s | vs fp32 | peak RSS MB | weights MB | bytes/param "
              "| cosine to fp32 (mean / min) | 7B weights GB | 7B est. peak GB |",

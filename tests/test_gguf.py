@@ -192,6 +192,16 @@ def test_options_a_gguf_file_fixes_are_refused(tiny_gguf):
         create_encoder(resolve_spec(f"gguf:{tiny_gguf['q8_0']}", "text", max_length=1024), "text")
 
 
+@needs_llama_cpp
+def test_a_file_llama_cpp_cannot_load_is_one_line_and_loading_is_quiet(tiny_gguf, tmp_path, capfd):
+    _encoder(tiny_gguf["q8_0"]).embed(TEXTS[:1])
+    assert capfd.readouterr().err == ""  # llama.cpp's note that an LLM's default pooling is not ours stays out
+    broken = tmp_path / "broken.gguf"  # a readable header naming a tensor llama.cpp will not find
+    broken.write_bytes(tiny_gguf["f32"].read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_uq.weight", 1))
+    with pytest.raises(EmbedkitError, match=r"llama.cpp could not load .*broken.gguf' \(llama, F32\)"):
+        _encoder(broken)
+
+
 # ---------------------------------------------------------------- named specs
 
 

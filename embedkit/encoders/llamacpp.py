@@ -71,7 +71,8 @@ class GGUFTextEncoder:
         f32_cache = self.header.file_type == "F32"
         system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
         self.extra_buffer_types = "AMX_INT8 = 1" not in system_info
-        with _model_params(use_extra_bufts=self.extra_buffer_types):
+        _quiet_log(llama_cpp)
+        with _model_params(use_extra_bufts=self.extra_buffer_types), _load_error(path, self.header):
             self.llm = llama_cpp.Llama(
                 model_path=str(path), embedding=True, pooling_type=POOLING_TYPES[spec.pooling],
                 # one llama.cpp batch holds at most max_length tokens; llama-cpp-python's embed() cuts each
@@ -132,6 +133,36 @@ def _model_params(**fields):
         yield
     finally:
         module.llama_model_default_params = default
+
+
+_LOG_ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_log_callback = None  # kept referenced: llama.cpp calls it for as long as the process runs
+
+
+def _quiet_log(llama_cpp) -> None:
+    """llama.cpp's log, errors only. Left alone, it tells at every load that a generative model's default
+    pooling is not the one asked for (true, and meant) and reports buffer sizes: noise in extract's
+    output. A failure still raises in Python (see _load_error)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def errors_only(level, text, user_data):
+        if level == _LOG_ERROR:
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+    _log_callback = errors_only
+    llama_cpp.llama_log_set(_log_callback, None)
+
+
+@contextmanager
+def _load_error(path, header):
+    try:
+        yield
+    except ValueError:  # llama-cpp-python's "Failed to load model from file" / "Failed to create llama_context"
+        raise EmbedkitError(f"llama.cpp could not load '{path}' ({header.architecture}, {header.file_type}): an "
+                            f"architecture or type this llama-cpp-python does not support, or a damaged file") from None
 
 
 def _context(spec: EncoderSpec, trained: int) -> int:
