@@ -10,8 +10,6 @@ _API = {
     "ExtractConfig": ("embedkit.extract", "ExtractConfig"),
     "SourceOptions": ("embedkit.items", "SourceOptions"),
     "load": ("embedkit.frame", "load"),
-    "zeroshot": ("embedkit.zeroshot", "zeroshot"),
-    "ZeroShotConfig": ("embedkit.zeroshot", "ZeroShotConfig"),
     "load_embeddings": ("embedkit.store", "load_embeddings"),
     "read_embedding_table": ("embedkit.store", "read_embedding_table"),
     "list_models": ("embedkit.encoders.registry", "list_models"),
