@@ -112,10 +112,13 @@ def main() -> None:
         result["predict_imports"] = slowest_imports(["-m", "embedkit.cli", "predict", str(model), str(emb), "--out",
                                                      str(Path(tmp) / "p2.parquet")], env)
     result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    result["met"] = result["predict"]["best_s"] < GOAL_SECONDS
-    print(f"predict on {args.rows} rows: wall best {result['predict']['best_s']} s, CPU {result['predict']['cpu_best_s']}"
-          f" s (goal < {GOAL_SECONDS} s on a quiet 2-core machine); load average {result['load_average']} on "
-          f"{result['cores']} cores", file=sys.stderr)
+    p = result["predict"]
+    # The goal is a quiet machine's wall time; on a shared one the CPU time is the closer figure.
+    result["met"] = {"wall": p["best_s"] < GOAL_SECONDS, "cpu": p["cpu_best_s"] < GOAL_SECONDS,
+                     "quiet": result["load_average"][0] < 1.0}
+    print(f"predict on {args.rows} rows: wall best {p['best_s']} s, CPU {p['cpu_best_s']} s (goal < {GOAL_SECONDS} s "
+          f"on a quiet 2-core machine); load average {result['load_average']} on {result['cores']} cores",
+          file=sys.stderr)
     print("slowest imports of predict: " + ", ".join(f"{d['package']} {d['seconds']} s"
                                                     for d in result["predict_imports"][:8]), file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)

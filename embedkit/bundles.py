@@ -263,7 +263,8 @@ def _read_manifest(tar: tarfile.TarFile, members: dict, bundle: Path) -> dict:
         raise _refuse(bundle, f"{len(present - expected)} file(s) not listed in the manifest, e.g. "
                               f"'{sorted(present - expected)[0]}'")
     if expected - present:
-        raise _refuse(bundle, f"{len(expected - present)} listed file(s) missing, e.g. '{sorted(expected - present)[0]}'")
+        missing = sorted(expected - present)
+        raise _refuse(bundle, f"{len(missing)} listed file(s) missing, e.g. '{missing[0]}'")
     return manifest
 
 

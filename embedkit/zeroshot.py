@@ -150,6 +150,10 @@ def verify_encoder(enc: PromptEncoder, texts, stored: np.ndarray) -> dict:
     if not rows:
         return {"rows": 0, "note": "no stored texts to check the prompt encoder against"}
     again = enc.embed([texts[i] for i in rows])
+    if again.shape[1] != stored.shape[1]:
+        raise EmbedkitError(f"the text encoder loaded for the prompts ({enc.name}) gives {again.shape[1]}-d vectors, "
+                            f"the stored text embeddings are {stored.shape[1]}-d: pass --text-model with the model "
+                            f"that made them")
     cos = _unit(again) @ _unit(stored[rows]).T
     worst = float(np.diag(cos).min())
     if worst < VERIFY_MIN_COSINE:

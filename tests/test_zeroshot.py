@@ -189,3 +189,18 @@ def test_cli_prints_the_table_and_writes_predictions(clip_emb, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "embedkit.cli", "zeroshot", str(clip_emb), "--prompt", "a=x"],
                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert bad.returncode == 2 and "at least two labels" in bad.stderr + bad.stdout
+
+
+def test_a_projected_space_embeds_prompts_through_the_encoder_and_the_heads(tiny_models, tmp_path):
+    """DINOv2 + BERT never shared a space; `embedkit project` gives them one, and the prompts must pass
+    through BERT and then the same text head."""
+    from embedkit.shared_encoder.project import project_embeddings
+
+    emb = _extract(tiny_models, tmp_path, image_model="dinov2", text_model="bert")
+    project_embeddings(emb, tmp_path / "proj", dim=8, epochs=3)
+    r = zeroshot(tmp_path / "proj", ZeroShotConfig(prompts=PROMPTS, bootstrap=0))
+    assert r["report"]["encoder_check"]["min_cosine"] >= 0.999 and r["report"]["text_model"] == str(tiny_models["bert"])
+    assert r["predictions"]["proba"].shape == (36, 3)
+    (tmp_path / "proj" / "projection" / "projection.safetensors").write_bytes(b"changed")
+    with pytest.raises(EmbedkitError, match="changed since these embeddings were made"):
+        zeroshot(tmp_path / "proj", ZeroShotConfig(prompts=PROMPTS, bootstrap=0))
