@@ -51,6 +51,8 @@ def extract(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
+    prune: bool = typer.Option(False, help="Let a resume delete the rows of inputs that are gone, even more than "
+                                           "10% of the table."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
@@ -80,7 +82,7 @@ def extract(
                            trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
-                           ray_gpus_per_actor=gpus_per_actor)
+                           ray_gpus_per_actor=gpus_per_actor, prune=prune)
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
 
@@ -106,16 +108,18 @@ def _extract_flags_over_manifest(source, text_template: str | None, group_col: s
 
 
 def _print_extract_summary(result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from embedkit.console import console
 
-    table = Table(title=f"embedkit extract -> {result.out}")
-    for col in ("modality · model", "rows", "new", "skipped", "truncated", "model s", "items/s", "peak MB", "MB"):
+    table = Table(title=escape(f"embedkit extract -> {result.out}"))
+    for col in ("modality · model", "rows", "new", "dropped", "skipped", "truncated", "model s", "items/s", "peak MB", "MB"):
         table.add_column(col, justify="left" if col.startswith("modality") else "right")
     for m, r in result.modalities.items():
         st = r.costs.get("stage_seconds", {})
-        table.add_row(f"{m} · {r.model}", str(r.rows_total), str(r.rows_embedded), str(r.skipped),
+        table.add_row(escape(f"{m} · {r.model}"), str(r.rows_total), str(r.rows_embedded), str(r.rows_dropped),
+                      str(r.skipped),
                       str(r.truncated_texts), f"{st.get('model', 0):.1f}", f"{r.costs.get('items_per_second', 0):.1f}",
                       f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
     console.print(table)
@@ -525,16 +529,34 @@ def project(
     typer.echo(json.dumps(r, indent=2, default=str))
 
 
+_DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of a failure.")):
+    """Foundation-model embeddings and small fusion classifiers, on a laptop, offline."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
 def main() -> None:
+    """Run the app; every failure ends in one `error:` line and exit 2 (a traceback only with --debug)."""
     try:
         app()
-    except EmbedkitError as e:
-        from embedkit.console import console
-
-        console.print(f"[red]error:[/] {e}", soft_wrap=True)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if _DEBUG["on"] or "--debug" in sys.argv:
+            raise
+        from embedkit.guards import one_line_error
+
+        message, code = one_line_error(e)
+        from embedkit.console import console
+
+        console.print("[red]error:[/] ", end="")
+        console.print(message, markup=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
