@@ -291,3 +291,20 @@ def one_line_error(e: BaseException) -> tuple[str, int]:
     at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return (f"unexpected {type(e).__name__}{at}; this is a bug in embedkit or an input it does not check yet: "
             f"rerun with --debug for the traceback and report it"), 2
+
+
+def sibling_lock(folder: Path) -> Path:
+    """The lock file of a folder that is replaced whole (it must outlive the swap): `.NAME.lock` beside it."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextmanager
+def replaced_folder(final: Path, what: str):
+    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise EmbedkitError(f"{what} '{final}' is a file, not a folder")
+    check_writable_folder(final.parent, f"the folder holding {what}")
+    with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
+        yield staging
