@@ -54,6 +54,7 @@ def extract(
     prune: bool = typer.Option(False, help="Let a resume delete the rows of inputs that are gone, even more than "
                                            "10% of the table."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
+    max_report_mb: float = typer.Option(5.0, min=0.001, help="Skip (and record) report files larger than this."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
                                              "pip install 'embedkit\\[ray]')."),
@@ -82,7 +83,8 @@ def extract(
                            trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
-                           ray_gpus_per_actor=gpus_per_actor, prune=prune)
+                           ray_gpus_per_actor=gpus_per_actor, prune=prune,
+                           max_report_bytes=int(max_report_mb * 2**20))
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
 
@@ -290,12 +292,15 @@ def predict(
     emb: Path = typer.Argument(..., help="Embeddings of new data, extracted with the same encoders."),
     out: Path = typer.Option(..., "--out", "-o", help="Parquet file: id, group, split, true label, modalities, "
                                                       "predicted, prob_<class>."),
+    image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
+                                                         "(default: the model's own encoder)."),
+    text_model: Optional[str] = typer.Option(None, help="Which text embeddings, when EMB holds several."),
 ):
     """Predict labels for new embeddings (the training-time alignment and calibration are applied)."""
     from embedkit.console import say
     from embedkit.train import predict as run
 
-    r = run(model, emb, out)
+    r = run(model, emb, out, models=_chosen_models(image_model, text_model))
     had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
     say(f"{r['rows']} predictions ({had}) -> {r['out']} ({r['predict_seconds']:.3f} s)")
 
@@ -309,18 +314,26 @@ def evaluate(
     allow_overlap: bool = typer.Option(False, help="Score rows the model was trained or selected on (flagged)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
     rows_out: Optional[Path] = typer.Option(None, help="Write per-row predictions (Parquet) here."),
+    image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
+                                                         "(default: the model's own encoder)."),
+    text_model: Optional[str] = typer.Option(None, help="Which text embeddings, when EMB holds several."),
 ):
     """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
     from embedkit.train import evaluate as run
 
-    r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out)
+    r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out,
+            models=_chosen_models(image_model, text_model))
     m, b = r["eval"], r["bootstrap"]["metrics"]
     summary = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}
     summary["bootstrap95"] = {k: [round(v["low"], 4), round(v["high"], 4)] for k, v in b.items()}
     summary["rows_seen_in_training"] = r["rows_seen_in_training"]
     typer.echo(json.dumps(summary))
+
+
+def _chosen_models(image_model: str | None, text_model: str | None) -> dict:
+    return {m: name for m, name in (("image", image_model), ("text", text_model)) if name}
 
 
 @app.command()

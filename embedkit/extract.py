@@ -72,6 +72,7 @@ class ExtractConfig:
     prune: bool = False  # allow a resume to drop more than `max_drop_share` of stored rows (inputs gone)
     max_drop_share: float = 0.1  # a small table may lose up to `max_drop_rows` rows (cheap to recompute)
     max_drop_rows: int = 3
+    max_report_bytes: int = 5 * 2**20  # a larger report file is skipped (recorded), never read whole
 
 
 @dataclass
@@ -191,6 +192,11 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         hashes: dict[str, str] = {}
         readable = []
         for it in items:
+            if modality == "text" and it.text_path is not None and _size(it.text_path) > config.max_report_bytes:
+                _skip(skipped, config, SkippedInput(it.id, _rel(it.text_path, root), "read", f"report larger than "
+                                                    f"{config.max_report_bytes} bytes (the cap; see --max-report-mb)"),
+                      modality)
+                continue
             try:
                 hashes[it.id] = _sha256(it, modality)
                 readable.append(it)

