@@ -134,9 +134,10 @@ def _print_extract_summary(result) -> None:
         by = {}
         for s in result.skipped:
             by[(s.stage, s.reason)] = by.get((s.stage, s.reason), 0) + 1
-        console.print(f"[yellow]{len(result.skipped)} inputs skipped[/] (details in {result.out}/errors.parquet):")
+        console.print(f"[yellow]{len(result.skipped)} inputs skipped[/] (details in "
+                      f"{escape(str(result.out))}/errors.parquet):")
         for (stage, reason), n in sorted(by.items(), key=lambda kv: -kv[1])[:8]:
-            console.print(f"  {n:>5} × {stage}: {reason}")
+            console.print(f"  {n:>5} × {stage}: {reason}", markup=False)
 
 
 @app.command()
@@ -382,7 +383,7 @@ def _print_gap_report(report: dict, out: Path) -> None:
                       + ", ".join(f"{k} {m} rows" for m, k in unmatched.items()))
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(w['message'])}", soft_wrap=True)
-    console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}")
+    console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}", markup=False)
 
 
 @app.command()

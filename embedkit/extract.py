@@ -264,7 +264,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
 
     # 3. embed
     with progress_bar(config.progress) as bar:
-        task = bar.add_task(f"{modality} · {spec.name}", total=len(pending), rate="")
+        from rich.markup import escape
+
+        task = bar.add_task(escape(f"{modality} · {spec.name}"), total=len(pending), rate="")
         t0 = time.perf_counter()
 
         def advance(n: int) -> None:
