@@ -186,6 +186,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     identity = encoder_identity(spec, config)
     stored_provenance = read_provenance(part_files(directory)[0]) if part_files(directory) else {}
     check_encoder_identity(directory, stored_provenance.get(IDENTITY_KEY), identity)
+    if stored_provenance and IDENTITY_KEY not in stored_provenance:
+        say(f"note: {directory.name} was written before encoder fingerprints: its weights cannot be compared "
+            f"(--overwrite re-embeds it under one)")
 
     # 1. content hashes decide what is new, changed or gone
     with costs.stage("hash"):

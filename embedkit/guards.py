@@ -280,7 +280,7 @@ def one_line_error(e: BaseException) -> tuple[str, int]:
         return " ".join(str(e).split()), e.exit_code
     if isinstance(e, OSError):
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        if e.errno == errno.ENOSPC:
+        if e.errno == errno.ENOSPC or "No space left on device" in str(e):
             return f"the disk is full{where}; free space and run again (finished parts and models are kept)", 2
         return f"{e.strerror or type(e).__name__}{where}", 2
     if isinstance(e, MemoryError):
@@ -301,11 +301,18 @@ def sibling_lock(folder: Path) -> Path:
 
 
 @contextmanager
-def replaced_folder(final: Path, what: str):
-    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success."""
+def replaced_folder(final: Path, what: str, marker: str):
+    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
+
+    `final` must be new, empty, or hold `marker` (a file only embedkit writes there): a folder of the
+    user's own is never replaced.
+    """
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise EmbedkitError(f"{what} '{final}' is a file, not a folder")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}); it would be "
+                            f"replaced whole, so choose a new folder")
     check_writable_folder(final.parent, f"the folder holding {what}")
     with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
         yield staging

@@ -337,7 +337,8 @@ def read_embedding_table(path: str | Path) -> EmbeddingTable:
         if diff:
             raise EmbedkitError(f"{path} mixes embeddings from different model configurations ({', '.join(diff)} "
                                 f"differ in {p.name}); re-extract with --overwrite")
-        if prov.get("encoder_fingerprint") != provs[0].get("encoder_fingerprint"):
+        fingerprints = (prov.get("encoder_fingerprint"), provs[0].get("encoder_fingerprint"))
+        if None not in fingerprints and fingerprints[0] != fingerprints[1]:
             raise EmbedkitError(f"{path} mixes embeddings from different encoders (the encoder fingerprint differs "
                                 f"in {p.name}); re-extract with --overwrite")
     table = pa.concat_tables([read_parquet(p, columns=_require_columns(p, ["id", "embedding"], all_columns=True))

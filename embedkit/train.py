@@ -299,7 +299,7 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
     """
     from embedkit.guards import replaced_folder
 
-    with replaced_folder(Path(out_dir), "model folder") as staging:
+    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging:
         return _train_into(emb_dir, staging, cfg)
 
 

@@ -352,13 +352,23 @@ def test_file_valued_out_fails_before_the_fit(tmp_path):
 
 
 def _flip_in_embedding_page(part) -> None:
+    """Flip 2 bytes inside the embedding page where a reader without checksums silently gets other values."""
     meta = pq.ParquetFile(part).metadata.row_group(0)
     col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("embedding"))
-    pos = col.data_page_offset + col.total_compressed_size // 2
-    raw = bytearray(part.read_bytes())
-    raw[pos] ^= 0xFF
-    raw[pos + 1] ^= 0xFF
-    part.write_bytes(bytes(raw))
+    original = part.read_bytes()
+    clean = pq.read_table(part).column("embedding").to_pylist()
+    for pos in range(col.data_page_offset + col.total_compressed_size - 8, col.data_page_offset + 16, -1):
+        raw = bytearray(original)
+        raw[pos] ^= 0x01
+        raw[pos + 1] ^= 0x01
+        part.write_bytes(bytes(raw))
+        try:
+            values = pq.read_table(part, page_checksum_verification=False).column("embedding").to_pylist()
+        except Exception:  # noqa: BLE001 - this flip broke decompression: try the next byte
+            continue
+        if values != clean:
+            return  # silent corruption without checksums: the attack the checksums must catch
+    raise AssertionError("no silent flip found")
 
 
 def bad_parquet_corpus(tmp_path) -> dict:
@@ -505,11 +515,45 @@ def test_odd_inputs_end_in_one_line_or_work(tmp_path, dino_copy, paired_folder, 
     assert_one_line_error(results[2], "nolabel")
 
 
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from embedkit import cli
+        import embedkit.fusion.gap as gap
+        def broken(*a, **k):
+            raise ZeroDivisionError("division by zero")
+        gap.gap_report_for_folder = broken
+        cli.main()
+    """)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    args = ["gap", str(emb)]
+    plain = subprocess.run([sys.executable, "-c", code, *args], env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_line_error({"code": plain.returncode, "err": plain.stderr}, "unexpected ZeroDivisionError", "--debug")
+    debug = subprocess.run([sys.executable, "-c", code, "--debug", *args], env=ENV, capture_output=True, text=True,
+                           timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_folder_embedkit_did_not_write_is_never_replaced(tmp_path):
+    emb = clinic(tmp_path, n=90)
+    mine = tmp_path / "my documents"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(EmbedkitError, match="did not write"):
+        train(emb, mine, TrainConfig(labels=["dx"], fusion="logistic"))
+    from embedkit.shared_encoder.project import project_embeddings
+
+    with pytest.raises(EmbedkitError, match="did not write"):
+        project_embeddings(emb, mine, dim=8, epochs=1)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_cv_with_a_one_row_class_and_dollar_labels(tmp_path):
     n = 90
     ids = np.array([f"p{i:03d}" for i in range(n)], dtype=object)
     x = np.random.default_rng(1).normal(size=(n, 8)).astype(np.float32)
-    y = np.array(["$a", "b$c$"] * (n // 2), dtype=object)
+    y = np.array(["$a", "x$^$"] * (n // 2), dtype=object)  # "$^$" is invalid matplotlib math
     y[0] = "$lonely"
     out = tmp_path / "emb"
     write_embeddings(out, "image", "m", ids, x, {"dx": y})
@@ -526,4 +570,4 @@ def test_cv_with_a_one_row_class_and_dollar_labels(tmp_path):
     from embedkit.report import build_report
 
     html = build_report(tmp_path / "model", None, None).read_text()
-    assert "b$c$" in html
+    assert "x$^$" in html

@@ -189,7 +189,7 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     if final.resolve() == Path(emb_dir).resolve() or inside_heads:
         raise EmbedkitError("project --out must be a new folder: it is replaced whole, and it holds the input "
                             "embeddings or the heads being applied")
-    with replaced_folder(final, "projection --out") as staging:  # re-running replaces, never appends
+    with replaced_folder(final, "projection --out", "manifest.json") as staging:  # re-running replaces, never appends
         return _project_into(emb_dir, staging, final, heads_dir, dim, epochs, seed, models)
 
 

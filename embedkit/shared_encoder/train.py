@@ -198,8 +198,10 @@ def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
     moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
     with atomic_folder(out) as staging:
         for p in out.iterdir():  # the tokenizer and anything else of the folder's own, as they are
-            if p.is_file() and p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON):
-                shutil.copy2(p, staging / p.name)
+            if p.is_dir():
+                shutil.copytree(p, staging / p.name, symlinks=True)
+            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON):
+                shutil.copy2(p, staging / p.name, follow_symlinks=False)
         save_shared_encoder(model, None, staging)
         save_file(moments, str(staging / STATE))
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
