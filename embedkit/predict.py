@@ -47,7 +47,9 @@ def load_model(model_dir):
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, SafetensorError) as e:
         raise EmbedkitError(f"model folder '{model_dir}' is damaged or was edited ({type(e).__name__} while "
                             f"loading it); retrain it") from None
-    if [str(c) for c in est.classes_] != [str(c) for c in info["classes"]]:
+    # multilabel estimators number their outputs; the names live in embedkit_model.json only
+    names = list(range(len(info["classes"]))) if info["task"] == "multilabel" else info["classes"]
+    if [str(c) for c in est.classes_] != [str(c) for c in names]:
         raise EmbedkitError(f"model folder '{model_dir}' is inconsistent: embedkit_model.json and estimator.json name "
                             f"different classes (files from two runs?); retrain it")
     return est, info
