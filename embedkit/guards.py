@@ -30,7 +30,8 @@ FINGERPRINT_KEY = "encoder_fingerprint"
 # Files of a model folder that are not the model: training state and outputs change without the weights.
 _NOT_MODEL = ("train_state.safetensors", "train_state.json", "metrics.json", "manifest.json")
 _NOT_MODEL_SUFFIXES = (".tmp", ".lock", ".png", ".parquet", ".log", ".md")
-_SPEC_FIELDS = ("source", "family", "pooling", "dim", "preprocess", "max_length", "normalize", "revision", "trust_remote_code")
+_SPEC_FIELDS = ("source", "family", "pooling", "dim", "preprocess", "max_length", "normalize", "revision",
+                "trust_remote_code")
 _SETTING_FIELDS = ("dtype", "quantize", "backend", "precision")  # backend/precision: where the config has them
 
 

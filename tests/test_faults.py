@@ -517,22 +517,31 @@ def test_odd_inputs_end_in_one_line_or_work(tmp_path, dino_copy, paired_folder, 
 
 def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path):
     code = textwrap.dedent("""
-        import sys
+        import contextlib, io, json, sys, traceback
         from embedkit import cli
         import embedkit.fusion.gap as gap
         def broken(*a, **k):
             raise ZeroDivisionError("division by zero")
         gap.gap_report_for_folder = broken
-        cli.main()
+        results = []
+        for argv in (["gap", sys.argv[1]], ["--debug", "gap", sys.argv[1]]):
+            sys.argv, err, code = ["embedkit", *argv], io.StringIO(), 0
+            with contextlib.redirect_stderr(err):
+                try:
+                    cli.main()
+                except SystemExit as e:
+                    code = e.code
+                except ZeroDivisionError:
+                    code, _ = 1, traceback.print_exc()
+            results.append({"code": code, "err": err.getvalue()})
+        print(json.dumps(results))
     """)
     emb = tmp_path / "emb"
     emb.mkdir()
-    args = ["gap", str(emb)]
-    plain = subprocess.run([sys.executable, "-c", code, *args], env=ENV, capture_output=True, text=True, timeout=120)
-    assert_one_line_error({"code": plain.returncode, "err": plain.stderr}, "unexpected ZeroDivisionError", "--debug")
-    debug = subprocess.run([sys.executable, "-c", code, "--debug", *args], env=ENV, capture_output=True, text=True,
-                           timeout=120)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    r = subprocess.run([sys.executable, "-c", code, str(emb)], env=ENV, capture_output=True, text=True, timeout=120)
+    plain, debug = json.loads(r.stdout.strip().splitlines()[-1])
+    assert_one_line_error(plain, "unexpected ZeroDivisionError", "--debug")
+    assert debug["code"] != 0 and "Traceback" in debug["err"]
 
 
 def test_a_folder_embedkit_did_not_write_is_never_replaced(tmp_path):
