@@ -454,7 +454,42 @@ TAMPERS = {
                                                lambda d: d.update(classes=["x", "y", "z"])),
     "info_kind_wrong": lambda f: _edit_json(f / "embedkit_model.json", lambda d: d.update(kind="logistic")),
     "format_wrong": lambda f: _edit_json(f / "estimator.json", lambda d: d.update(format="pickle")),
+    "n_features_wrong": lambda f: _edit_json(f / "estimator.json", lambda d: d.update(n_features_in=7)),
 }
+
+
+def test_tampered_logistic_folder_is_refused_before_use(tmp_path):
+    emb = clinic(tmp_path, n=90)
+    good = tmp_path / "model"
+    train(emb, good, TrainConfig(labels=["dx"], fusion="logistic"))
+    _edit_json(good / "estimator.json", lambda d: d.update(n_features_in=7))
+    with pytest.raises(EmbedkitError, match="disagree"):
+        predict(good, emb, tmp_path / "p.parquet")
+
+
+def test_predict_and_evaluate_pick_among_several_models(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 90
+    ids = np.array([f"p{i:03d}" for i in range(n)], dtype=object)
+    y = np.array(["a", "b", "c"] * (n // 3), dtype=object)
+    x = (rng.normal(size=(n, 8)) + (np.arange(n) % 3)[:, None]).astype(np.float32)
+    emb = tmp_path / "emb"
+    for name in ("enc1", "enc2"):
+        write_embeddings(emb, "image", name, ids, x, {"dx": y})
+    write_embeddings(emb, "text", "t", ids, x, {"dx": y})
+    model = tmp_path / "model"
+    train(emb, model, TrainConfig(labels=["dx"], fusion="image", epochs=3, models={"image": "enc1"}))
+    out = tmp_path / "p"
+    results = run_cli_batch([
+        ["predict", model, emb, "--out", out / "own.parquet"],  # the model's own encoder, picked for it
+        ["predict", model, emb, "--out", out / "chosen.parquet", "--image-model", "enc1"],
+        ["predict", model, emb, "--out", out / "other.parquet", "--image-model", "enc2"],
+        ["evaluate", model, emb, "--image-model", "enc1", "--allow-overlap"],
+    ])
+    assert results[0]["code"] == 0 and results[1]["code"] == 0, results[:2]
+    assert_one_line_error(results[2], "another encoder")
+    assert results[3]["code"] == 0, results[3]
+    assert pq.read_table(out / "own.parquet").equals(pq.read_table(out / "chosen.parquet"))
 
 
 def test_tampered_model_folders_end_in_one_line(tmp_path):

@@ -601,6 +601,10 @@ class LogisticBaseline(_EmbeddingClassifier):
         meta, tensors = _read(folder, "embedkit.LogisticBaseline")
         est = cls(**meta["params"])
         est._restore_meta(meta)
+        n = est.n_features_in_
+        check_same_shapes({"coef_": (tensors["coef_"].shape[0], n), "intercept_": (tensors["coef_"].shape[0],),
+                           "mean_": (n,), "scale_": (n,)} if "coef_" in tensors else {"coef_": ()},
+                          {k: tuple(v.shape) for k, v in tensors.items()}, Path(folder))
         for k, v in tensors.items():
             setattr(est, k, v.numpy())
         return est
