@@ -266,10 +266,28 @@ def recover_folder(final: Path) -> None:
     shutil.rmtree(staging_folder(final), ignore_errors=True)
 
 
-def disk_error(e: OSError, what: str) -> EmbedkitError:
-    """One line for a write that failed (disk full, read-only, permissions)."""
-    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-    return EmbedkitError(f"cannot write {what}: {reason} (what was stored before is kept)")
+def sibling_lock(folder: Path) -> Path:
+    """The lock file of a folder that is replaced whole (it must outlive the swap): `.NAME.lock` beside it."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextmanager
+def replaced_folder(final: Path, what: str, marker: str):
+    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
+
+    `final` must be new, empty, or hold `marker` (a file only embedkit writes there): a folder of the
+    user's own is never replaced.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise EmbedkitError(f"{what} '{final}' is a file, not a folder")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}); it would be "
+                            f"replaced whole, so choose a new folder")
+    check_writable_folder(final.parent, f"the folder holding {what}")
+    with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
+        yield staging
 
 
 # ---------------------------------------------------------------- one-line errors
@@ -293,30 +311,6 @@ def one_line_error(e: BaseException) -> tuple[str, int]:
     at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return (f"unexpected {type(e).__name__}{at}; this is a bug in embedkit or an input it does not check yet: "
             f"rerun with --debug for the traceback and report it"), 2
-
-
-def sibling_lock(folder: Path) -> Path:
-    """The lock file of a folder that is replaced whole (it must outlive the swap): `.NAME.lock` beside it."""
-    folder = Path(folder)
-    return folder.with_name(f".{folder.name}.lock")
-
-
-@contextmanager
-def replaced_folder(final: Path, what: str, marker: str):
-    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
-
-    `final` must be new, empty, or hold `marker` (a file only embedkit writes there): a folder of the
-    user's own is never replaced.
-    """
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise EmbedkitError(f"{what} '{final}' is a file, not a folder")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
-        raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}); it would be "
-                            f"replaced whole, so choose a new folder")
-    check_writable_folder(final.parent, f"the folder holding {what}")
-    with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
-        yield staging
 
 
 # ---------------------------------------------------------------- model files
