@@ -63,7 +63,10 @@ def extract(
                                                                    "torch, one per core beside other backends)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
     overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
+    prune: bool = typer.Option(False, help="Let a resume delete the rows of inputs that are gone, even more than "
+                                           "10% of the table."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
+    max_report_mb: float = typer.Option(5.0, min=0.001, help="Skip (and record) report files larger than this."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
                                              "pip install 'embedkit\\[ray]')."),
@@ -94,7 +97,8 @@ def extract(
                            decode_workers=decode_workers, trust_remote_code=trust_remote_code,
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
-                           ray_gpus_per_actor=gpus_per_actor)
+                           ray_gpus_per_actor=gpus_per_actor, prune=prune,
+                           max_report_bytes=int(max_report_mb * 2**20))
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
 
@@ -120,17 +124,19 @@ def _extract_flags_over_manifest(source, text_template: str | None, group_col: s
 
 
 def _print_extract_summary(result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from embedkit.console import console
 
-    table = Table(title=f"embedkit extract -> {result.out}")
-    for col in ("modality · model", "rows", "new", "skipped", "truncated", "model s", "items/s", "model MB", "peak MB",
-                "MB"):
+    table = Table(title=escape(f"embedkit extract -> {result.out}"))
+    for col in ("modality · model", "rows", "new", "dropped", "skipped", "truncated", "model s", "items/s",
+                "model MB", "peak MB", "MB"):
         table.add_column(col, justify="left" if col.startswith("modality") else "right")
     for m, r in result.modalities.items():
         st = r.costs.get("stage_seconds", {})
-        table.add_row(f"{m} · {r.model}", str(r.rows_total), str(r.rows_embedded), str(r.skipped),
+        table.add_row(escape(f"{m} · {r.model}"), str(r.rows_total), str(r.rows_embedded), str(r.rows_dropped),
+                      str(r.skipped),
                       str(r.truncated_texts), f"{st.get('model', 0):.1f}", f"{r.costs.get('items_per_second', 0):.1f}",
                       _model_mb(r.provenance), f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
     console.print(table)
@@ -142,9 +148,10 @@ def _print_extract_summary(result) -> None:
         by = {}
         for s in result.skipped:
             by[(s.stage, s.reason)] = by.get((s.stage, s.reason), 0) + 1
-        console.print(f"[yellow]{len(result.skipped)} inputs skipped[/] (details in {result.out}/errors.parquet):")
+        console.print(f"[yellow]{len(result.skipped)} inputs skipped[/] (details in "
+                      f"{escape(str(result.out))}/errors.parquet):")
         for (stage, reason), n in sorted(by.items(), key=lambda kv: -kv[1])[:8]:
-            console.print(f"  {n:>5} × {stage}: {reason}")
+            console.print(f"  {n:>5} × {stage}: {reason}", markup=False)
 
 
 def _model_mb(provenance: dict) -> str:
@@ -409,12 +416,15 @@ def predict(
     emb: Path = typer.Argument(..., help="Embeddings of new data, extracted with the same encoders."),
     out: Path = typer.Option(..., "--out", "-o", help="Parquet file: id, group, split, true label, modalities, "
                                                       "predicted, prob_<class>."),
+    image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
+                                                         "(default: the model's own encoder)."),
+    text_model: Optional[str] = typer.Option(None, help="Which text embeddings, when EMB holds several."),
 ):
     """Predict labels for new embeddings (the training-time alignment and calibration are applied)."""
     from embedkit.console import say
     from embedkit.predict import predict as run  # not via embedkit.train: predict needs none of training
 
-    r = run(model, emb, out)
+    r = run(model, emb, out, models=_chosen_models(image_model, text_model))
     had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
     say(f"{r['rows']} predictions ({had}) -> {r['out']} ({r['predict_seconds']:.3f} s)")
 
@@ -428,18 +438,26 @@ def evaluate(
     allow_overlap: bool = typer.Option(False, help="Score rows the model was trained or selected on (flagged)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
     rows_out: Optional[Path] = typer.Option(None, help="Write per-row predictions (Parquet) here."),
+    image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
+                                                         "(default: the model's own encoder)."),
+    text_model: Optional[str] = typer.Option(None, help="Which text embeddings, when EMB holds several."),
 ):
     """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
     from embedkit.predict import evaluate as run
 
-    r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out)
+    r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out,
+            models=_chosen_models(image_model, text_model))
     m, b = r["eval"], r["bootstrap"]["metrics"]
     summary = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}
     summary["bootstrap95"] = {k: [round(v["low"], 4), round(v["high"], 4)] for k, v in b.items()}
     summary["rows_seen_in_training"] = r["rows_seen_in_training"]
     typer.echo(json.dumps(summary))
+
+
+def _chosen_models(image_model: str | None, text_model: str | None) -> dict:
+    return {m: name for m, name in (("image", image_model), ("text", text_model)) if name}
 
 
 @app.command()
@@ -487,7 +505,7 @@ def _print_gap_report(report: dict, out: Path) -> None:
                       + ", ".join(f"{k} {m} rows" for m, k in unmatched.items()))
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(w['message'])}", soft_wrap=True)
-    console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}")
+    console.print(f"full report -> {out / 'gap.json'} · plot -> {out / 'gap_pca.png'}", markup=False)
 
 
 @app.command()
@@ -721,16 +739,34 @@ def project(
     typer.echo(json.dumps(r, indent=2, default=str))
 
 
+_DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of a failure.")):
+    """Foundation-model embeddings and small fusion classifiers, on a laptop, offline."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
 def main() -> None:
+    """Run the app; every failure ends in one `error:` line and exit 2 (a traceback only with --debug)."""
     try:
         app()
-    except EmbedkitError as e:
-        from embedkit.console import console
-
-        console.print(f"[red]error:[/] {e}", soft_wrap=True)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if _DEBUG["on"] or "--debug" in sys.argv:
+            raise
+        from embedkit.guards import one_line_error
+
+        message, code = one_line_error(e)
+        from embedkit.console import console
+
+        console.print("[red]error:[/] ", end="")
+        console.print(message, markup=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -17,5 +18,14 @@ def progress_bar(enabled: bool = True) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
 
 
+# A message may open with one style tag ("[bold]layout[/]: ..."); everything after it is literal text,
+# so a path or a column name holding "[left]" or "[/" is printed as it is, never read as markup.
+_LEADING_STYLE = re.compile(r"^(\[(?:bold|yellow|red|green)\][^\[]*\[/\])(.*)$", re.S)
+
+
 def say(message: str) -> None:
-    console.print(message)
+    from rich.text import Text
+
+    m = _LEADING_STYLE.match(message)
+    text = Text.from_markup(m.group(1)) + Text(m.group(2)) if m else Text(message)
+    console.print(text)

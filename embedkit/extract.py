@@ -33,6 +33,10 @@ import numpy as np
 from embedkit.costs import Costs, dir_bytes
 from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
 from embedkit.errors import EmbedkitError
+from embedkit.guards import (
+    FINGERPRINT_KEY, IDENTITY_KEY, check_encoder_identity, check_writable_folder, encoder_identity, fingerprint,
+    folder_lock,
+)
 from embedkit.items import Item, SkippedInput, SourceOptions
 from embedkit.sources import SourceScan, scan_source
 from embedkit.store import (
@@ -70,6 +74,10 @@ class ExtractConfig:
     ray_actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) fit, at most one per batch
     ray_cpus_per_actor: float = 1.0  # also the actor's torch threads (unless `threads` is set)
     ray_gpus_per_actor: float = 0.0  # > 0: each actor reserves (a share of) a GPU
+    prune: bool = False  # allow a resume to drop more than `max_drop_share` of stored rows (inputs gone)
+    max_drop_share: float = 0.1  # a small table may lose up to `max_drop_rows` rows (cheap to recompute)
+    max_drop_rows: int = 3
+    max_report_bytes: int = 5 * 2**20  # a larger report file is skipped (recorded), never read whole
 
 
 @dataclass
@@ -152,7 +160,12 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     for m in todo:  # an unknown backend, a missing package or an impossible precision fails before any work
         check_request(specs[m], m, config.backend, config.precision, config.device)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out, "--out")
+    with folder_lock(out / ".embedkit.lock", f"--out '{out}'"):
+        return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs)
+
+
+def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs) -> ExtractResult:
     results = {}
     for m in todo:
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
@@ -179,12 +192,24 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     if config.overwrite and directory.exists():
         shutil.rmtree(directory)
     remove_partial_parts(directory)
+    # the encoder's identity is checked on every run, before anything is dropped or reused
+    identity = encoder_identity(spec, config)
+    stored_provenance = read_provenance(part_files(directory)[0]) if part_files(directory) else {}
+    check_encoder_identity(directory, stored_provenance.get(IDENTITY_KEY), identity)
+    if stored_provenance and IDENTITY_KEY not in stored_provenance:
+        say(f"note: {directory.name} was written before encoder fingerprints: its weights cannot be compared "
+            f"(--overwrite re-embeds it under one)")
 
     # 1. content hashes decide what is new, changed or gone
     with costs.stage("hash"):
         hashes: dict[str, str] = {}
         readable = []
         for it in items:
+            if modality == "text" and it.text_path is not None and _size(it.text_path) > config.max_report_bytes:
+                _skip(skipped, config, SkippedInput(it.id, _rel(it.text_path, root), "read", f"report larger than "
+                                                    f"{config.max_report_bytes} bytes (the cap; see --max-report-mb)"),
+                      modality)
+                continue
             try:
                 hashes[it.id] = _sha256(it, modality)
                 readable.append(it)
@@ -194,6 +219,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     items = readable
     stored = existing_hashes(directory) if directory.exists() else {}
     stale = {i for i, h in stored.items() if hashes.get(i) != h}
+    _check_drop_share(directory, stored, {i for i in stale if i not in hashes}, config)
     pending = [it for it in items if stored.get(it.id) != hashes[it.id]]
     res.rows_reused = len(items) - len(pending)
 
@@ -222,6 +248,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
             schema = build_schema(dim, columns, table_keys, text_column=is_text)
             res.rows_relabelled = relabel_parts(directory, schema, current_values, table_keys)
         say(f"{modality}: all {len(items)} rows already in {directory.name}, nothing to embed")
+        res.provenance = read_provenance(part_files(directory)[0]) if part_files(directory) else {}
         res.rows_total = len(items)
         res.bytes = dir_bytes(directory) if directory.exists() else 0
         return res
@@ -231,7 +258,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     with costs.stage("load_model"):
         encoder_provenance, embedded = _open_engine(modality, spec, batches, config, costs)
     provenance = {**encoder_provenance, **table_keys, "versions": _versions(), "layout": scan.layout,
-                  "data_root": str(root.resolve())}
+                  "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity)}
     if directory.exists():
         check_same_encoder(directory, provenance)
     if stale:
@@ -250,7 +277,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
 
     # 3. embed
     with progress_bar(config.progress) as bar:
-        task = bar.add_task(f"{modality} · {spec.name}", total=len(pending), rate="")
+        from rich.markup import escape
+
+        task = bar.add_task(escape(f"{modality} · {spec.name}"), total=len(pending), rate="")
         t0 = time.perf_counter()
 
         def advance(n: int) -> None:
@@ -271,6 +300,15 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
                  "end_to_end_items_per_second": round(res.rows_embedded / busy, 2) if busy > 0 else 0}
     res.provenance = provenance
     return res
+
+
+def _check_drop_share(directory: Path, stored: dict, vanished: set, config: ExtractConfig) -> None:
+    """Rows of inputs that are gone are dropped; more than a small share needs --prune (a wrong DATA or --out)."""
+    limit = max(config.max_drop_share * len(stored), config.max_drop_rows)
+    if stored and not config.prune and len(vanished) > limit:
+        raise EmbedkitError(f"{len(vanished)} of the {len(stored)} rows stored in {directory} have no input under "
+                            f"DATA any more and would be deleted ({len(vanished) / len(stored):.0%} > "
+                            f"{config.max_drop_share:.0%}); check DATA and --out, or pass --prune to delete them")
 
 
 def _row_values(rows: list[Item], modality: str, root: Path, hashes: dict[str, str], label_cols: list[str],

@@ -8,7 +8,6 @@ which modalities it had. evaluate refuses rows the model was fitted or selected 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,16 +23,51 @@ from embedkit.store import IDENTITY_FIELDS, find_datasets, load_embeddings, writ
 PROVENANCE_MATCH = tuple(f for f in IDENTITY_FIELDS if f not in ("dtype", "backend", "precision"))
 
 
+MODEL_KEYS = ("kind", "task", "classes", "labels", "modalities", "encoders")
+
+
 def load_model(model_dir):
+    """(estimator, model info) from a model folder, checked: JSON, weight headers, shapes, finite values."""
+    from safetensors import SafetensorError
+
+    from embedkit.guards import read_json_object
+
     model_dir = Path(model_dir)
     info_path = model_dir / "embedkit_model.json"
     if not info_path.is_file():
         raise EmbedkitError(f"'{model_dir}' is not an embedkit model folder (no embedkit_model.json)")
-    info = json.loads(info_path.read_text())
+    info = read_json_object(info_path, "model file")
+    missing = [k for k in MODEL_KEYS if k not in info]
+    if missing or not isinstance(info["classes"], list) or not isinstance(info["encoders"], dict):
+        raise EmbedkitError(f"{info_path} is damaged or was edited (missing or malformed: "
+                            f"{', '.join(missing) or 'classes/encoders'})")
     from embedkit.fusion import FusionClassifier, LogisticBaseline
 
-    est = (LogisticBaseline if info["kind"] == "logistic" else FusionClassifier).load(model_dir)
+    try:
+        est = (LogisticBaseline if info["kind"] == "logistic" else FusionClassifier).load(model_dir)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, SafetensorError) as e:
+        raise EmbedkitError(f"model folder '{model_dir}' is damaged or was edited ({type(e).__name__} while "
+                            f"loading it); retrain it") from None
+    # multilabel estimators number their outputs; the names live in embedkit_model.json only
+    names = list(range(len(info["classes"]))) if info["task"] == "multilabel" else info["classes"]
+    if [str(c) for c in est.classes_] != [str(c) for c in names]:
+        raise EmbedkitError(f"model folder '{model_dir}' is inconsistent: embedkit_model.json and estimator.json name "
+                            f"different classes (files from two runs?); retrain it")
     return est, info
+
+
+def pick_models(info: dict, emb_dir, chosen: dict | None = None) -> dict:
+    """Which dataset per modality: as chosen (--image-model/--text-model), else the model's own encoder
+    when the folder holds several for that modality."""
+    from embedkit.store import dataset_dir
+
+    picked = dict(chosen or {})
+    for m, folders in find_datasets(emb_dir).items():
+        trained = (info.get("encoders", {}).get(m) or {}).get("name")
+        if m not in picked and len(folders) > 1 and trained:
+            if any(d.name == dataset_dir(emb_dir, m, trained).name for d in folders):
+                picked[m] = trained
+    return picked
 
 
 def model_features(info: dict, blocks: dict[str, np.ndarray]) -> np.ndarray:
@@ -165,11 +199,12 @@ def write_rows(cols: dict, out_path) -> Path:
     return out_path
 
 
-def predict(model_dir, emb_dir, out_path) -> dict:
+def predict(model_dir, emb_dir, out_path, models: dict | None = None) -> dict:
     """Write id, group, split, true labels (when present), modalities, predicted and per-class
-    probabilities to Parquet."""
+    probabilities to Parquet. `models` picks a dataset per modality, e.g. {"image": "dinov2-small"}."""
     est, info = load_model(model_dir)
-    es = load_embeddings(emb_dir, modalities=_modalities_to_read(info, emb_dir), how="outer")
+    es = load_embeddings(emb_dir, modalities=_modalities_to_read(info, emb_dir), how="outer",
+                         models=pick_models(info, emb_dir, models))
     check_encoders(info, es.provenance, emb_dir)
     t0 = time.perf_counter()
     x, had = _rows_features(info, es)
@@ -182,7 +217,7 @@ def predict(model_dir, emb_dir, out_path) -> dict:
 
 
 def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None, split: str | None = None,
-             allow_overlap: bool = False, rows_out=None) -> dict:
+             allow_overlap: bool = False, rows_out=None, models: dict | None = None) -> dict:
     """The training metrics for a trained model on labelled embeddings it was not fitted on.
 
     split: only rows whose split column says so (e.g. "test" of the training folder). Rows the
@@ -193,7 +228,7 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
 
     est, info = load_model(model_dir)
     labels = labels or info["labels"]
-    ds = load_dataset(emb_dir, labels, info["modalities"])
+    ds = load_dataset(emb_dir, labels, info["modalities"], pick_models(info, emb_dir, models))
     check_encoders(info, ds.provenance, emb_dir)
     rows = np.arange(len(ds.ids))
     if split is not None:

@@ -289,8 +289,9 @@ def _confusion_section(cm, classes: list, task: str | None) -> str:
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    names = [str(c).replace("$", r"\$") for c in classes]  # a label is text, never matplotlib math
+    ax.set_xticks(range(len(classes)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     return "<h2>Confusion matrix (test, first run)</h2>" + table + png_img(figure_png(fig), "confusion matrix")

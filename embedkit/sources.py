@@ -150,6 +150,7 @@ def read_table(path: str | Path) -> list[dict]:
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             if ext in (".csv", ".tsv"):
+                csv.field_size_limit(2**31 - 1)  # a long report in one cell is one field, not an error
                 reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
                 return [{k: _parse_cell(v) for k, v in row.items() if k is not None} for row in reader]
             if ext == ".jsonl":

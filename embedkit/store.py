@@ -51,6 +51,33 @@ def identity_value(provenance: dict, key: str):
     return None
 
 
+# Page checksums (CRC32) are written into every part and verified on every read: a flipped bit in a
+# stored vector fails loudly instead of changing a number.
+WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file read with its page checksums verified; a damaged file is one clear error."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise EmbedkitError(f"{path} is damaged or not an embedkit Parquet file ({_first_line(e)}); re-extract "
+                            f"with --overwrite, or restore it") from None
+
+
+def read_parquet_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise EmbedkitError(f"{path} is damaged or not an embedkit Parquet file ({_first_line(e)}); re-extract "
+                            f"with --overwrite, or restore it") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:160]
+
+
 def dataset_dir(out: Path, modality: str, model_name: str) -> Path:
     name = model_name.split(":", 1)[-1].rstrip("/")
     name = Path(name).name if ("/" in name and Path(name).exists()) or name.startswith((".", "/", "~")) else name
@@ -134,7 +161,7 @@ class PartWriter:
             return
         if self._writer is None:
             self._tmp = self._next_part().with_suffix(".parquet.tmp")
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, **WRITE_OPTIONS)
             self._opened_at = time.monotonic()
         self._writer.write_table(pa.Table.from_batches(self._buffer, self.schema))
         self._part_rows += self._buffered
@@ -177,17 +204,24 @@ def remove_partial_parts(directory: Path) -> int:
 
 
 def read_provenance(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     if META_KEY not in meta:
         raise EmbedkitError(f"{path} was not written by embedkit (no '{META_KEY.decode()}' schema metadata)")
-    return json.loads(meta[META_KEY])
+    try:
+        provenance = json.loads(meta[META_KEY])
+    except ValueError:
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise EmbedkitError(f"{path} has damaged provenance (its '{META_KEY.decode()}' metadata is not a JSON "
+                            f"object); re-extract with --overwrite")
+    return provenance
 
 
 def existing_hashes(directory: Path) -> dict[str, str]:
     """id -> sha256 of every row already stored."""
     out: dict[str, str] = {}
     for p in part_files(directory):
-        t = pq.read_table(p, columns=["id", "sha256"])
+        t = read_parquet(p, columns=_require_columns(p, ["id", "sha256"]))
         out.update(zip(t.column("id").to_pylist(), t.column("sha256").to_pylist()))
     return out
 
@@ -207,18 +241,28 @@ def drop_rows(directory: Path, ids: set[str]) -> int:
     """Rewrite parts without `ids` (changed or vanished inputs). Each part is replaced atomically."""
     dropped = 0
     for p in part_files(directory):
-        t = pq.read_table(p)
+        t = read_parquet(p)
         keep = np.array([i not in ids for i in t.column("id").to_pylist()], dtype=bool)
         if keep.all():
             continue
         dropped += int((~keep).sum())
         if keep.any():
             tmp = p.with_suffix(".parquet.tmp")
-            pq.write_table(t.filter(pa.array(keep)), tmp, compression="zstd")
+            pq.write_table(t.filter(pa.array(keep)), tmp, **WRITE_OPTIONS)
             os.replace(tmp, p)
         else:
             p.unlink()
     return dropped
+
+
+def _require_columns(path: Path, needed: list[str], all_columns: bool = False) -> list[str]:
+    """The columns to read from `path` (`needed`, or all with all_columns), after checking `needed` are there."""
+    names = read_parquet_schema(path).names
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise EmbedkitError(f"{path} has no {' or '.join(repr(c) for c in missing)} column: not an embedkit "
+                            f"embedding part; re-extract with --overwrite")
+    return names if all_columns else needed
 
 
 # Columns whose change is not a relabelling: the id and the content hash are the row's identity, and
@@ -237,8 +281,8 @@ def relabel_parts(directory: Path, schema: pa.Schema, values_for, provenance_upd
     """
     relabelled = 0
     for p in part_files(directory):
-        old_schema, provenance = pq.read_schema(p), read_provenance(p)
-        old = pq.read_table(p, columns=[n for n in old_schema.names if n != "embedding"])
+        old_schema, provenance = read_parquet_schema(p), read_provenance(p)
+        old = read_parquet(p, columns=[n for n in old_schema.names if n != "embedding"])
         new_provenance = json.loads(json.dumps({**provenance, **provenance_update}, default=str))
         target = pa.schema([old_schema.field("embedding") if f.name == "embedding" else f for f in schema],
                            metadata={META_KEY: json.dumps(new_provenance, default=str).encode()})
@@ -250,11 +294,11 @@ def relabel_parts(directory: Path, schema: pa.Schema, values_for, provenance_upd
         same_schema = target.remove_metadata().equals(old_schema.remove_metadata())
         if same_schema and new_provenance == provenance and not any(v.any() for v in changed.values()):
             continue
-        embedding = pq.read_table(p, columns=["embedding"]).column("embedding")  # copied as stored, bit for bit
+        embedding = read_parquet(p, columns=["embedding"]).column("embedding")  # copied as stored, bit for bit
         table = pa.Table.from_arrays([embedding if f.name == "embedding" else new[f.name] for f in target],
                                      schema=target)
         tmp = p.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **WRITE_OPTIONS)
         os.replace(tmp, p)
     return relabelled
 
@@ -276,7 +320,7 @@ def write_errors(out: Path, skipped: list) -> Path:
     cols = {name: [getattr(s, name, None) for s in skipped] for name in schema.names}
     path = Path(out) / "errors.parquet"
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.table(cols, schema=schema), tmp)
+    pq.write_table(pa.table(cols, schema=schema), tmp, write_page_checksum=True)
     os.replace(tmp, path)
     return path
 
@@ -306,8 +350,17 @@ def read_embedding_table(path: str | Path) -> EmbeddingTable:
         if diff:
             raise EmbedkitError(f"{path} mixes embeddings from different model configurations ({', '.join(diff)} "
                                 f"differ in {p.name}); re-extract with --overwrite")
-    table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")
+        fingerprints = (prov.get("encoder_fingerprint"), provs[0].get("encoder_fingerprint"))
+        if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+            raise EmbedkitError(f"{path} mixes embeddings from different encoders (the encoder fingerprint differs "
+                                f"in {p.name}); re-extract with --overwrite")
+    table = pa.concat_tables([read_parquet(p, columns=_require_columns(p, ["id", "embedding"], all_columns=True))
+                              for p in parts], promote_options="permissive")
     emb = table.column("embedding").combine_chunks()
+    if not (pa.types.is_list(emb.type) or pa.types.is_fixed_size_list(emb.type)) or \
+            not pa.types.is_floating(emb.type.value_type):
+        raise EmbedkitError(f"{path}: the 'embedding' column holds {emb.type}, not lists of floats; not an embedkit "
+                            f"embedding table (re-extract with --overwrite)")
     if pa.types.is_fixed_size_list(emb.type):
         matrix = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size)
     else:

@@ -292,7 +292,18 @@ def _targets(y, classes, task: str) -> np.ndarray:
 
 
 def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
-    """Train, evaluate honestly, and save a model folder. Returns the metrics written to metrics.json."""
+    """Train, evaluate honestly, and save a model folder. Returns the metrics written to metrics.json.
+
+    The folder is written beside its place and renamed into it when complete (guards.replaced_folder):
+    a crash leaves the previous model whole, and no earlier artefact sits beside a new one.
+    """
+    from embedkit.guards import replaced_folder
+
+    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging:
+        return _train_into(emb_dir, staging, cfg)
+
+
+def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
     from embedkit.console import say
     from embedkit.fusion.evaluate import bootstrap_metrics, subgroup_metrics, summarize_runs
 

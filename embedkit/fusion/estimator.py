@@ -26,6 +26,7 @@ from torch import nn
 from embedkit.errors import EmbedkitError
 from embedkit.fusion.align import NotNumbersError
 from embedkit.fusion.evaluate import InvalidInputError, detect_task
+from embedkit.guards import check_finite, check_safetensors, check_same_shapes, read_json_object
 from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "estimator.json"
@@ -144,6 +145,13 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _loadable_device(saved: str) -> str:
+    """A model trained on a GPU loads on a machine without one (the heads are small)."""
+    if str(saved).startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return saved
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
@@ -164,10 +172,13 @@ def _read(folder, fmt: str):
     folder = Path(folder)
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise InvalidInputError(f"{folder} is not a saved model folder (needs {WEIGHTS_FILE} and {META_FILE})")
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_json_object(folder / META_FILE, "model file")
     if meta.get("format") != fmt:
         raise InvalidInputError(f"{folder} holds a {meta.get('format')!r} model, not {fmt!r}")
-    return meta, load_file(str(folder / WEIGHTS_FILE))
+    check_safetensors(folder / WEIGHTS_FILE)  # header and sizes, before any tensor is read
+    tensors = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    check_finite(tensors, folder / WEIGHTS_FILE)
+    return meta, tensors
 
 
 class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
@@ -531,7 +542,7 @@ class FusionClassifier(_EmbeddingClassifier):
     def load(cls, folder, device=None) -> "FusionClassifier":
         """A fitted estimator from save(); device overrides the saved one (e.g. 'cpu')."""
         meta, tensors = _read(folder, "embedkit.FusionClassifier")
-        params = dict(cls._params(meta), device=device or meta["params"]["device"])
+        params = dict(cls._params(meta), device=device or _loadable_device(meta["params"]["device"]))
         if params["modality_dims"] is not None:
             params["modality_dims"] = tuple(params["modality_dims"])
         est = cls(**params)
@@ -539,6 +550,9 @@ class FusionClassifier(_EmbeddingClassifier):
         est.best_epoch_, est.history_ = meta["best_epoch"], meta["history"]
         est.loss_weight_ = None if meta["loss_weight"] is None else np.asarray(meta["loss_weight"])
         est.mean_, est.scale_ = tensors.pop("mean_").numpy(), tensors.pop("scale_").numpy()
+        with torch.device("meta"):  # the shapes its JSON implies, checked before anything is allocated
+            expected = {f"model.{k}": tuple(v.shape) for k, v in est._build_model().state_dict().items()}
+        check_same_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()}, Path(folder))
         est.model_ = est._build_model()
         est.model_.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
         est.model_.to(est.device).eval()
@@ -647,6 +661,10 @@ class LogisticBaseline(_EmbeddingClassifier):
         est = cls(**cls._params(meta))
         est._restore_meta(meta)
         est.n_iter_ = np.asarray(meta.get("n_iter", [0]), dtype=np.int32)
+        n = est.n_features_in_
+        check_same_shapes({"coef_": (tensors["coef_"].shape[0], n), "intercept_": (tensors["coef_"].shape[0],),
+                           "mean_": (n,), "scale_": (n,)} if "coef_" in tensors else {"coef_": ()},
+                          {k: tuple(v.shape) for k, v in tensors.items()}, Path(folder))
         for k, v in tensors.items():
             setattr(est, k, v.numpy())
         return est

@@ -185,9 +185,22 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     `extract` writes (dim and a `projection` entry updated), so `train --align-*`, `gap` and
     `retrieval` work on encoders that never shared a space.
     """
+    from embedkit.guards import replaced_folder
+
+    final = Path(out_dir)
+    inside_heads = heads_dir is not None and final.resolve() in Path(heads_dir).resolve().parents
+    if final.resolve() == Path(emb_dir).resolve() or inside_heads:
+        raise EmbedkitError("project --out must be a new folder: it is replaced whole, and it holds the input "
+                            "embeddings or the heads being applied")
+    with replaced_folder(final, "projection --out", "manifest.json") as staging:  # re-running replaces, never appends
+        return _project_into(emb_dir, staging, final, heads_dir, dim, epochs, seed, models)
+
+
+def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epochs: int, seed: int,
+                  models: dict | None) -> dict:
+    """project_embeddings, written into `out_dir` (a staging folder that becomes `final`)."""
     from embedkit.store import TEXT_COLUMN, PartWriter, build_schema, dataset_dir, load_embeddings, write_json_atomic
 
-    out_dir = Path(out_dir)
     es = load_embeddings(emb_dir, modalities=list(MODALITIES), models=models)
     if not len(es.ids):
         raise EmbedkitError(f"no id has both image and text embeddings in '{emb_dir}'")
@@ -196,12 +209,13 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
         train_rows = projection_rows(es.columns)
         heads, metrics = fit_projection(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows],
                                         dim=dim, epochs=epochs, seed=seed)
-        heads_dir = out_dir / "projection"
-        heads.save(heads_dir)
+        heads.save(out_dir / "projection")
+        saved_heads, heads_dir = out_dir / "projection", final / "projection"  # where they will live
     else:
         heads = ProjectionHeads.load(heads_dir)
+        saved_heads = Path(heads_dir)
     projected = dict(zip(MODALITIES, heads.apply(es.embeddings["image"], es.embeddings["text"])))
-    weights_sha = hashlib.sha256((Path(heads_dir) / WEIGHTS).read_bytes()).hexdigest()
+    weights_sha = hashlib.sha256((saved_heads / WEIGHTS).read_bytes()).hexdigest()
     carried = {k: list(v) for k, v in es.columns.items()
                if k not in ("split", TEXT_COLUMN) and not k.endswith(("_path", "_sha256"))}
     for m in MODALITIES:

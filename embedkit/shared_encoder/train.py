@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -35,6 +35,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
 from embedkit.errors import EmbedkitError
+from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
@@ -191,19 +192,20 @@ def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
-
-
 def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
-    save_shared_encoder(model, None, out)  # the tokenizer was saved once at the start
+    """Weights, optimiser state, metrics and train_state.json as one unit: the whole folder is written
+    beside `out` and renamed into place, so a crash leaves the previous checkpoint or this one, never a mix."""
     moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    _atomic_write(out / STATE, lambda p: save_file(moments, str(p)))
-    _atomic_write(out / METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
-    # Written last: train_state.json names an epoch only once everything of that epoch is on disk.
-    _atomic_write(out / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2) + "\n"))
+    with atomic_folder(out) as staging:
+        for p in out.iterdir():  # the tokenizer and anything else of the folder's own, as they are
+            if p.is_dir():
+                shutil.copytree(p, staging / p.name, symlinks=True)
+            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON):
+                shutil.copy2(p, staging / p.name, follow_symlinks=False)
+        save_shared_encoder(model, None, staging)
+        save_file(moments, str(staging / STATE))
+        (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
 
 
 def _load_checkpoint(out: Path, model, opt) -> None:
@@ -225,7 +227,21 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 
 # ----------------------------------------------------------------------------- training
 
-def pretrain(
+def pretrain(pairs: list[Item], out_dir: str | Path, cfg: SharedEncoderConfig, **settings) -> dict:
+    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict (see `_pretrain`).
+
+    One run at a time per folder (a lock beside it); a checkpoint left half-swapped by a crash is restored.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EmbedkitError(f"pretrain --out '{out}' is a file, not a folder")
+    check_writable_folder(out.parent, "the folder holding the pretrain --out")
+    with folder_lock(sibling_lock(out), f"pretrain folder '{out}'"):
+        recover_folder(out)
+        return _pretrain(pairs, out, cfg, **settings)
+
+
+def _pretrain(
     pairs: list[Item],
     out_dir: str | Path,
     cfg: SharedEncoderConfig,
