@@ -258,9 +258,9 @@ def test_extract_with_a_backend_records_it_and_never_mixes_backends_in_one_table
         assert read_embedding_table(torch_out / name).provenance["backend"] == "torch"
 
     make_image(paired_folder / "new.png", 50)
-    with pytest.raises(EmbedkitError, match="differs in backend"):
+    with pytest.raises(EmbedkitError, match=r"another configuration \(backend openvino -> torch"):
         extract(paired_folder, out, _cfg(tiny_models, text_model=None))  # torch onto an openvino table
-    with pytest.raises(EmbedkitError, match="differs in backend, precision"):
+    with pytest.raises(EmbedkitError, match=r"\(backend openvino -> onnxruntime; precision fp32 -> int8"):
         extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="onnxruntime", precision="int8",
                                          parity_floor=-1))
     res = extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="openvino", precision="fp32"))
@@ -279,7 +279,7 @@ def test_tables_written_before_backends_existed_resume_with_torch(tiny_models, p
     make_image(paired_folder / "new.png", 50)
     assert extract(paired_folder, out, _cfg(tiny_models, text_model=None)).modalities["image"].rows_embedded == 1
     make_image(paired_folder / "newer.png", 51)
-    with pytest.raises(EmbedkitError, match="differs in backend"):
+    with pytest.raises(EmbedkitError, match=r"another configuration \(backend torch -> onnxruntime"):
         extract(paired_folder, out, _cfg(tiny_models, text_model=None, backend="onnxruntime"))
 
 
