@@ -307,7 +307,7 @@ def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], co
     if config.backend == "auto" or config.precision == "auto":  # measured once here, never in each Ray actor
         from dataclasses import replace
 
-        from embedkit.encoders.backends import choose_backend
+        from embedkit.encoders.backend_choice import choose_backend
 
         backend, precision = choose_backend(spec, modality, threads=config.threads, floor=config.parity_floor,
                                             device=config.device, log=say,

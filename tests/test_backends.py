@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedkit.encoders import create_encoder, resolve_spec
-from embedkit.encoders import backends, export_cache
+from embedkit.encoders import backend_choice, backends
 from embedkit.encoders.preprocess import preprocess_images
 from embedkit.errors import EmbedkitError
 from embedkit.extract import ExtractConfig, extract
@@ -210,7 +210,7 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tiny_models
 def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
     spec = resolve_spec(str(tiny_models["bert"]), "text")
-    chosen = backends.choose_backend(spec, "text", threads=1)
+    chosen = backend_choice.choose_backend(spec, "text", threads=1)
     path = next((tmp_path / "cache").rglob("auto-text-*.json"))
     rows = json.loads(path.read_text())["candidates"]
     passing = [r for r in rows if r.get("items_per_second") and (r["parity"] is None or r["parity"]["min_cosine"]
@@ -227,9 +227,9 @@ def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement
         if (r["backend"], r["precision"]) == ("onnxruntime", "int8"):
             r["parity"] = {"min_cosine": 0.5, "mean_cosine": 0.7, "inputs": 24}
     path.write_text(json.dumps({"candidates": rows}))
-    monkeypatch.setattr(backends, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
-    assert backends.choose_backend(spec, "text", threads=1) == ("openvino", "fp32")
-    assert backends.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
+    monkeypatch.setattr(backend_choice, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    assert backend_choice.choose_backend(spec, "text", threads=1) == ("openvino", "fp32")
+    assert backend_choice.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
 
 
 # ------------------------------------------------------------------ extraction: provenance, no mixing
