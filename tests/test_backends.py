@@ -135,6 +135,11 @@ def test_real_minilm_fp32_and_per_channel_int8():
     measured = int8.provenance()["parity_min_cosine"]
     assert 0.9 <= measured < 0.99999  # quantised: close, not equal, and the number says so
     assert cosines(ref, int8.embed(TEXTS)[0]).min() >= 0.9
+    # torch --precision int8 is per output channel too, and closer to fp32 than the per-tensor --quantize int8
+    per_channel = create_encoder(spec, "text", backend="torch", precision="int8", parity_floor=-1)
+    assert per_channel.provenance()["quantize"] == "int8-channel" and per_channel.provenance()["precision"] == "int8"
+    per_tensor = create_encoder(spec, "text", device="cpu", quantize="int8")
+    assert cosines(ref, per_channel.embed(TEXTS)[0]).min() > cosines(ref, per_tensor.embed(TEXTS)[0]).min()
 
 
 # ------------------------------------------------------------------ refusal below the floor
