@@ -255,6 +255,7 @@ def test_extract_with_a_backend_records_it_and_never_mixes_backends_in_one_table
         prov = res.modalities[modality].provenance
         assert prov["backend"] == "openvino" and prov["precision"] == "fp32"
         assert prov["parity_min_cosine"] >= 0.9999 and prov["parity_mean_cosine"] >= prov["parity_min_cosine"]
+        assert prov["parity_run_inputs"] == 8 and prov["parity_run_min_cosine"] >= 0.9999  # this run's own inputs
     torch_out = tmp_path / "torch"
     extract(paired_folder, torch_out, _cfg(tiny_models))
     for name in ("image__tiny-dinov2", "text__tiny-bert"):
@@ -324,3 +325,29 @@ def test_cli_backend_options_and_exit_codes(tiny_models, paired_folder, tmp_path
     assert failing.returncode == 2 and "below" in failing.output
     listing = _cli("models", cache=cache)
     assert listing.returncode == 0 and "efficientnet-lite0" in listing.output
+
+
+def test_the_run_checks_its_own_first_inputs_and_auto_falls_back(tiny_models, paired_folder, tmp_path, monkeypatch):
+    """The calibration batch is generated; a backend that passes it can still fail on a clinic's images."""
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    real = backends.parity_on_inputs
+
+    def int8_fails_on_these_inputs(spec, modality, encoder, inputs, threads=None):
+        measured = real(spec, modality, encoder, inputs, threads)
+        return {**measured, "min_cosine": 0.5} if encoder.provenance()["precision"] == "int8" else measured
+
+    monkeypatch.setattr(backends, "parity_on_inputs", int8_fails_on_these_inputs)
+    with pytest.raises(EmbedkitError, match="this run's first 8 images at cosine min 0.5000.*--precision fp32"):
+        extract(paired_folder, tmp_path / "a", _cfg(tiny_models, text_model=None, backend="onnxruntime",
+                                                    precision="int8", parity_floor=0.9))
+    spec = resolve_spec(str(tiny_models["dinov2"]), "image")
+    backend_choice.choose_backend(spec, "image")  # measure, then rig: int8 the fastest, openvino fp32 next
+    path = next((tmp_path / "cache").rglob("auto-image-*.json"))
+    rows = json.loads(path.read_text())["candidates"]
+    for r in rows:
+        r["items_per_second"] = {("onnxruntime", "int8"): 1000.0, ("openvino", "fp32"): 500.0}.get(
+            (r["backend"], r["precision"]), 1.0)
+    path.write_text(json.dumps({"candidates": rows}))
+    res = extract(paired_folder, tmp_path / "b", _cfg(tiny_models, text_model=None, backend="auto", parity_floor=0.9))
+    prov = res.modalities["image"].provenance
+    assert (prov["backend"], prov["precision"]) == ("openvino", "fp32") and prov["parity_run_min_cosine"] >= 0.9999

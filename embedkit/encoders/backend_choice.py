@@ -70,6 +70,13 @@ def measure_candidates(spec: EncoderSpec, modality: str, threads: int | None = N
 def choose_backend(spec: EncoderSpec, modality: str, threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
                    device: str = "auto", only_backend: str | None = None, log=None) -> tuple[str, str]:
     """The fastest (backend, precision) whose parity meets `floor` on this machine; measured once, cached."""
+    return rank_backends(spec, modality, threads, floor, device, only_backend, log)[0]
+
+
+def rank_backends(spec: EncoderSpec, modality: str, threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
+                  device: str = "auto", only_backend: str | None = None, log=None) -> list[tuple[str, str]]:
+    """Every (backend, precision) whose calibration parity meets `floor`, fastest first (torch fp32 always
+    among them: it is the reference); measured once per machine, cached."""
     check_request(spec, modality, "auto" if only_backend is None else only_backend, None, device)
     path = _auto_cache_path(spec, modality, threads, only_backend)
     try:
@@ -87,11 +94,12 @@ def choose_backend(spec: EncoderSpec, modality: str, threads: int | None = None,
                and (r["parity"] is None or r["parity"]["min_cosine"] >= floor)]
     if not passing:
         raise EmbedkitError(f"no backend runs {spec.name} ({modality}) at parity >= {floor:g} here: use --backend torch")
-    best = max(passing, key=lambda r: r["items_per_second"])
+    ranked = sorted(passing, key=lambda r: -r["items_per_second"])
     if log:
-        log(f"{spec.name} ({modality}): --backend auto chose {best['backend']} {best['precision']} "
+        best = ranked[0]
+        log(f"{spec.name} ({modality}): fastest here at parity >= {floor:g}: {best['backend']} {best['precision']} "
             f"({best.get('speedup', 1.0)}x torch fp32 on the calibration batch)")
-    return best["backend"], best["precision"]
+    return [(r["backend"], r["precision"]) for r in ranked]
 
 
 def machine_key(threads: int | None) -> dict:

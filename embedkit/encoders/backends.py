@@ -439,6 +439,12 @@ def open_encoders(spec: EncoderSpec, modality: str, pairs: list[tuple[str, str]]
     return out, errors
 
 
+def parity_on_inputs(spec: EncoderSpec, modality: str, encoder, inputs, threads: int | None = None) -> dict:
+    """Cosine of `encoder` to torch fp32 on these inputs (extract passes the run's own first inputs: the
+    calibration batch is generated, a clinic's images are not, and bf16 can pass on one and fail on the other)."""
+    return parity(run_encoder(_torch_encoder(spec, modality, "fp32", threads), inputs), run_encoder(encoder, inputs))
+
+
 def refuse_below_floor(spec: EncoderSpec, modality: str, backend: str, precision: str, result: dict,
                        floor: float) -> None:
     if result["min_cosine"] >= floor:
