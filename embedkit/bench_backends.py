@@ -119,6 +119,12 @@ def bench_images(data: Path, rows: list[dict], source: str, models: dict[str, st
         end_to_end = {(_label(*k[:2]) + (", 1 decode thread" if len(k) == 3 else "")): v for k, v in e2e.items()}
         out["models"][name] = _ratios({"model": model, "n": len(pixels), "model_stage": model_stage,
                                        "end_to_end": end_to_end, "errors": errors})
+        if Path(model).is_relative_to(work):  # a random-weight model of this run: its exports go with it
+            import shutil
+
+            from embedkit.encoders.export_cache import entry_dir
+
+            shutil.rmtree(entry_dir(spec, "image", "-", "-").parent, ignore_errors=True)
     return out
 
 

@@ -55,7 +55,7 @@ class ExtractConfig:
     quantize: str | None = None  # "int8": dynamic int8 Linear layers on CPU (encoders/models.py)
     backend: str = "torch"  # torch | onnxruntime | openvino | auto (encoders/backends.py)
     precision: str | None = None  # fp32 | bf16 | int8 | auto; None: torch's dtype/quantize, fp32 elsewhere
-    parity_floor: float = 0.99  # min cosine to torch fp32 on the calibration batch a backend must reach
+    parity_floor: float = 0.99  # min cosine to torch fp32 a backend must reach (calibration batch, first inputs)
     batch_size: int = 32
     threads: int | None = None  # model threads (torch or the backend); None: the library's default (all cores)
     decode_workers: int | None = None  # threads decoding images while the model runs; None: see decode_threads
