@@ -111,16 +111,20 @@ def bench_images(data: Path, rows: list[dict], source: str, models: dict[str, st
                                     "cosine": _cosines(ref, vectors[k])} for k, s in seconds.items()}
         del encoders
         configs = [k for k in CONFIGS if _label(*k) in model_stage]
-        e2e = _extract_runs(data, rows, work, "image", model, configs, threads, batch_size, repeats)
-        end_to_end = {_label(*k): v for k, v in e2e.items()}
-        # decode threads beside the fastest fp32-parity backend: one thread against the default
+        # decode threads beside the fastest fp32-parity backend: one thread against the default, in the same rounds
         fast = _fastest(model_stage, 0.9999, exclude_torch=True)
         if fast:
-            one = _extract_runs(data, rows, work, "image", model, [(*fast.split(" "), 1)], threads, batch_size,
-                                repeats)
-            end_to_end[f"{fast}, 1 decode thread"] = next(iter(one.values()))
+            configs.append((*fast.split(" "), 1))
+        e2e = _extract_runs(data, rows, work, "image", model, configs, threads, batch_size, repeats)
+        end_to_end = {(_label(*k[:2]) + (", 1 decode thread" if len(k) == 3 else "")): v for k, v in e2e.items()}
         out["models"][name] = _ratios({"model": model, "n": len(pixels), "model_stage": model_stage,
                                        "end_to_end": end_to_end, "errors": errors})
+        if Path(model).is_relative_to(work):  # a random-weight model of this run: its exports go with it
+            import shutil
+
+            from embedkit.encoders.export_cache import entry_dir
+
+            shutil.rmtree(entry_dir(spec, "image", "-", "-").parent, ignore_errors=True)
     return out
 
 

@@ -253,7 +253,7 @@ def models_check(
     from rich.table import Table
 
     from embedkit.console import console
-    from embedkit.encoders.backends import check_backends
+    from embedkit.encoders.backend_choice import check_backends
 
     rows = check_backends(model, modality=modality, backend=backend, precision=_none(precision), threads=threads,
                           floor=parity_floor, trust_remote_code=trust_remote_code)

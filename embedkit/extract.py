@@ -60,7 +60,7 @@ class ExtractConfig:
     quantize: str | None = None  # "int8": dynamic int8 Linear layers on CPU (encoders/models.py)
     backend: str = "torch"  # torch | onnxruntime | openvino | auto (encoders/backends.py)
     precision: str | None = None  # fp32 | bf16 | int8 | auto; None: torch's dtype/quantize, fp32 elsewhere
-    parity_floor: float = 0.99  # min cosine to torch fp32 on the calibration batch a backend must reach
+    parity_floor: float = 0.99  # min cosine to torch fp32 a backend must reach (calibration batch, first inputs)
     batch_size: int = 32
     threads: int | None = None  # model threads (torch or the backend); None: the library's default (all cores)
     decode_workers: int | None = None  # threads decoding images while the model runs; None: see decode_threads
@@ -344,30 +344,86 @@ def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], co
     from embedkit.console import say
     from embedkit.encoders import create_encoder
 
-    if config.backend == "auto" or config.precision == "auto":  # measured once here, never in each Ray actor
-        from dataclasses import replace
-
-        from embedkit.encoders.backends import choose_backend
-
-        backend, precision = choose_backend(spec, modality, threads=config.threads, floor=config.parity_floor,
-                                            device=config.device, log=say,
-                                            only_backend=None if config.backend == "auto" else config.backend)
-        config = replace(config, backend=backend, precision=precision)
+    config, checked, encoder = _backend_checked_on_inputs(modality, spec, batches, config, say)
     if config.engine == "ray":
         from embedkit.engines.ray_engine import open_ray
 
-        if config.backend != "torch":  # export and measure once here; actors on this machine load the entry
-            from embedkit.encoders.backends import load_entry, release_reference
-
-            load_entry(spec, modality, config.backend, config.precision or "fp32", config.threads, log=say)
-            release_reference()
-
-        return open_ray(modality, spec, batches, config, costs)
-    encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
-                             quantize=config.quantize, backend=config.backend, precision=config.precision,
-                             parity_floor=config.parity_floor, log=say)
+        provenance, stream = open_ray(modality, spec, batches, config, costs)  # actors load the checked export
+        return {**provenance, **checked}, stream
+    if encoder is None:
+        encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
+                                 quantize=config.quantize, backend=config.backend, precision=config.precision,
+                                 parity_floor=config.parity_floor, log=say)
     embed = _embed_images if modality == "image" else _embed_texts
-    return encoder.provenance(), embed(batches, encoder, config, costs)
+    return {**encoder.provenance(), **checked}, embed(batches, encoder, config, costs)
+
+
+PARITY_SAMPLE = 32  # the run's first inputs a backend is checked on against torch fp32
+
+
+def _backend_checked_on_inputs(modality: str, spec: EncoderSpec, batches, config: ExtractConfig, say):
+    """Resolve --backend/--precision auto (measured once, in this process, never in each Ray actor), then
+    check the backend against torch fp32 on this run's first inputs; with auto, the next fastest is tried when
+    one falls below the floor. -> (resolved config, provenance fields, opened encoder or None)."""
+    from dataclasses import replace
+
+    from embedkit.encoders import create_encoder
+
+    auto = config.backend == "auto" or config.precision == "auto"
+    if auto:
+        from embedkit.encoders.backend_choice import rank_backends
+
+        pairs = rank_backends(spec, modality, threads=config.threads, floor=config.parity_floor, device=config.device,
+                              log=say, only_backend=None if config.backend == "auto" else config.backend)
+    else:
+        pairs = [(config.backend, config.precision)]
+    sample = None
+    for backend, precision in pairs:
+        cfg = replace(config, backend=backend, precision=precision)
+        if backend == "torch" and precision in (None, "fp32"):  # the reference itself, or the legacy dtype flags
+            return cfg, {}, None
+        encoder = create_encoder(spec, modality, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
+                                 quantize=cfg.quantize, backend=backend, precision=precision,
+                                 parity_floor=cfg.parity_floor, log=say)
+        sample = _parity_sample(modality, spec, batches) if sample is None else sample
+        if not len(sample):
+            return cfg, {}, encoder
+        from embedkit.encoders.backends import parity_on_inputs
+
+        p = parity_on_inputs(spec, modality, encoder, sample, cfg.threads)
+        if p["min_cosine"] >= cfg.parity_floor:
+            say(f"{modality}: {backend} {precision}, cosine to torch fp32 on this run's first {p['inputs']} "
+                f"{modality}s: min {p['min_cosine']:.4f}, mean {p['mean_cosine']:.4f}")
+            return cfg, {"parity_run_min_cosine": p["min_cosine"], "parity_run_mean_cosine": p["mean_cosine"],
+                         "parity_run_inputs": p["inputs"]}, encoder
+        below = (f"{backend} {precision} embeds this run's first {p['inputs']} {modality}s at cosine min "
+                 f"{p['min_cosine']:.4f} to torch fp32, below the parity floor {cfg.parity_floor:g}")
+        if not auto:
+            raise EmbedkitError(f"{below}: use --precision fp32, or --backend auto to take the fastest that passes")
+        say(f"{below}; trying the next fastest")
+    raise EmbedkitError(f"no backend keeps parity {config.parity_floor:g} on this run's inputs: use --backend torch")
+
+
+def _parity_sample(modality: str, spec: EncoderSpec, batches):
+    """Up to PARITY_SAMPLE of the run's first readable inputs: a normalised image batch, or texts."""
+    from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
+
+    found = []
+    for it in (it for batch in batches for it in batch):
+        if len(found) == PARITY_SAMPLE:
+            break
+        if modality == "image":
+            try:
+                found.append(decode_image(it.image_path, spec.preprocess))
+            except ImageDecodeError:
+                continue
+        else:
+            text, reason = _read_text(it)
+            if not reason:
+                found.append(text)
+    if modality == "image":
+        return normalize_batch(found, spec.preprocess) if found else []
+    return found
 
 
 def _write_batches(modality, embedded, groups, config, skipped, root, write, advance, res) -> None:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedkit.encoders import create_encoder, resolve_spec
-from embedkit.encoders import backends, export_cache
+from embedkit.encoders import backend_choice, backends
 from embedkit.encoders.preprocess import preprocess_images
 from embedkit.errors import EmbedkitError
 from embedkit.extract import ExtractConfig, extract
@@ -135,6 +135,11 @@ def test_real_minilm_fp32_and_per_channel_int8():
     measured = int8.provenance()["parity_min_cosine"]
     assert 0.9 <= measured < 0.99999  # quantised: close, not equal, and the number says so
     assert cosines(ref, int8.embed(TEXTS)[0]).min() >= 0.9
+    # torch --precision int8 is per output channel too, and closer to fp32 than the per-tensor --quantize int8
+    per_channel = create_encoder(spec, "text", backend="torch", precision="int8", parity_floor=-1)
+    assert per_channel.provenance()["quantize"] == "int8-channel" and per_channel.provenance()["precision"] == "int8"
+    per_tensor = create_encoder(spec, "text", device="cpu", quantize="int8")
+    assert cosines(ref, per_channel.embed(TEXTS)[0]).min() > cosines(ref, per_tensor.embed(TEXTS)[0]).min()
 
 
 # ------------------------------------------------------------------ refusal below the floor
@@ -210,7 +215,7 @@ def test_cache_is_reused_rebuilt_when_stale_and_refused_when_corrupt(tiny_models
 def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
     spec = resolve_spec(str(tiny_models["bert"]), "text")
-    chosen = backends.choose_backend(spec, "text", threads=1)
+    chosen = backend_choice.choose_backend(spec, "text", threads=1)
     path = next((tmp_path / "cache").rglob("auto-text-*.json"))
     rows = json.loads(path.read_text())["candidates"]
     passing = [r for r in rows if r.get("items_per_second") and (r["parity"] is None or r["parity"]["min_cosine"]
@@ -227,9 +232,9 @@ def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement
         if (r["backend"], r["precision"]) == ("onnxruntime", "int8"):
             r["parity"] = {"min_cosine": 0.5, "mean_cosine": 0.7, "inputs": 24}
     path.write_text(json.dumps({"candidates": rows}))
-    monkeypatch.setattr(backends, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
-    assert backends.choose_backend(spec, "text", threads=1) == ("openvino", "fp32")
-    assert backends.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
+    monkeypatch.setattr(backend_choice, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    assert backend_choice.choose_backend(spec, "text", threads=1) == ("openvino", "fp32")
+    assert backend_choice.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
 
 
 # ------------------------------------------------------------------ extraction: provenance, no mixing
@@ -250,6 +255,7 @@ def test_extract_with_a_backend_records_it_and_never_mixes_backends_in_one_table
         prov = res.modalities[modality].provenance
         assert prov["backend"] == "openvino" and prov["precision"] == "fp32"
         assert prov["parity_min_cosine"] >= 0.9999 and prov["parity_mean_cosine"] >= prov["parity_min_cosine"]
+        assert prov["parity_run_inputs"] == 8 and prov["parity_run_min_cosine"] >= 0.9999  # this run's own inputs
     torch_out = tmp_path / "torch"
     extract(paired_folder, torch_out, _cfg(tiny_models))
     for name in ("image__tiny-dinov2", "text__tiny-bert"):
@@ -319,3 +325,29 @@ def test_cli_backend_options_and_exit_codes(tiny_models, paired_folder, tmp_path
     assert failing.returncode == 2 and "below" in failing.output
     listing = _cli("models", cache=cache)
     assert listing.returncode == 0 and "efficientnet-lite0" in listing.output
+
+
+def test_the_run_checks_its_own_first_inputs_and_auto_falls_back(tiny_models, paired_folder, tmp_path, monkeypatch):
+    """The calibration batch is generated; a backend that passes it can still fail on a clinic's images."""
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    real = backends.parity_on_inputs
+
+    def int8_fails_on_these_inputs(spec, modality, encoder, inputs, threads=None):
+        measured = real(spec, modality, encoder, inputs, threads)
+        return {**measured, "min_cosine": 0.5} if encoder.provenance()["precision"] == "int8" else measured
+
+    monkeypatch.setattr(backends, "parity_on_inputs", int8_fails_on_these_inputs)
+    with pytest.raises(EmbedkitError, match="this run's first 8 images at cosine min 0.5000.*--precision fp32"):
+        extract(paired_folder, tmp_path / "a", _cfg(tiny_models, text_model=None, backend="onnxruntime",
+                                                    precision="int8", parity_floor=0.9))
+    spec = resolve_spec(str(tiny_models["dinov2"]), "image")
+    backend_choice.choose_backend(spec, "image")  # measure, then rig: int8 the fastest, openvino fp32 next
+    path = next((tmp_path / "cache").rglob("auto-image-*.json"))
+    rows = json.loads(path.read_text())["candidates"]
+    for r in rows:
+        r["items_per_second"] = {("onnxruntime", "int8"): 1000.0, ("openvino", "fp32"): 500.0}.get(
+            (r["backend"], r["precision"]), 1.0)
+    path.write_text(json.dumps({"candidates": rows}))
+    res = extract(paired_folder, tmp_path / "b", _cfg(tiny_models, text_model=None, backend="auto", parity_floor=0.9))
+    prov = res.modalities["image"].provenance
+    assert (prov["backend"], prov["precision"]) == ("openvino", "fp32") and prov["parity_run_min_cosine"] >= 0.9999

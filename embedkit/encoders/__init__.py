@@ -36,6 +36,11 @@ def create_encoder(spec, modality, device="auto", dtype="float32", threads=None,
     if dtype not in ("float32", "fp32") or quantize:
         raise EmbedkitError("--precision (and --backend) replace --dtype and --quantize: pass --precision bf16 or int8 "
                             "instead")
+    if backend == "auto" or precision == "auto":
+        from embedkit.encoders.backend_choice import choose_backend
+
+        backend, precision = choose_backend(spec, modality, threads=threads, floor=parity_floor, device=device,
+                                            only_backend=None if backend == "auto" else backend, log=log)
     return open_encoder(spec, modality, backend, precision or "fp32", threads=threads, floor=parity_floor,
                         device=device, log=log)
 

@@ -17,10 +17,7 @@ keeps the fastest; the measurement is cached per machine, model and thread count
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +75,9 @@ def check_request(spec: EncoderSpec, modality: str, backend: str, precision: str
     if backend in ("torch", "auto"):
         if backend == "auto" and device not in ("auto", "cpu"):
             raise EmbedkitError("--backend auto chooses among CPU backends: pass --device cpu, or --backend torch")
+        problem = backend == "torch" and precision not in (None, "auto") and family_problem(spec, "torch", precision)
+        if problem:
+            raise EmbedkitError(problem)
         return
     if device not in ("auto", "cpu"):
         raise EmbedkitError(f"--backend {backend} runs on CPU; for --device {device} use --backend torch")
@@ -147,17 +147,6 @@ def run_encoder(encoder, inputs) -> np.ndarray:
     return out[0] if isinstance(out, tuple) else out
 
 
-def throughput(encoder, inputs, repeats: int = 2) -> float:
-    """Items per second of `encoder.embed` on `inputs`: one warm-up call, then the best of `repeats`."""
-    run_encoder(encoder, inputs)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_encoder(encoder, inputs)
-        best = min(best, time.perf_counter() - t0)
-    return len(inputs) / best
-
-
 # ---------------------------------------------------------------- encoders on ONNX Runtime / OpenVINO
 
 
@@ -219,7 +208,8 @@ def backend_provenance(backend: str, precision: str, parity_result: dict | None,
     return out
 
 
-def _versions(backend: str) -> dict:
+def library_versions(backend: str) -> dict:
+    """The versions an export depends on: torch and transformers trace it, the backend runs it."""
     import torch
     import transformers
 
@@ -345,7 +335,7 @@ def load_entry(spec: EncoderSpec, modality: str, backend: str, precision: str, t
     """The export cache entry for this request, built if missing or stale. -> (folder, meta, built now)."""
     folder = export_cache.entry_dir(spec, modality, backend, precision)
     key = export_cache.entry_key(spec, modality, backend, precision, export_cache.source_fingerprint(spec),
-                                 _versions(backend))
+                                 library_versions(backend))
     meta = export_cache.read_entry(folder, key)
     if meta is not None:
         return folder, meta, False
@@ -382,7 +372,8 @@ def _torch_encoder(spec: EncoderSpec, modality: str, precision: str, threads: in
     from embedkit.encoders.models import create_encoder as create_torch
 
     if precision == "int8":
-        return create_torch(spec, modality, device=device, dtype="float32", threads=threads, quantize="int8")
+        # per output channel, as onnxruntime int8: embedkit's int8 is per-channel everywhere
+        return create_torch(spec, modality, device=device, dtype="float32", threads=threads, quantize="int8-channel")
     return create_torch(spec, modality, device=device, dtype=_TORCH_DTYPE[precision], threads=threads)
 
 
@@ -393,10 +384,10 @@ def open_encoder(spec: EncoderSpec, modality: str, backend: str, precision: str 
                  floor: float = DEFAULT_PARITY_FLOOR, device: str = "auto", log=None):
     """An encoder on `backend` at `precision` whose parity to torch fp32 is at least `floor`, or EmbedkitError.
 
-    backend/precision "auto" are resolved first by `choose_backend` (a measurement, cached per machine)."""
+    "auto" is resolved before this, by backend_choice.choose_backend (a measurement, cached per machine)."""
     if backend == "auto" or precision == "auto":
-        backend, precision = choose_backend(spec, modality, threads=threads, floor=floor, device=device,
-                                            only_backend=None if backend == "auto" else backend, log=log)
+        raise EmbedkitError("open_encoder takes a resolved backend and precision: resolve 'auto' with "
+                            "embedkit.encoders.backend_choice.choose_backend")
     check_request(spec, modality, backend, precision, device)
     if backend == "torch" and precision == "fp32":  # the reference itself
         enc = _torch_encoder(spec, modality, "fp32", threads, device=device)
@@ -424,9 +415,10 @@ def _backend_encoder(spec: EncoderSpec, modality: str, backend: str, precision: 
 
 
 def open_encoders(spec: EncoderSpec, modality: str, pairs: list[tuple[str, str]], threads: int | None = None,
-                  log=None) -> tuple[dict, dict]:
+                  log=None, release: bool = True) -> tuple[dict, dict]:
     """Several (backend, precision) encoders of one model at once, tracing it once, parity not enforced
-    (for measuring). -> ({pair: encoder}, {pair: why it could not be opened})."""
+    (for measuring). -> ({pair: encoder}, {pair: why it could not be opened}). release=False keeps the
+    traced torch reference for the next call (release_reference() ends it)."""
     out, errors = {}, {}
     for backend, precision in pairs:
         try:
@@ -442,8 +434,15 @@ def open_encoders(spec: EncoderSpec, modality: str, pairs: list[tuple[str, str]]
             out[(backend, precision)] = enc
         except EmbedkitError as e:
             errors[(backend, precision)] = str(e)
-    release_reference()
+    if release:
+        release_reference()
     return out, errors
+
+
+def parity_on_inputs(spec: EncoderSpec, modality: str, encoder, inputs, threads: int | None = None) -> dict:
+    """Cosine of `encoder` to torch fp32 on these inputs (extract passes the run's own first inputs: the
+    calibration batch is generated, a clinic's images are not, and bf16 can pass on one and fail on the other)."""
+    return parity(run_encoder(_torch_encoder(spec, modality, "fp32", threads), inputs), run_encoder(encoder, inputs))
 
 
 def refuse_below_floor(spec: EncoderSpec, modality: str, backend: str, precision: str, result: dict,
@@ -455,9 +454,6 @@ def refuse_below_floor(spec: EncoderSpec, modality: str, backend: str, precision
     raise EmbedkitError(f"{backend} {precision} embeds {spec.name} {modality}s at cosine min {result['min_cosine']:.4f} "
                         f"(mean {result['mean_cosine']:.4f}) to torch fp32, below the parity floor {floor:g}: "
                         f"use {better}, or --backend auto to take the fastest that passes")
-
-
-# ---------------------------------------------------------------- --backend auto
 
 
 def candidates(spec: EncoderSpec, modality: str, only_backend: str | None = None) -> list[tuple[str, str]]:
@@ -475,123 +471,3 @@ def candidates(spec: EncoderSpec, modality: str, only_backend: str | None = None
                 continue
             out.append((backend, precision))
     return out
-
-
-def measure_candidates(spec: EncoderSpec, modality: str, threads: int | None = None, only_backend: str | None = None,
-                       log=None) -> list[dict]:
-    """Parity (from the export cache) and speed on the calibration batch of every candidate."""
-    inputs = calibration_inputs(spec, modality)
-    pairs = candidates(spec, modality, only_backend)
-    if ("torch", "fp32") not in pairs:  # the reference every speed-up is measured against
-        pairs.insert(0, ("torch", "fp32"))
-    rows = []
-    for backend, precision in pairs:
-        row = {"backend": backend, "precision": precision}
-        try:
-            if backend == "torch" and precision == "fp32":
-                enc, row["parity"] = reference(spec, modality, threads).encoder, None
-            else:
-                folder, meta, built = load_entry(spec, modality, backend, precision, threads, log=log)
-                row.update(parity=meta["parity"], export_seconds=meta.get("export_seconds"), cached=not built)
-                enc = (_torch_encoder(spec, modality, precision, threads) if backend == "torch" else
-                       _backend_encoder(spec, modality, backend, precision, folder, meta, threads))
-            row["items_per_second"] = round(throughput(enc, inputs), 2)
-            del enc
-        except EmbedkitError as e:
-            row["error"] = str(e)
-        rows.append(row)
-    release_reference()
-    torch_speed = next((r.get("items_per_second") for r in rows if r["backend"] == "torch"
-                        and r["precision"] == "fp32"), None)
-    for r in rows:
-        if torch_speed and r.get("items_per_second"):
-            r["speedup"] = round(r["items_per_second"] / torch_speed, 2)
-    return rows
-
-
-def choose_backend(spec: EncoderSpec, modality: str, threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
-                   device: str = "auto", only_backend: str | None = None, log=None) -> tuple[str, str]:
-    """The fastest (backend, precision) whose parity meets `floor` on this machine; measured once, cached."""
-    check_request(spec, modality, "auto" if only_backend is None else only_backend, None, device)
-    path = _auto_cache_path(spec, modality, threads, only_backend)
-    try:
-        rows = json.loads(path.read_text())["candidates"]
-    except (OSError, ValueError, KeyError):
-        if log:
-            log(f"{spec.name} ({modality}): measuring {only_backend or 'every backend'} on this machine "
-                f"(once; cached in {path.parent})")
-        rows = measure_candidates(spec, modality, threads=threads, only_backend=only_backend, log=log)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump({"machine": machine_key(threads), "candidates": rows}, f, indent=2)
-        os.replace(f.name, path)
-    passing = [r for r in rows if r.get("items_per_second") and (only_backend in (None, r["backend"]))
-               and (r["parity"] is None or r["parity"]["min_cosine"] >= floor)]
-    if not passing:
-        raise EmbedkitError(f"no backend runs {spec.name} ({modality}) at parity >= {floor:g} here: use --backend torch")
-    best = max(passing, key=lambda r: r["items_per_second"])
-    if log:
-        log(f"{spec.name} ({modality}): --backend auto chose {best['backend']} {best['precision']} "
-            f"({best.get('speedup', 1.0)}x torch fp32 on the calibration batch)")
-    return best["backend"], best["precision"]
-
-
-def machine_key(threads: int | None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "node": platform.node()}
-
-
-def _auto_cache_path(spec: EncoderSpec, modality: str, threads: int | None, only_backend: str | None) -> Path:
-    installed = {b: backend_module(b).missing() is None for b in BACKENDS if b != "torch"}
-    key = {"machine": machine_key(threads), "fingerprint": export_cache.source_fingerprint(spec),
-           "spec": spec.to_dict(), "modality": modality, "only": only_backend, "installed": installed,
-           "versions": {b: _versions(b) for b, ok in installed.items() if ok} or _versions("torch"),
-           "format": export_cache.CACHE_FORMAT}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return export_cache.entry_dir(spec, modality, "auto", "x").parent / f"auto-{modality}-{digest}.json"
-
-
-def check_backends(model: str, modality: str | None = None, backend: str = "all", precision: str | None = None,
-                   threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
-                   trust_remote_code: bool = False) -> list[dict]:
-    """`embedkit models check`: every (backend, precision) asked for, with parity, speed and a verdict."""
-    from embedkit.encoders.registry import resolve_spec
-
-    if backend != "all" and backend not in BACKENDS:
-        raise EmbedkitError(f"unknown backend '{backend}' (choose all, {', '.join(BACKENDS)})")
-    if precision is not None and precision not in PRECISIONS:
-        raise EmbedkitError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
-    modalities = [modality] if modality else [m for m in ("image", "text") if _has_modality(model, m)]
-    rows = []
-    for m in modalities:
-        spec = resolve_spec(model, m, trust_remote_code=trust_remote_code)
-        only = None if backend == "all" else backend
-        if only and only != "torch":
-            check_request(spec, m, only, precision)
-        measured = measure_candidates(spec, m, threads=threads, only_backend=only)
-        if precision and not any(r["precision"] == precision for r in measured):
-            raise EmbedkitError(f"{only or 'no backend'} cannot run {spec.name} at {precision} here")
-        for r in measured:
-            if (precision and r["precision"] != precision) or (only and r["backend"] != only):
-                continue
-            p = r.get("parity")
-            verdict = ("error" if r.get("error") else "passes" if p is None or p["min_cosine"] >= floor
-                       else "below floor")
-            rows.append({"modality": m, **r, "verdict": verdict})
-    return rows
-
-
-def _has_modality(model: str, modality: str) -> bool:
-    from embedkit.encoders.registry import resolve_spec
-
-    try:
-        resolve_spec(model, modality)
-        return True
-    except EmbedkitError as e:
-        if "embeds" in str(e):  # "model X embeds image, not text"
-            return False
-        raise

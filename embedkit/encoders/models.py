@@ -40,7 +40,7 @@ class Encoder:
         return {**self.spec.to_dict(), "modality": self.modality, "dim": self.dim, "revision": self.revision,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
                 "n_parameters": self.n_parameters, "model_bytes": self.model_bytes, "backend": "torch",
-                "precision": "int8" if self.quantize else _PRECISION_NAMES.get(self.dtype), **self.backend_fields}
+                "precision": self.quantize or _PRECISION_NAMES.get(self.dtype), **self.backend_fields}
 
     def _out(self, x: torch.Tensor) -> np.ndarray:
         x = x.float()
@@ -155,7 +155,7 @@ def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype
     dt = resolve_dtype(dtype, dev)
     _check_quantize(quantize, spec, dev, dt)
     if quantize:
-        return _quantized(create_encoder(spec, modality, device=device, dtype=dtype))
+        return _quantized(create_encoder(spec, modality, device=device, dtype=dtype), quantize)
     if spec.family == "efficientnet":
         model = _load_efficientnet_lite0().to(dtype=dt, memory_format=torch.channels_last)
         return ImageEncoder(spec, model, dev, dt)
@@ -181,7 +181,7 @@ def create_encoder(spec: EncoderSpec, modality: str, device: str = "auto", dtype
     return enc
 
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int8-channel")  # int8-channel: one weight scale per output row (--precision int8)
 
 
 def _check_quantize(quantize: str | None, spec: EncoderSpec, dev: torch.device, dt: torch.dtype) -> None:
@@ -196,14 +196,18 @@ def _check_quantize(quantize: str | None, spec: EncoderSpec, dev: torch.device, 
                             f"(use it with transformer encoders: dinov2, clip, minilm, LLMs)")
 
 
-def _quantized(enc: Encoder) -> Encoder:
-    """Swap every nn.Linear for its dynamic int8 twin, in place; recorded in provenance."""
+def _quantized(enc: Encoder, mode: str = "int8") -> Encoder:
+    """Swap every nn.Linear for its dynamic int8 twin, in place; recorded in provenance. "int8" scales each
+    weight matrix by one number, "int8-channel" each output row by its own (an outlier row then costs only itself)."""
     import warnings
 
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {torch.nn.Linear: per_channel_dynamic_qconfig} if mode == "int8-channel" else {torch.nn.Linear}
     with warnings.catch_warnings():  # torch announces the eager API's move to torchao; it still works here
         warnings.simplefilter("ignore")
-        enc.model = torch.ao.quantization.quantize_dynamic(enc.model, {torch.nn.Linear}, dtype=torch.qint8)
-    enc.quantize = "int8"
+        enc.model = quantize_dynamic(enc.model, spec, dtype=torch.qint8)
+    enc.quantize = mode
     return enc
 
 

@@ -1,0 +1,163 @@
+"""`--backend auto` and `embedkit models check`: which backend is fastest here, among those that keep parity.
+
+Every candidate (backend, precision) this model can run on this machine is opened through
+backends.py (exported once, parity measured there) and timed on the calibration batch; `auto`
+takes the fastest whose parity meets the floor. The measurement is cached per machine, model,
+thread count and library versions, so it runs once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from embedkit.encoders import export_cache
+from embedkit.encoders.backends import (BACKENDS, DEFAULT_PARITY_FLOOR, PRECISIONS, backend_module, calibration_inputs,
+                                        candidates, check_request, library_versions, open_encoders, release_reference,
+                                        run_encoder)
+from embedkit.encoders.registry import EncoderSpec
+from embedkit.errors import EmbedkitError
+
+
+def throughput(encoder, inputs, repeats: int = 2) -> float:
+    """Items per second of `encoder.embed` on `inputs`: one warm-up call, then the best of `repeats`."""
+    run_encoder(encoder, inputs)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_encoder(encoder, inputs)
+        best = min(best, time.perf_counter() - t0)
+    return len(inputs) / best
+
+
+def measure_candidates(spec: EncoderSpec, modality: str, threads: int | None = None, only_backend: str | None = None,
+                       log=None) -> list[dict]:
+    """Parity (from the export cache) and speed on the calibration batch of every candidate, one at a time."""
+    inputs = calibration_inputs(spec, modality)
+    pairs = candidates(spec, modality, only_backend)
+    if ("torch", "fp32") not in pairs:  # the reference every speed-up is measured against
+        pairs.insert(0, ("torch", "fp32"))
+    rows = []
+    for pair in pairs:
+        row = {"backend": pair[0], "precision": pair[1]}
+        opened, errors = open_encoders(spec, modality, [pair], threads=threads, log=log, release=False)
+        if pair in errors:
+            rows.append({**row, "error": errors[pair]})
+            continue
+        enc = opened.pop(pair)
+        prov = enc.provenance()
+        row["parity"] = None if pair == ("torch", "fp32") else {
+            "min_cosine": prov["parity_min_cosine"], "mean_cosine": prov["parity_mean_cosine"],
+            "inputs": prov["parity_inputs"]}
+        row["export_seconds"] = prov.get("export_seconds")
+        row["items_per_second"] = round(throughput(enc, inputs), 2)
+        del enc
+        rows.append(row)
+    release_reference()
+    torch_speed = next((r.get("items_per_second") for r in rows if (r["backend"], r["precision"]) == ("torch", "fp32")),
+                       None)
+    for r in rows:
+        if torch_speed and r.get("items_per_second"):
+            r["speedup"] = round(r["items_per_second"] / torch_speed, 2)
+    return rows
+
+
+def choose_backend(spec: EncoderSpec, modality: str, threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
+                   device: str = "auto", only_backend: str | None = None, log=None) -> tuple[str, str]:
+    """The fastest (backend, precision) whose parity meets `floor` on this machine; measured once, cached."""
+    return rank_backends(spec, modality, threads, floor, device, only_backend, log)[0]
+
+
+def rank_backends(spec: EncoderSpec, modality: str, threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
+                  device: str = "auto", only_backend: str | None = None, log=None) -> list[tuple[str, str]]:
+    """Every (backend, precision) whose calibration parity meets `floor`, fastest first (torch fp32 always
+    among them: it is the reference); measured once per machine, cached."""
+    check_request(spec, modality, "auto" if only_backend is None else only_backend, None, device)
+    path = _auto_cache_path(spec, modality, threads, only_backend)
+    try:
+        rows = json.loads(path.read_text())["candidates"]
+    except (OSError, ValueError, KeyError):
+        if log:
+            log(f"{spec.name} ({modality}): measuring {only_backend or 'every backend'} on this machine "
+                f"(once; cached in {path.parent})")
+        rows = measure_candidates(spec, modality, threads=threads, only_backend=only_backend, log=log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump({"machine": machine_key(threads), "candidates": rows}, f, indent=2)
+        os.replace(f.name, path)
+    passing = [r for r in rows if r.get("items_per_second") and (only_backend in (None, r["backend"]))
+               and (r["parity"] is None or r["parity"]["min_cosine"] >= floor)]
+    if not passing:
+        raise EmbedkitError(f"no backend runs {spec.name} ({modality}) at parity >= {floor:g} here: use --backend torch")
+    ranked = sorted(passing, key=lambda r: -r["items_per_second"])
+    if log:
+        best = ranked[0]
+        log(f"{spec.name} ({modality}): fastest here at parity >= {floor:g}: {best['backend']} {best['precision']} "
+            f"({best.get('speedup', 1.0)}x torch fp32 on the calibration batch)")
+    return [(r["backend"], r["precision"]) for r in ranked]
+
+
+def machine_key(threads: int | None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "node": platform.node()}
+
+
+def _auto_cache_path(spec: EncoderSpec, modality: str, threads: int | None, only_backend: str | None) -> Path:
+    installed = {b: backend_module(b).missing() is None for b in BACKENDS if b != "torch"}
+    key = {"machine": machine_key(threads), "fingerprint": export_cache.source_fingerprint(spec),
+           "spec": spec.to_dict(), "modality": modality, "only": only_backend, "installed": installed,
+           "versions": {b: library_versions(b) for b, ok in installed.items() if ok} or library_versions("torch"),
+           "format": export_cache.CACHE_FORMAT}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return export_cache.entry_dir(spec, modality, "auto", "x").parent / f"auto-{modality}-{digest}.json"
+
+
+def check_backends(model: str, modality: str | None = None, backend: str = "all", precision: str | None = None,
+                   threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
+                   trust_remote_code: bool = False) -> list[dict]:
+    """`embedkit models check`: every (backend, precision) asked for, with parity, speed and a verdict."""
+    from embedkit.encoders.registry import resolve_spec
+
+    if backend != "all" and backend not in BACKENDS:
+        raise EmbedkitError(f"unknown backend '{backend}' (choose all, {', '.join(BACKENDS)})")
+    if precision is not None and precision not in PRECISIONS:
+        raise EmbedkitError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    modalities = [modality] if modality else [m for m in ("image", "text") if _has_modality(model, m)]
+    rows = []
+    for m in modalities:
+        spec = resolve_spec(model, m, trust_remote_code=trust_remote_code)
+        only = None if backend == "all" else backend
+        if only and only != "torch":
+            check_request(spec, m, only, precision)
+        measured = measure_candidates(spec, m, threads=threads, only_backend=only)
+        if precision and not any(r["precision"] == precision for r in measured):
+            raise EmbedkitError(f"{only or 'no backend'} cannot run {spec.name} at {precision} here")
+        for r in measured:
+            if (precision and r["precision"] != precision) or (only and r["backend"] != only):
+                continue
+            p = r.get("parity")
+            verdict = ("error" if r.get("error") else "passes" if p is None or p["min_cosine"] >= floor
+                       else "below floor")
+            rows.append({"modality": m, **r, "verdict": verdict})
+    return rows
+
+
+def _has_modality(model: str, modality: str) -> bool:
+    from embedkit.encoders.registry import resolve_spec
+
+    try:
+        resolve_spec(model, modality)
+        return True
+    except EmbedkitError as e:
+        if "embeds" in str(e):  # "model X embeds image, not text"
+            return False
+        raise
