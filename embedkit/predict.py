@@ -181,7 +181,7 @@ def prediction_columns(info: dict, ids, columns: dict, proba, pred, had) -> dict
             cols[f"pred_{c}"] = pa.array(np.asarray(pred)[:, j].astype(np.int8))
             cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
     else:
-        cols["predicted"] = pa.array([_jsonable(p) for p in pred])
+        cols["predicted"] = pa.array([jsonable(p) for p in pred])
         for j, c in enumerate(info["classes"]):
             cols[f"prob_{c}"] = pa.array(proba[:, j].astype(np.float32))
     return cols
@@ -274,5 +274,6 @@ def _fitted_overlap(info: dict, ds: Dataset, rows) -> int:
     return sum(k in fitted for k in row_keys(ds, rows, info["modalities"])) if fitted else 0
 
 
-def _jsonable(v):
+def jsonable(v):
+    """A numpy scalar as the plain Python value JSON and Arrow take."""
     return v.item() if hasattr(v, "item") else v

@@ -23,8 +23,8 @@ from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups,
                               row_keys, split_for_run, warn_shared_inputs)
 from embedkit.errors import EmbedkitError
-from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, load_model,  # noqa: F401
-                              model_features, predict, prediction_columns, write_rows)
+from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, jsonable,  # noqa: F401
+                              load_model, model_features, predict, prediction_columns, write_rows)
 from embedkit.store import find_datasets, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
@@ -437,7 +437,7 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
     return {
         "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
         "modalities": run.info["modalities"], "labels": cfg.labels, "task": est.task_,
-        "classes": list(cfg.labels) if est.task_ == "multilabel" else [_jsonable(c) for c in est.classes_],
+        "classes": list(cfg.labels) if est.task_ == "multilabel" else [jsonable(c) for c in est.classes_],
         "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in ds.provenance},
         "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
         "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
@@ -510,10 +510,6 @@ def _round(d: dict) -> dict:
 def _model_bytes(est) -> int:
     mb = getattr(est, "model_bytes", None)
     return int(mb() if callable(mb) else (mb or 0))
-
-
-def _jsonable(v):
-    return v.item() if hasattr(v, "item") else v
 
 
 def _plot_sweep(curve: list[dict], chosen: dict, path: Path) -> None:
