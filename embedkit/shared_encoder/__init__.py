@@ -3,7 +3,8 @@
 See REFERENCE.md sections 2-3. Extraction uses SharedEncoderRunner; training uses pretrain.
 """
 
-from embedkit.shared_encoder.config import SharedEncoderConfig, count_parameters, matched_separate_config
+from embedkit.shared_encoder.budget import count_parameters, matched_separate_config
+from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.project import ProjectionHeads, fit_projection
