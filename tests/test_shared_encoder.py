@@ -300,6 +300,25 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- grouped held-out split
 
 
+def test_batches_hold_one_pair_per_image_and_per_text():
+    # 60 training rows: 12 images asked 5 questions each, 15 texts repeated across images (as VQA-RAD's
+    # "Is this image normal?"); two further rows (60, 61) are held out and must never be batched.
+    data = {"image_index": torch.arange(62) // 5, "input_ids": (torch.arange(62) % 15)[:, None].repeat(1, 3)}
+    rows = torch.arange(60)
+    keys = train_mod.batch_keys(data, rows, unique=True)
+    batches = train_mod.batch_order(rows, keys, 6, 8, torch.Generator().manual_seed(0))  # 12 rows left over
+    flat = batches.flatten().tolist()
+    assert batches.shape == (8, 6) and len(set(flat)) == 48 and max(flat) < 60
+    for b in batches:
+        assert len(set(data["image_index"][b].tolist())) == 6 and len(set((b % 15).tolist())) == 6
+    again = train_mod.batch_order(rows, keys, 6, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(batches, again)  # (seed, epoch) fixes the batches: resume sees the same ones
+    # A plain shuffle of the same rows does put two questions of one image in a batch.
+    plain = train_mod.batch_order(rows, train_mod.batch_keys(data, rows, unique=False), 6, 8,
+                                  torch.Generator().manual_seed(0))
+    assert any(len(set(data["image_index"][b].tolist())) < 6 for b in plain)
+
+
 def test_rows_linked_by_image_or_group_form_one_component():
     # rows 0-1 share image 0; row 1 shares patient p2 with row 2 (image 1): rows 0-2 are linked by a chain.
     image_index = torch.tensor([0, 0, 1, 2, 3, 4])
