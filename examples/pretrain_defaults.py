@@ -8,6 +8,7 @@ within-modality cosine (collapse.py). Appends one JSON line per trial to --resul
     python examples/pretrain_defaults.py --name defaults                       # the preset as shipped
     python examples/pretrain_defaults.py --name lr3e-4 --set lr=3e-4 --set epochs=8
     python examples/pretrain_defaults.py --preset separate --name separate
+    python examples/pretrain_defaults.py --table                               # the trials so far, as Markdown
 
 Evaluation uses the exported model folder through SharedEncoderRunner, as `extract shared:OUT` would.
 """
@@ -40,16 +41,36 @@ def folder_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6, 1)
 
 
+def table(results: Path) -> str:
+    """The trials of a results file as a Markdown table (R@1 / R@5, both directions, vs chance)."""
+    lines = ["| trial | settings (--set) | i2t R@1 / R@5 | t2i R@1 / R@5 | chance | cosine img / txt | collapsed | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for line in results.read_text().splitlines():
+        d = json.loads(line)
+        r, c = d["retrieval"], d["chance"]
+        lines.append(f"| {d['name']} | {' '.join(d['overrides'])} | {r['i2t_R@1']:.3f} / {r['i2t_R@5']:.3f} | "
+                     f"{r['t2i_R@1']:.3f} / {r['t2i_R@5']:.3f} | {c['R@1']:.3f} / {c['R@5']:.3f} | "
+                     f"{d['image_cosine']:.2f} / {d['text_cosine']:.2f} | {'yes' if d['collapsed'] else 'no'} | "
+                     f"{d['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--name", required=True, help="trial name in the results file")
+    ap.add_argument("--name", help="trial name in the results file")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, repeatable")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=Path("/work/runs/pretrain_defaults.jsonl"))
     ap.add_argument("--keep", type=Path, default=None, help="keep the model folder here")
+    ap.add_argument("--table", action="store_true", help="print the results so far as Markdown and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.results))
+        return
+    if not args.name:
+        ap.error("--name is required for a trial")
     torch.set_num_threads(args.threads)
 
     manifest = find_manifest("vqa_rad")
