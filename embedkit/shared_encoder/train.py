@@ -321,11 +321,13 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 
 def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, resume: bool = True,
              progress: bool = True, grouped: bool = True) -> dict:
-    """Train on image/text pairs as `recipe` says, checkpoint into out_dir, return the metrics dict.
+    """Train on image/text pairs as `recipe` says, export the model to out_dir, return the metrics dict.
 
-    Checkpoints are written every `recipe.train.save_every` epochs and after the last one. resume=True
-    continues from the last checkpointed epoch in out_dir when the recipe (epochs aside) and the data
-    match (raising otherwise); more epochs extend the cosine schedule from there.
+    Checkpoints (checkpoint_folder(out_dir), beside it) and the model folder are written every
+    `recipe.train.save_every` epochs and after the last one. resume=True continues from the last
+    checkpointed epoch when the recipe (epochs aside) and the data match (raising otherwise); more
+    epochs extend the cosine schedule from there. A completed run removes its checkpoint unless
+    train.keep_checkpoint; run again, it reports what is on disk, and more epochs are refused.
     The held-out split takes val_fraction of the groups of linked rows: rows sharing an image, or
     (grouped=True) an item.group such as a patient, all land on one side. Its held-out retrieval counts
     ties against the query, so data with several texts per image scores lower than its
