@@ -46,6 +46,10 @@ def test_up_learns_a_toy_alignment_and_round_trips(tmp_path):
     r = m["val_retrieval"]
     assert m["config"]["arch"] == "up" and r["n"] == 100
     assert r["i2t_R@1"] > 10 * r["chance_R@1"] and r["t2i_R@1"] > 10 * r["chance_R@1"]
+    # The held-out rows are only evaluated: the input standardisation saw the other rows only.
+    fitted = np.setdiff1d(np.arange(400), m["val_rows"])
+    assert len(fitted) == m["n_train"] == 300
+    np.testing.assert_allclose(heads.net.image_mean.numpy(), image[fitted].mean(0), rtol=1e-4, atol=1e-5)
     # A shuffled pairing carries no signal: held-out retrieval stays near chance.
     _, m0 = fit_projection(image, np.random.default_rng(1).permutation(text), dim=16, epochs=30, lr=2e-3, seed=0,
                            val_fraction=0.25, arch="up", up=TINY_UP)
@@ -70,6 +74,8 @@ def test_added_modality_learns_and_leaves_the_frozen_projection_bit_identical(tm
     grown, m = fit_added_modality(frozen, "meta", meta, text, "text", epochs=40, lr=3e-3, seed=0, val_fraction=0.25)
     r = m["val_retrieval"]
     assert m["partner"] == "text" and r["n"] == 100 and r["i2t_R@1"] > 10 * r["chance_R@1"]
+    fitted = np.setdiff1d(np.arange(400), m["val_rows"])
+    np.testing.assert_allclose(grown.net.meta_mean.numpy(), meta[fitted].mean(0), rtol=1e-4, atol=1e-5)
     assert 0 < m["trained_parameters"] < m["frozen_parameters"] if arch == "up" else m["trained_parameters"] > 0
     grown.save(tmp_path / "grown")
     before, after = load_file(tmp_path / "base" / WEIGHTS), load_file(tmp_path / "grown" / WEIGHTS)
@@ -108,6 +114,8 @@ def test_project_up_then_add_modality_end_to_end(tmp_path):
     out = tmp_path / "p"
     r = project_embeddings(emb, out, dim=16, epochs=25, arch="up", up=TINY_UP)
     assert r["arch"] == "up" and r["fit"]["n_train"] + r["fit"]["n_val"] == int((~kept_out).sum())
+    ids = np.array([f"r{i:03d}" for i in range(240)])
+    assert r["fit"]["val_ids"] and set(r["fit"]["val_ids"]) <= set(ids[~kept_out])
     heads = ProjectionHeads.load(out / "projection")
     # Held-out rows never reach a fit: the input means were fitted without the offset rows.
     for m in ("image", "text"):
@@ -119,6 +127,7 @@ def test_project_up_then_add_modality_end_to_end(tmp_path):
     added = r2["added"]
     assert added["trained"] and added["partner"] == "image"  # both join all rows; ties go to image
     assert added["fit"]["n_train"] + added["fit"]["n_val"] == int((~kept_out).sum())
+    assert added["fit"]["val_ids"] and set(added["fit"]["val_ids"]) <= set(ids[~kept_out])
     assert np.abs(ProjectionHeads.load(out2 / "projection").net.meta_mean.numpy()).max() < 20
     held = added["fit"]["val_retrieval"]
     assert held["i2t_R@1"] > 5 * held["chance_R@1"]

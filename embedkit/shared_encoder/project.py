@@ -237,7 +237,7 @@ def fit_projection(
         getattr(net, f"{m}_std").copy_(x[m][tr].std(0).clamp(min=1e-6))
     losses = _train(net, list(net.parameters()), lambda b: net.project(x["image"][b], "image"),
                     lambda b: net.project(x["text"][b], "text"), tr, epochs, lr, weight_decay, batch_size, seed)
-    metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "train_loss": losses,
+    metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "val_rows": va.tolist(), "train_loss": losses,
                "seconds": round(time.perf_counter() - t0, 3), "config": heads.config}
     if len(va) >= 2:
         metrics.update(_held_out_retrieval(*heads.apply(image[va], text[va]), image[va], text[va]))
@@ -293,6 +293,7 @@ def fit_added_modality(
     if changed:  # a guard on the promise: the frozen space must not move
         raise EmbedkitError(f"adding modality '{name}' changed frozen weights ({', '.join(changed[:3])})")
     metrics = {"modality": name, "partner": partner, "n_train": int(len(tr)), "n_val": int(len(va)),
+               "val_rows": va.tolist(),
                "train_loss": losses, "trained_parameters": int(sum(p.numel() for p in params)),
                "frozen_parameters": int(sum(v.numel() for v in before.values())),
                "seconds": round(time.perf_counter() - t0, 3), "config": out.config}
@@ -382,6 +383,7 @@ def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epoc
         heads, metrics = fit_projection(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows],
                                         dim=dim, epochs=epochs, seed=seed, arch=arch, up=up,
                                         groups=held_out_groups({k: v[train_rows] for k, v in es.columns.items()}))
+        metrics["val_ids"] = es.ids[train_rows][metrics.pop("val_rows")].tolist()  # rows -> ids: readable later
     else:
         heads = ProjectionHeads.load(heads_dir)
     if add is not None:
@@ -453,6 +455,7 @@ def _add_modality(heads: ProjectionHeads, emb_dir, add: AddModality, models: dic
                                   pset.embeddings[partner][ip][rows], partner, epochs=epochs, seed=seed,
                                   groups=held_out_groups(group_cols))
     fit["joined_rows"], fit["source"] = int(len(common)), f"{Path(add.emb).resolve()} ({source})"
+    fit["val_ids"] = common[rows][fit.pop("val_rows")].tolist()
     return out, {"modality": add.name, "partner": partner, "trained": True, "rows": int(len(new.ids)), "fit": fit}, \
         new, source
 
