@@ -116,6 +116,10 @@ def test_project_up_then_add_modality_end_to_end(tmp_path):
     assert r["arch"] == "up" and r["fit"]["n_train"] + r["fit"]["n_val"] == int((~kept_out).sum())
     ids = np.array([f"r{i:03d}" for i in range(240)])
     assert r["fit"]["val_ids"] and set(r["fit"]["val_ids"]) <= set(ids[~kept_out])
+    # groups (two rows each) are held out whole: no group is on both sides of the fit's held-out split
+    group = {i: f"g{int(i[1:]) // 2}" for i in ids}
+    val_groups = {group[i] for i in r["fit"]["val_ids"]}
+    assert not val_groups & {group[i] for i in ids[~kept_out] if i not in set(r["fit"]["val_ids"])}
     heads = ProjectionHeads.load(out / "projection")
     # Held-out rows never reach a fit: the input means were fitted without the offset rows.
     for m in ("image", "text"):
