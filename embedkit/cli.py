@@ -745,7 +745,7 @@ def project(
     """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU).
 
     Metrics go to OUT/projection/metrics.json and OUT/manifest.json; a one-line summary to stderr."""
-    from embedkit.console import say
+    from embedkit.console import console
     from embedkit.shared_encoder.project import AddModality, project_embeddings
     from embedkit.shared_encoder.universal import UniversalSettings
 
@@ -758,7 +758,7 @@ def project(
                                   f"(chance {held['chance_R@1']:.3f}, n {held['n']})")
     what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
             if "added" in r else f"{r['rows']} rows")
-    say(f"[bold]project[/]: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}")
+    console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}

@@ -295,7 +295,7 @@ def fit_added_modality(
     metrics = {"modality": name, "partner": partner, "n_train": int(len(tr)), "n_val": int(len(va)),
                "val_rows": va.tolist(),
                "train_loss": losses, "trained_parameters": int(sum(p.numel() for p in params)),
-               "frozen_parameters": int(sum(v.numel() for v in before.values())),
+               "frozen_parameters": int(sum(p.numel() for p in heads.net.parameters())),
                "seconds": round(time.perf_counter() - t0, 3), "config": out.config}
     if len(va) >= 2:
         metrics.update(_held_out_retrieval(out.transform(x[va], name), target[va].numpy(), x[va], partner_x[va]))
