@@ -4,7 +4,7 @@ The paper trains ViT-B/16 at 224 px, width 768, 12 layers. Those defaults would 
 2-core laptop, so every default here is scaled down: the defaults train at roughly 30-60 pairs/s
 on 2 cores (measured 28 pairs/s on 2 busy cores), a few minutes per epoch of ~3,000 pairs.
 Widths, depths, image size and patch size are the knobs that cost time; the example
-examples/shared_vs_separate.py uses width 96, depth 3, 64 px: several hundred pairs/s.
+examples/shared_family.py uses width 96, depth 3, 64 px: several hundred pairs/s.
 """
 
 from __future__ import annotations
