@@ -675,7 +675,10 @@ def pretrain(
     import json
 
     from embedkit.items import SourceOptions
-    from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
+    from dataclasses import replace
+
+    from embedkit.shared_encoder import matched_separate_config, pretrain as run
+    from embedkit.shared_encoder.pretrain_config import resolve_pretrain_config
     from embedkit.shared_encoder.train import select_pairs
     from embedkit.sources import scan_source
 
@@ -694,12 +697,12 @@ def pretrain(
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
                             + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
-    cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
-                              modality_mode=modality_mode)
+    shortcuts = {"width": width, "depth": depth, "image_size": image_size, "embed_dim": embed_dim,
+                 "modality_mode": modality_mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+    recipe = resolve_pretrain_config(sets=[f"{k}={v}" for k, v in shortcuts.items()])
     if separate:
-        cfg = matched_separate_config(cfg)
-    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                  grouped=not no_groups)
+        recipe = replace(recipe, model=matched_separate_config(recipe.model))
+    metrics = run(pairs, out, recipe, progress=progress, grouped=not no_groups)
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
     typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
                           | {"held_out": held_out}, default=str))

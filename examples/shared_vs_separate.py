@@ -45,6 +45,7 @@ from embedkit.shared_encoder import (
     pretrain,
     retrieval_metrics,
 )
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings
 from embedkit.shared_encoder.runner import load_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vqa_rad"
@@ -144,10 +145,9 @@ def main() -> None:
                 epochs = args.epochs if args.same_epochs else max(1, round(args.epochs / frac))
                 for name, cfg in models.items():
                     folder = Path(tmp) / f"{name}-{seed}-{frac}"
-                    m = pretrain(
-                        subset, folder, cfg, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                        val_fraction=0.0, resume=False, progress=False, save_every=epochs,
-                    )
+                    settings = PretrainSettings(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                                                val_fraction=0.0, save_every=epochs)
+                    m = pretrain(subset, folder, PretrainConfig(model=cfg, train=settings), resume=False, progress=False)
                     r = evaluate(folder, evals, pixels_cache)
                     runs.append({
                         "seed": seed, "fraction": frac, "model": name, "n_train_pairs": len(subset),
