@@ -207,3 +207,72 @@ def test_set_values_are_validated_with_the_whole_config():
         resolve_pretrain_config("ms-clip", sets=["adapter_dim=-1"])
     with pytest.raises(EmbedkitError, match="match_budget"):
         resolve_pretrain_config("shared-encoder", sets=["match_budget=total"])  # a shared model has no baseline
+
+
+# ----------------------------------------------------------------------------- the CLI: recipe on disk, in provenance
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "embedkit.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+
+
+TINY_CLI = ["--set", "heads=2", "--set", "patch_size=8", "--set", "max_text_len=16", "--set", "modality_dim=4",
+            "--epochs", "1", "--batch-size", "4", "--no-progress"]
+
+
+def test_pretrain_cli_ms_clip_saves_its_recipe_and_extraction_carries_it(tmp_path, paired_folder):
+    from embedkit.store import load_embeddings
+
+    model = tmp_path / "ms-clip"
+    r = _cli("pretrain", paired_folder, "--out", model, "--preset", "ms-clip", "--width", "32", "--depth", "2",
+             "--image-size", "32", "--embed-dim", "16", *TINY_CLI)
+    assert r.returncode == 0, r.stderr
+    # The shortcuts became overrides, in front of the --set ones, and the run is the recipe they resolve to.
+    sets = ["model.width=32", "model.depth=2", "model.image_size=32", "model.embed_dim=16", "train.epochs=1",
+            "train.batch_size=4", "heads=2", "patch_size=8", "max_text_len=16", "modality_dim=4"]
+    expected = resolve_pretrain_config("ms-clip", sets=sets)
+    expected = replace(expected, model=resolve_budget(expected.model, len(load_tokenizer("minilm"))))
+    on_disk = json.loads((model / "pretrain_config.json").read_text())
+    assert on_disk == expected.to_dict() and on_disk["preset"] == "ms-clip"
+    assert SharedEncoderConfig.load(model / "config.json") == expected.model
+    assert json.loads(r.stdout)["overrides"] == sets
+
+    emb = tmp_path / "emb"
+    r = _cli("extract", paired_folder, "--out", emb, "--image-model", f"shared:{model}", "--text-model",
+             f"shared:{model}", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    for modality, prov in load_embeddings(emb).provenance.items():
+        assert prov["pretrain_config"] == on_disk, modality
+
+
+@pytest.mark.parametrize("how", [["--preset", "separate"], ["--separate"]])
+def test_pretrain_cli_separate_matches_the_shared_budget(tmp_path, paired_folder, how):
+    model = tmp_path / "separate"
+    r = _cli("pretrain", paired_folder, "--out", model, *how, "--set", "width=64", "--set", "depth=2",
+             "--set", "image_size=32", "--set", "embed_dim=16", *TINY_CLI)
+    assert r.returncode == 0, r.stderr
+    built = SharedEncoderConfig.load(model / "config.json")
+    assert not built.shared and built.match_budget == "none" and (built.width, built.depth) != (64, 2)
+    shared = replace(built, shared=True, width=64, depth=2)
+    target = count_parameters(shared, exclude_token_embedding=True)
+    assert abs(count_parameters(built, exclude_token_embedding=True) - target) / target <= 0.05
+    recipe = json.loads((model / "pretrain_config.json").read_text())
+    assert recipe["model"] == built.to_dict() and recipe["preset"] == ("separate" if "--preset" in how else "shared-encoder")
+
+
+def test_pretrain_cli_recipe_errors_are_one_line_before_any_data_is_read(tmp_path):
+    # (each CLI start costs seconds: the other recipe errors are tested on resolve_pretrain_config above)
+    for args, message in ((["--set", "widht=32"], "did you mean width"),
+                          (["--width", "30", "--set", "heads=4", "--set", "modality_mode=add"], "not divisible")):
+        r = _cli("pretrain", tmp_path / "no-such-data", "--out", tmp_path / "m", *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+
+
+def test_models_presets_lists_every_preset_with_its_description():
+    r = _cli("models", "presets")
+    assert r.returncode == 0, r.stderr
+    for name in preset_names():
+        assert name in r.stderr
+    assert "ln_per_modality=True" in r.stderr and "match_budget=non_embedding" in r.stderr
