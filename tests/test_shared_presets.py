@@ -202,6 +202,13 @@ def test_set_errors_are_one_line_and_name_close_matches(assignment, message):
     assert "\n" not in str(e.value)
 
 
+def test_unknown_presets_and_contradicting_sources_are_refused(tmp_path):
+    with pytest.raises(EmbedkitError, match="did you mean ms-clip"):
+        resolve_pretrain_config("msclip")
+    with pytest.raises(EmbedkitError, match="contradict"):
+        resolve_pretrain_config("ms-clip", tmp_path / "c.json")
+
+
 def test_set_values_are_validated_with_the_whole_config():
     with pytest.raises(EmbedkitError, match="adapter_dim"):
         resolve_pretrain_config("ms-clip", sets=["adapter_dim=-1"])
