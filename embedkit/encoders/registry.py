@@ -68,6 +68,8 @@ class EncoderSpec:
         d = asdict(self)
         d["modalities"] = list(self.modalities)
         d["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
+        if d["pretrain_config"] is None:  # only shared:PATH has one; other specs (and their cache keys) stay as before
+            del d["pretrain_config"]
         return d
 
     @classmethod
