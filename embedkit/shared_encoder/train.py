@@ -38,6 +38,7 @@ from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normali
 from embedkit.errors import EmbedkitError
 from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
+from embedkit.shared_encoder.budget import resolve_budget
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
 from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig
@@ -313,11 +314,11 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
     out.mkdir(parents=True, exist_ok=True)
     cfg = recipe.model
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.vocab_size == 0:
-        cfg = replace(cfg, vocab_size=len(tokenizer))
-    elif cfg.vocab_size < len(tokenizer):
+    if 0 < cfg.vocab_size < len(tokenizer):
         raise EmbedkitError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    recipe = replace(recipe, model=cfg.validate())
+    # Now that the vocabulary is known: vocab_size filled in, a budget-matched baseline sized (budget.py).
+    cfg = resolve_budget(cfg, len(tokenizer))
+    recipe = replace(recipe, model=cfg)
     tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
 
     data = prepare_pairs(pairs, cfg, tokenizer)
