@@ -237,6 +237,31 @@ def models_install(
     console.print(f"every file matched its sha256; bundle sha256 {r['sha256']}", markup=False)
 
 
+@models_app.command("presets")
+def models_presets():
+    """The shared-encoder recipes `embedkit pretrain --preset NAME` takes, with what each changes."""
+    from dataclasses import fields
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.shared_encoder.pretrain_config import PretrainConfig, load_preset, preset_names
+
+    defaults = PretrainConfig()
+    table = Table(title="embedkit pretrain presets (--preset NAME; change any field with --set key=value)")
+    for col in ("name", "description", "differs from the defaults"):
+        table.add_column(col)
+    for name in preset_names():
+        cfg = load_preset(name)
+        changed = [f"{f.name}={getattr(section, f.name)}" for part in ("model", "train")
+                   for section, default in [(getattr(cfg, part), getattr(defaults, part))]
+                   for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+        changed += [f"stages: {' -> '.join(s.name for s in cfg.stages)}"] if cfg.stages else []
+        table.add_row(name, escape(cfg.description), escape(", ".join(changed) or "-"))
+    console.print(table)
+
+
 @models_app.command("check")
 def models_check(
     model: str = typer.Argument(..., help="Registry name, hf:ID, a local folder or shared:PATH."),
@@ -657,30 +682,49 @@ def pretrain(
     group_col: Optional[str] = typer.Option(None, help="Column naming a group (e.g. patient): the held-out "
                                                        "split keeps each group on one side."),
     no_groups: bool = typer.Option(False, "--no-groups", help="Hold out by image only, ignoring groups."),
-    width: int = typer.Option(256, help="Transformer width."),
-    depth: int = typer.Option(6, help="Shared transformer blocks."),
-    image_size: int = typer.Option(112, help="Image side in pixels."),
-    embed_dim: int = typer.Option(256, help="Common embedding width."),
-    modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
     only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (default: 'train' "
                                                         "when the rows carry a split), so test rows stay unseen."),
-    separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(5e-4),
-    seed: int = typer.Option(0),
+    preset: Optional[str] = typer.Option(None, help="A recipe shipped with embedkit (default shared-encoder; "
+                                                    "`embedkit models presets` lists them)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A recipe JSON file, e.g. an earlier "
+                                                                 "OUT/pretrain_config.json."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override one recipe field, repeatable: "
+                                                                 "width=128, max_text_len=128, train.lr=1e-3."),
+    # Shortcuts for common fields: each becomes a --set (applied before the --set options).
+    width: Optional[int] = typer.Option(None, help="Transformer width (--set width=...)."),
+    depth: Optional[int] = typer.Option(None, help="Transformer blocks (--set depth=...)."),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels (--set image_size=...)."),
+    embed_dim: Optional[int] = typer.Option(None, help="Common embedding width (--set embed_dim=...)."),
+    modality_mode: Optional[str] = typer.Option(None, help="concat, add or token: how blocks know the modality."),
+    separate: bool = typer.Option(False, help="The separate-encoders baseline at the shared model's parameter "
+                                              "budget (the `separate` preset's model fields)."),
+    epochs: Optional[int] = typer.Option(None, help="--set train.epochs=..."),
+    batch_size: Optional[int] = typer.Option(None, help="--set train.batch_size=..."),
+    lr: Optional[float] = typer.Option(None, help="--set train.lr=..."),
+    seed: Optional[int] = typer.Option(None, help="--set train.seed=..."),
     progress: bool = typer.Option(True),
 ):
-    """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
+    """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT.
+
+    What is trained is a recipe: a preset or --config file, then --set overrides; the resolved recipe is
+    saved as OUT/pretrain_config.json and travels into the provenance of tables embedded with shared:OUT."""
     import json
 
     from embedkit.items import SourceOptions
-    from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
-    from embedkit.shared_encoder.train import select_pairs
+    from embedkit.shared_encoder.pretrain_config import load_preset, resolve_pretrain_config
+    from embedkit.shared_encoder.train import pretrain as run, select_pairs
     from embedkit.sources import scan_source
 
     if group_col and no_groups:
         raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
+    shortcuts = {"model.width": width, "model.depth": depth, "model.image_size": image_size,
+                 "model.embed_dim": embed_dim, "model.modality_mode": modality_mode, "train.epochs": epochs,
+                 "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
+    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    if separate:  # the same fields the separate preset sets, so the two cannot drift apart
+        baseline = load_preset("separate").model
+        overrides += [f"model.shared={str(baseline.shared).lower()}", f"model.match_budget={baseline.match_budget}"]
+    recipe = resolve_pretrain_config(preset, config, [*overrides, *(sets or [])])  # bad recipes fail before the data
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, split_col=split_col,
                            group_col=group_col)
@@ -694,15 +738,13 @@ def pretrain(
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
                             + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
-    cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
-                              modality_mode=modality_mode)
-    if separate:
-        cfg = matched_separate_config(cfg)
-    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                  grouped=not no_groups)
+    print(f"pretrain: recipe {recipe.preset or config} with {len(recipe.overrides)} override(s), saved as "
+          f"{out / 'pretrain_config.json'}", file=sys.stderr)
+    metrics = run(pairs, out, recipe, progress=progress, grouped=not no_groups)
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
     typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
-                          | {"held_out": held_out}, default=str))
+                          | {"held_out": held_out, "preset": recipe.preset, "overrides": recipe.overrides},
+                          default=str))
 
 
 @app.command()

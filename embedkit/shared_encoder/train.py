@@ -7,6 +7,7 @@ interrupted run resumes where it stopped.
 
 Files in out_dir (no pickle anywhere):
   model.safetensors, config.json, tokenizer files  - the self-contained model folder
+  pretrain_config.json                             - the resolved recipe (preset, overrides, every field)
   train_state.safetensors                          - AdamW moment tensors
   train_state.json                                 - epoch, step, seed, settings, loss history
   metrics.json                                     - losses, held-out retrieval, timings, sizes
@@ -37,12 +38,15 @@ from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normali
 from embedkit.errors import EmbedkitError
 from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
+from embedkit.shared_encoder.budget import resolve_budget
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.runner import WEIGHTS, image_preprocess, load_tokenizer, save_shared_encoder, tokenize
 
 STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "metrics.json"
+RECIPE = "pretrain_config.json"  # the resolved PretrainConfig: preset, overrides, every field
 
 
 # ----------------------------------------------------------------------------- data
@@ -192,7 +196,7 @@ def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
+def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict, recipe: PretrainConfig) -> None:
     """Weights, optimiser state, metrics and train_state.json as one unit: the whole folder is written
     beside `out` and renamed into place, so a crash leaves the previous checkpoint or this one, never a mix."""
     moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
@@ -200,12 +204,13 @@ def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
         for p in out.iterdir():  # the tokenizer and anything else of the folder's own, as they are
             if p.is_dir():
                 shutil.copytree(p, staging / p.name, symlinks=True)
-            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON):
+            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON, RECIPE):
                 shutil.copy2(p, staging / p.name, follow_symlinks=False)
         save_shared_encoder(model, None, staging)
         save_file(moments, str(staging / STATE))
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+        recipe.save(staging / RECIPE)
 
 
 def _load_checkpoint(out: Path, model, opt) -> None:
@@ -227,100 +232,117 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 
 # ----------------------------------------------------------------------------- training
 
-def pretrain(pairs: list[Item], out_dir: str | Path, cfg: SharedEncoderConfig, **settings) -> dict:
-    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict (see `_pretrain`).
+def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, resume: bool = True,
+             progress: bool = True, grouped: bool = True) -> dict:
+    """Train on image/text pairs as `recipe` says, checkpoint into out_dir, return the metrics dict.
 
+    Checkpoints are written every `recipe.train.save_every` epochs and after the last one. resume=True
+    continues from the last checkpointed epoch in out_dir when the recipe (epochs aside) and the data
+    match (raising otherwise); more epochs extend the cosine schedule from there.
+    The held-out split takes val_fraction of the groups of linked rows: rows sharing an image, or
+    (grouped=True) an item.group such as a patient, all land on one side. Its held-out retrieval counts
+    ties against the query, so data with several texts per image scores lower than its
+    distinct-candidate retrieval would.
     One run at a time per folder (a lock beside it); a checkpoint left half-swapped by a crash is restored.
     """
+    if not isinstance(recipe, PretrainConfig):
+        raise EmbedkitError("pretrain takes a PretrainConfig (see resolve_pretrain_config)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EmbedkitError(f"pretrain --out '{out}' is a file, not a folder")
     check_writable_folder(out.parent, "the folder holding the pretrain --out")
     with folder_lock(sibling_lock(out), f"pretrain folder '{out}'"):
         recover_folder(out)
-        return _pretrain(pairs, out, cfg, **settings)
+        return _pretrain(pairs, out, recipe.validate(), resume=resume, progress=progress, grouped=grouped)
 
 
-def _pretrain(
-    pairs: list[Item],
-    out_dir: str | Path,
-    cfg: SharedEncoderConfig,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    weight_decay: float = 0.2,
-    betas: tuple[float, float] = (0.9, 0.98),
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    resume: bool = True,
-    progress: bool = True,
-    warmup_fraction: float = 0.1,  # short runs collapse to ln(batch) without a real warmup
-    augment: bool = False,
-    save_every: int = 1,
-    grouped: bool = True,
-) -> dict:
-    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict.
+def epoch_plan(recipe: PretrainConfig) -> list[StageConfig]:
+    """The stage each epoch belongs to; without stages, train.epochs epochs of the contrastive loss."""
+    stages = recipe.stages or [StageConfig(name="pairs", epochs=recipe.train.epochs, objectives=("clip",))]
+    return [stage for stage in stages for _ in range(stage.epochs)]
 
-    Checkpoints are written every `save_every` epochs and after the last one. resume=True
-    continues from the last checkpointed epoch in out_dir when the config, data and settings
-    match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
-    The held-out split takes val_fraction of the groups of linked rows: rows sharing an image,
-    or (grouped=True) an item.group such as a patient, all land on one side. Its held-out
-    retrieval counts ties against the query, so data with several texts per image scores lower
-    than its distinct-candidate retrieval would.
-    """
+
+def resume_key(recipe: PretrainConfig, data_fingerprint: str) -> dict:
+    """What must match for a checkpoint to resume: everything but the run's length and checkpoint cadence."""
+    d = recipe.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("epochs", "save_every")}
+    stages = [dict(s) for s in d["stages"]]
+    if stages:  # the last stage may be lengthened like train.epochs
+        stages[-1].pop("epochs")
+    return {"config": d["model"], "data": data_fingerprint, **train, "stages": stages}
+
+
+def make_optimizer(model: SharedEncoder, train: PretrainSettings) -> torch.optim.Optimizer:
+    # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
+        return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas))
+
+
+def lr_schedule(train: PretrainSettings, total_steps: int):
+    """Linear warmup, then cosine to zero over the whole run."""
+    warmup = max(1, round(train.warmup_fraction * total_steps))
+
+    def lr_at(s: int) -> float:
+        if s < warmup:
+            return train.lr * (s + 1) / warmup
+        return train.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+
+    return lr_at
+
+
+def stage_loss(model: SharedEncoder, stage: StageConfig, data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig,
+               augment: bool, g: torch.Generator) -> torch.Tensor:
+    """The loss of one batch under a stage's objectives."""
+    if set(stage.objectives) != {"clip"} or stage.data != "pairs":
+        raise EmbedkitError(f"stage '{stage.name}': only the contrastive objective on pairs is available")
+    pixels = pixel_batch(data, rows, cfg)
+    if augment:
+        pixels = random_resized_crop(pixels, g)
+    img, txt, scale = model(pixels, *text_batch(data, rows))
+    return clip_loss(img, txt, scale)
+
+
+def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool, progress: bool,
+              grouped: bool) -> dict:
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    train = recipe.train
     out.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.model
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.vocab_size == 0:
-        cfg = replace(cfg, vocab_size=len(tokenizer))
-    elif cfg.vocab_size < len(tokenizer):
+    if 0 < cfg.vocab_size < len(tokenizer):
         raise EmbedkitError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    cfg.validate()
+    # Now that the vocabulary is known: vocab_size filled in, a budget-matched baseline sized (budget.py).
+    cfg = resolve_budget(cfg, len(tokenizer))
+    recipe = replace(recipe, model=cfg)
     tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
 
     data = prepare_pairs(pairs, cfg, tokenizer)
     if data["skipped"]:
         print(f"shared encoder: skipped {len(data['skipped'])} pairs (reasons in {out / METRICS})", file=sys.stderr)
     component = linked_rows(data["image_index"], data["groups"] if grouped else None)
-    train_rows, val_rows = split_held_out(component, val_fraction, seed)
+    train_rows, val_rows = split_held_out(component, train.val_fraction, train.seed)
     held_out = held_out_summary(data, component, train_rows, val_rows, grouped)
-    if val_fraction > 0 and len(val_rows) == 0:
+    if train.val_fraction > 0 and len(val_rows) == 0:
         print(f"shared encoder: {held_out['n_train_groups']} group(s) of linked rows (sharing an image or a group) "
-              f"are too few to hold {val_fraction:.0%} out: no held-out retrieval", file=sys.stderr)
+              f"are too few to hold {train.val_fraction:.0%} out: no held-out retrieval", file=sys.stderr)
     n_train = len(train_rows)
     if n_train < 2:
         raise EmbedkitError("fewer than 2 training pairs left after the held-out split: lower val_fraction")
-    bs = min(batch_size, n_train)
+    bs = min(train.batch_size, n_train)
     steps_per_epoch = n_train // bs  # the remainder is dropped: a tiny last batch is a noisy contrastive batch
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, round(warmup_fraction * total_steps))
+    plan = epoch_plan(recipe)
+    lr_at = lr_schedule(train, len(plan) * steps_per_epoch)
     prepare_s = time.perf_counter() - t0
 
-    torch.manual_seed(seed)
+    torch.manual_seed(train.seed)
     model = SharedEncoder(cfg)
-    # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-
-    settings = {
-        "config": cfg.to_dict(),
-        "data": _fingerprint(data["ids"], data["groups"] if grouped else None),
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "betas": list(betas),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "warmup_fraction": warmup_fraction,
-        "augment": augment,
-    }
+    opt = make_optimizer(model, train)
+    settings = resume_key(recipe, _fingerprint(data["ids"], data["groups"] if grouped else None))
     start_epoch, step, history = 0, 0, []
     if resume and (out / STATE_JSON).is_file():
         saved = json.loads((out / STATE_JSON).read_text())
@@ -330,33 +352,25 @@ def _pretrain(
         _load_checkpoint(out, model, opt)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
 
-    def lr_at(s: int) -> float:  # linear warmup, then cosine to zero over the whole run
-        if s < warmup:
-            return lr * (s + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
-
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), console=Console(stderr=True), disable=not progress,
     )
     with bar:
-        task = bar.add_task("shared encoder", total=max(0, epochs - start_epoch) * steps_per_epoch, loss=float("nan"))
-        for epoch in range(start_epoch, epochs):
+        task = bar.add_task("shared encoder", total=max(0, len(plan) - start_epoch) * steps_per_epoch, loss=float("nan"))
+        for epoch in range(start_epoch, len(plan)):
+            stage = plan[epoch]
             te = time.perf_counter()
-            bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
+            bar.update(task, description=f"{stage.name} epoch {epoch + 1}/{len(plan)}")
             # The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
             order = train_rows[torch.randperm(n_train, generator=g)]
             model.train()
             losses = []
             for b in order[: steps_per_epoch * bs].view(steps_per_epoch, bs):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
-                pixels = pixel_batch(data, b, cfg)
-                if augment:
-                    pixels = random_resized_crop(pixels, g)
-                img, txt, scale = model(pixels, *text_batch(data, b))
-                loss = clip_loss(img, txt, scale)
+                loss = stage_loss(model, stage, data, b, cfg, train.augment, g)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -367,6 +381,7 @@ def _pretrain(
                 bar.update(task, advance=1, loss=losses[-1])
             record = {
                 "epoch": epoch + 1,
+                "stage": stage.name,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "seconds": round(time.perf_counter() - te, 3),  # training only, evaluation excluded
                 "logit_scale": model.logit_scale.exp().item(),
@@ -374,23 +389,23 @@ def _pretrain(
             if len(val_rows) >= 2:
                 record["val"] = retrieval_metrics(*embed_rows(model, data, val_rows, cfg))
             history.append(record)
-            if (epoch + 1) % save_every and epoch + 1 < epochs:
+            if (epoch + 1) % train.save_every and epoch + 1 < len(plan):
                 continue
             state = {
                 "epoch": epoch + 1,
                 "step": step,
-                "rng": {"init_seed": seed, "batch_order_seed": "seed * 1000003 + epoch (per epoch)"},
+                "rng": {"init_seed": train.seed, "batch_order_seed": "seed * 1000003 + epoch (per epoch)"},
                 "settings": settings,
                 "history": history,
             }
-            metrics = _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs)
-            _save_checkpoint(out, model, opt, state, metrics)
-    if start_epoch >= epochs:  # nothing left to train: report what is on disk
+            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, steps_per_epoch, bs)
+            _save_checkpoint(out, model, opt, state, metrics, recipe)
+    if start_epoch >= len(plan):  # nothing left to train: report what is on disk
         return json.loads((out / METRICS).read_text())
     return metrics
 
 
-def _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs) -> dict:
+def _metrics(data, recipe: PretrainConfig, model, history, held_out, prepare_s, steps_per_epoch, bs) -> dict:
     train_s = sum(h["seconds"] for h in history)
     n_params = sum(p.numel() for p in model.parameters())
     return {
@@ -410,5 +425,6 @@ def _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs
             "train_s": round(train_s, 3),
             "pairs_per_s": round(len(history) * steps_per_epoch * bs / train_s, 1) if train_s else None,
         },
-        "config": cfg.to_dict(),
+        "config": recipe.model.to_dict(),
+        "recipe": recipe.to_dict(),
     }
