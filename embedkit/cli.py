@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -768,17 +768,39 @@ def project(
     emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings of any widths."),
     out: Path = typer.Option(..., "--out", "-o", help="A new extract folder with both in one space."),
     heads: Optional[Path] = typer.Option(None, help="Apply saved heads (OUT/projection of an earlier run)."),
+    arch: str = typer.Option("linear", help="linear: one head per modality; up: OneEncoder's universal projection "
+                             "(a light transformer with modality tokens)."),
     dim: int = typer.Option(256, help="Width of the common space."),
     epochs: int = typer.Option(100),
     seed: int = typer.Option(0),
+    up_width: int = typer.Option(128, help="--arch up: token width."),
+    up_tokens: int = typer.Option(4, help="--arch up: tokens per embedding."),
+    up_depth: int = typer.Option(1, help="--arch up: shared transformer blocks."),
+    add_modality: Optional[Tuple[str, Path]] = typer.Option(
+        None, metavar="NAME EMB2", help="Keep --heads frozen and train only an alignment layer for a further "
+        "modality NAME whose embeddings are in extract folder EMB2 (joined on id with EMB's rows)."),
+    partner: Optional[str] = typer.Option(None, help="--add-modality: align to image or text (default: the one "
+                                          "joining the most rows)."),
+    add_source: Optional[str] = typer.Option(None, help="--add-modality: which table of EMB2 (image or text; "
+                                             "default: its only one)."),
 ):
-    """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU)."""
-    import json
+    """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU).
 
-    from embedkit.shared_encoder.project import project_embeddings
+    Metrics go to OUT/projection/metrics.json and OUT/manifest.json; a one-line summary to stderr."""
+    from embedkit.console import console
+    from embedkit.shared_encoder.project import AddModality, project_embeddings
+    from embedkit.shared_encoder.universal import UniversalSettings
 
-    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed)
-    typer.echo(json.dumps(r, indent=2, default=str))
+    add = None if add_modality is None else AddModality(add_modality[0], add_modality[1], partner, add_source)
+    up = UniversalSettings(width=up_width, n_tokens=up_tokens, depth=up_depth) if arch == "up" else None
+    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed, arch=arch, up=up, add=add)
+    fit = r["added"].get("fit", {}) if "added" in r else r["fit"]
+    held = fit.get("val_retrieval_distinct", fit.get("val_retrieval"))
+    scores = "" if not held else (f"; held-out R@1 both ways {held['i2t_R@1']:.3f} / {held['t2i_R@1']:.3f} "
+                                  f"(chance {held['chance_R@1']:.3f}, n {held['n']})")
+    what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
+            if "added" in r else f"{r['rows']} rows")
+    console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}
