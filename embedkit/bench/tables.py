@@ -157,3 +157,126 @@ def tables(r: dict) -> list[dict]:
     if "backends" in s:
         backends.tables(s["backends"], table)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# README blocks: figures in the READMEs are rendered from the committed results, never typed in.
+# A block is `<!-- bench:NAME -->` ... `<!-- /bench -->`; NAME says which results file and what of it.
+
+BLOCK = re.compile(r"(?P<open><!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(?P<close><!-- /bench -->)", re.S)
+
+
+def markdown_table(columns: list, rows: list[list]) -> str:
+    from embedkit.report import fmt
+
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def _machine(r: dict) -> str:
+    m = r["machine"]
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), fp32 matmul "
+            f"{m['matmul_gflops']} GFLOP/s; load average {m['load_average_start']} at the start, "
+            f"{m['load_average_end']} at the end; {r['total_seconds']} s in all.")
+
+
+def _targets(r: dict) -> str:
+    verdict = {True: "met", False: "missed", None: "-"}
+    return markdown_table(["target", "measured", "goal", "met", "note"],
+                          [[t["target"], t["measured"], t["goal"], verdict[t["met"]], t["note"]] for t in r["targets"]])
+
+
+def _section(section: str, first_only: bool = False):
+    """The tables bench.json holds for one section (as bench.md shows them), or only its first."""
+    def render(r: dict) -> str:
+        chosen = [t for t in r["tables"] if t["section"] == section][:1 if first_only else None]
+        if not chosen:
+            raise EmbedkitError(f"the results hold no '{section}' table")
+        return "\n\n".join(f"**{t['title']}**\n\n{markdown_table(t['columns'], t['rows'])}"
+                           + (f"\n\n{t['note']}" if t["note"] else "") for t in chosen)
+    return render
+
+
+def _backends_other(r: dict) -> str:
+    rest = [t for t in r["tables"] if t["section"] == "backends"][1:]
+    return "\n\n".join(f"**{t['title']}**\n\n{markdown_table(t['columns'], t['rows'])}" for t in rest)
+
+
+def _gguf(r: dict) -> str:
+    """benchmarks/llm_gguf.py's result: one row per format, ratios to transformers fp32."""
+    n = r["formats"]["f16"]["n_parameters"]  # the GGUF count: with the output head transformers leaves out
+    rows = [[("transformers fp32" if f["format"] == "fp32" else f"GGUF {f['file_type']}"), f["tokens_per_s"],
+             f"{f['speed_vs_fp32']:.2f}x", f["tokens_per_cpu_s"], f"{f['cpu_speed_vs_fp32']:.2f}x",
+             round(f["peak_rss_mb"]), round(f["model_bytes"] / 2**20), f"{f['bytes_per_parameter']:.3f}",
+             f"{f['cosine_to_fp32']['mean']:g} / {f['cosine_to_fp32']['min']:g}"] for f in r["formats"].values()]
+    return (f"{n / 1e9:.2f}B parameters ({r['model']['layers']} layers), {r['texts']} texts, {r['threads']} "
+            f"thread{'s' if r['threads'] != 1 else ''}, best of {r['repeats']}; load average {r['load_average']}.\n\n"
+            + markdown_table(["format", "tokens/s", "vs fp32", "tokens / CPU-s", "vs fp32", "peak RSS MB",
+                              "weights MB", "bytes / param", "cosine to fp32 (mean / min)"], rows))
+
+
+def _gguf_7b(r: dict) -> str:
+    """A 7B model per format, from the measured bytes per parameter and overhead (llm_gguf.py: seven_b);
+    bf16 was not run: its weights are f16's size, its overhead the fp32 run's."""
+    s = r["seven_b"]
+    names = {"fp32": "transformers fp32", "f16": "GGUF F16", "q8_0": "GGUF Q8_0 (`llama2-7b-q8`)",
+             "q4_k_m": "GGUF Q4_K_M (`llama2-7b-q4`)"}
+    rows = [[names.get(k, k), v["weights_gb"], v["estimated_peak_gb"]] for k, v in s.items()]
+    if "f16" in s and "fp32" in s:
+        bf16 = s["f16"]["weights_gb"]
+        rows.insert(1, ["transformers bf16 (not run: f16's weights + the fp32 run's overhead)", bf16,
+                        round(bf16 + s["fp32"]["overhead_mb"] / 1024, 2)])
+    return markdown_table(["format", "weights GiB", "estimated peak GiB"], rows)
+
+
+# name -> (results file under the results folder, renderer)
+BLOCKS = {
+    "full-machine": ("full/bench.json", _machine),
+    "full-targets": ("full/bench.json", _targets),
+    **{f"full-{s}": ("full/bench.json", _section(s, first_only=s == "images"))
+       for s in ("images", "text", "raw", "scaling", "train", "quantize")},
+    "backends-machine": ("backends/bench.json", _machine),
+    "backends-targets": ("backends/bench.json", _targets),
+    "backends": ("backends/bench.json", _section("backends", first_only=True)),
+    "backends-other": ("backends/bench.json", _backends_other),
+    "llm-gguf": ("llm_gguf.json", _gguf),
+    "llm-gguf-1thread": ("llm_gguf_1thread.json", _gguf),
+    "llm-gguf-7b": ("llm_gguf.json", _gguf_7b),
+}
+
+
+def render_block(name: str, results: Path) -> str:
+    """One block's markdown (without its markers), from the results folder."""
+    if name not in BLOCKS:
+        raise EmbedkitError(f"unknown bench block '{name}' (known: {', '.join(BLOCKS)})")
+    source, render = BLOCKS[name]
+    path = Path(results) / source
+    if not path.is_file():
+        raise EmbedkitError(f"bench block '{name}' needs {path}, which does not exist")
+    return render(json.loads(path.read_text())).rstrip("\n") + "\n"
+
+
+def render_blocks(text: str, results: Path) -> str:
+    """`text` with every bench block's body rendered afresh from the results folder."""
+    return BLOCK.sub(lambda m: m["open"] + render_block(m["name"], results) + m["close"], text)
+
+
+def block_names(text: str) -> list[str]:
+    return [m["name"] for m in BLOCK.finditer(text)]
+
+
+def refresh_files(paths: list[Path], results: Path, write: bool) -> dict[Path, list[str]]:
+    """Each file's bench blocks that differ from the results (rewritten in place when `write`)."""
+    stale = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise EmbedkitError(f"no file '{path}'")
+        text = path.read_text()
+        if not block_names(text):
+            raise EmbedkitError(f"'{path}' has no bench blocks (<!-- bench:NAME --> ... <!-- /bench -->)")
+        fresh = render_blocks(text, results)
+        old = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+        stale[path] = [m["name"] for m in BLOCK.finditer(fresh) if old.get(m["name"]) != m["body"]]
+        if write and fresh != text:
+            path.write_text(fresh)
+    return stale
