@@ -611,12 +611,21 @@ def bench(
     images: Optional[Path] = typer.Option(None, help="A folder of real images for the throughput section "
                                                      "(default: generated ones)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Measure nothing: render the README tables from "
+                                                          "committed results (all to stdout, or FILES' blocks)."),
+    results: Path = typer.Option(Path("benchmarks/results"), help="With --markdown: the results folder."),
+    update: bool = typer.Option(False, "--update", help="With --markdown FILES: rewrite their bench blocks in "
+                                                      "place (without: list stale blocks, exit 1 if any)."),
+    files: Optional[List[Path]] = typer.Argument(None, help="With --markdown: files with <!-- bench:NAME --> blocks."),
 ):
     """Measure extraction, batching, training and memory side by side on this machine; write bench.json/.md + plots."""
     from embedkit.bench import SECTIONS, BenchConfig, run_bench
     from embedkit.console import console, say
     from embedkit.report import fmt
 
+    if markdown or update or files:
+        _bench_markdown(results, files or [], update)
+        return
     cfg = BenchConfig(preset=preset or ("quick" if quick else "full"), images=images, threads=threads,
                       sections=tuple(x.strip() for x in sections.split(",")) if sections else SECTIONS)
     result = run_bench(out, cfg, log=say)
@@ -625,6 +634,23 @@ def bench(
         console.print(f"{verdict:>16}  {t['target']}: {fmt(t['measured'])} (goal {t['goal']}) {t['note']}")
     say(f"{result['total_seconds']} s; load average {result['machine']['load_average_end']} "
         f"on {result['machine']['cores']} cores -> {out / 'bench.md'}, {out / 'bench.json'}")
+
+
+def _bench_markdown(results: Path, files: List[Path], update: bool) -> None:
+    from embedkit.bench.tables import BLOCKS, refresh_files, render_block
+    from embedkit.console import say
+
+    if not files:
+        if update:
+            raise EmbedkitError("--update needs the files to rewrite, e.g. README.md benchmarks/README.md")
+        for name in BLOCKS:  # data: the blocks themselves, markers included, ready to paste
+            print(f"<!-- bench:{name} -->\n{render_block(name, results)}<!-- /bench -->\n")
+        return
+    stale = refresh_files(files, results, write=update)
+    for path, names in stale.items():
+        say(f"{path}: {'rewrote' if update else 'stale'} {', '.join(names)}" if names else f"{path}: up to date")
+    if not update and any(stale.values()):
+        raise typer.Exit(1)
 
 
 @app.command()
