@@ -17,16 +17,16 @@ def batch_stats(batches: list[list[str]], tokens: dict[str, int], max_length: in
 
 def run(ctx: Context) -> dict:
     from embedkit.encoders import create_encoder, resolve_spec
-    from embedkit.extract import _plan
     from embedkit.items import Item
+    from embedkit.plan import make_plan
 
     p, cfg = ctx.preset, ctx.config
     enc = create_encoder(resolve_spec(cfg.text_model, "text"), "text", device="cpu")
     texts = skewed_reports(p.texts)
     items = [Item(id=str(i), text=t) for i, t in enumerate(texts)]
     bs = p.text_batch
-    _, planned = _plan("text", items, {}, bs)  # the order extract() embeds in
-    orders = {"sorted": [[it.text for it in b] for b in planned],
+    planned = make_plan("text", items, {}, bs)  # the order extract() embeds in
+    orders = {"sorted": [[it.text for it in b] for b in planned.batches],
               "unsorted": [texts[i:i + bs] for i in range(0, len(texts), bs)]}
     tokens = dict(zip(texts, enc.count_tokens(texts)))
     enc.embed(texts[:4])  # warm-up
