@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from embedkit import cli_train
-from embedkit.cli_common import none_word
+from embedkit.cli_common import none_word, switch
 from embedkit.cli_models import models_app
 from embedkit.errors import EmbedkitError
 
@@ -17,65 +17,87 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Foundation-model embeddings and small fusion classifiers, on a laptop, offline.")
 
 
+# Option panels of `extract --help`: one table each, so each table's columns fit 80 columns of terminal.
+_IN, _ENC, _RUN, _RAY = "Input", "Encoders", "Speed and backend", "Ray engine (--engine ray)"
+
+
 @app.command()
 def extract(
     data: Path = typer.Argument(..., help="Data folder (images + same-stem reports, class sub-folders, or the root "
                                           "that --metadata image paths are relative to)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for Parquet, errors and manifest.json."),
-    image_model: str = typer.Option("efficientnet-lite0", help="Registry name, hf:ID, a local folder, "
-                                                              "shared:PATH, or 'none'."),
-    text_model: str = typer.Option("minilm", help="Registry name, hf:ID, a local folder, shared:PATH, gguf:PATH "
-                                                  "(llama.cpp), or 'none'."),
-    metadata: Optional[Path] = typer.Option(None, help="CSV/TSV/JSONL/JSON table describing the items."),
-    manifest: Optional[str] = typer.Option(None, help="A data manifest (data_manifests/NAME.toml, or NAME)."),
-    id_col: Optional[str] = typer.Option(None, help="Column with a stable id."),
-    image_col: Optional[str] = typer.Option(None, help="Column with image paths relative to DATA."),
-    text_col: Optional[str] = typer.Option(None, help="Column with report text."),
-    text_file_col: Optional[str] = typer.Option(None, help="Column with report file paths relative to DATA."),
-    text_template: Optional[str] = typer.Option(None, help="Sentence over columns, e.g. 'Patient aged {age}, {sex}.'"),
-    label_col: List[str] = typer.Option([], help="Label column (repeatable)."),
-    split_col: Optional[str] = typer.Option(None, help="Column with train/val/test."),
-    group_col: Optional[str] = typer.Option(None, help="Column whose rows must stay on one side of a split (a "
-                                                       "patient id); stored as `group`. Default with --manifest: "
-                                                       "its [split].group_col ('none' turns it off)."),
-    allow_leakage: bool = typer.Option(False, help="Allow a text template that names a label column or a "
-                                                   "manifest's leakage field."),
-    image_pooling: Optional[str] = typer.Option(None, help="dinov2: cls or mean."),
-    text_pooling: Optional[str] = typer.Option(None, help="LLMs: mean or last; sentence: mean or cls."),
-    max_length: Optional[int] = typer.Option(None, help="Text tokens before truncation."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
-                                             help="L2-normalise text vectors (default: the model's own choice)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 (float16 on GPU only)."),
-    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 Linear layers on CPU (transformer "
-                                                      "encoders; faster, slightly different vectors)."),
-    backend: str = typer.Option("torch", help="torch, onnxruntime, openvino, or auto: the fastest on this machine "
-                                              "that keeps parity with torch fp32 (measured once, cached)."),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16, int8 or auto (default: --dtype/--quantize on "
-                                                       "torch, fp32 elsewhere); refused below --parity-floor."),
-    parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, help="Lowest cosine to torch fp32 on the "
-                                                                     "calibration batch a backend may reach."),
-    batch_size: int = typer.Option(32, min=1),
-    threads: Optional[int] = typer.Option(None, help="Model CPU threads: torch's, llama.cpp's or the backend's "
-                                                     "(default: all cores)."),
-    decode_workers: Optional[int] = typer.Option(None, min=1, help="Image decode threads (default: 1 beside "
-                                                                   "torch, one per core beside other backends)."),
-    trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
-    overwrite: bool = typer.Option(False, help="Start over instead of resuming."),
-    prune: bool = typer.Option(False, help="Let a resume delete the rows of inputs that are gone, even more than "
-                                           "10% of the table."),
-    strict: bool = typer.Option(False, help="Fail on the first bad input instead of recording it."),
-    max_report_mb: float = typer.Option(5.0, min=0.001, help="Skip (and record) report files larger than this."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; "
-                                             "pip install 'embedkit\\[ray]')."),
-    address: Optional[str] = typer.Option(None, help="--engine ray: a Ray cluster ('auto', ray://HOST:10001); "
-                                                     "default: start Ray on this machine."),
-    actors: Optional[int] = typer.Option(None, min=1, help="--engine ray: encoder actors (default: as many as "
-                                                           "the cluster's CPUs or GPUs fit)."),
-    cpus_per_actor: float = typer.Option(1.0, min=0.01, help="--engine ray: CPUs (and torch threads) per actor."),
-    gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--engine ray: GPUs per actor (e.g. 1, or 0.5 to "
-                                                            "share one)."),
+    metadata: Optional[Path] = typer.Option(None, rich_help_panel=_IN,
+                                            help="CSV/TSV/JSONL/JSON table describing the items."),
+    manifest: Optional[str] = typer.Option(None, rich_help_panel=_IN,
+                                           help="A data manifest: NAME (see `embedkit datasets`) or a .toml path."),
+    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with a stable id."),
+    image_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
+                                            help="Column with image paths relative to DATA."),
+    text_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with report text."),
+    text_file_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
+                                                help="Column with report file paths relative to DATA."),
+    text_template: Optional[str] = typer.Option(None, rich_help_panel=_IN,
+                                                help="Sentence over columns, e.g. 'Patient aged {age}, {sex}.'"),
+    label_col: List[str] = typer.Option([], rich_help_panel=_IN, help="Label column (repeatable)."),
+    split_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with train/val/test."),
+    group_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
+                                            help="Column whose rows must stay on one side of a split (a patient id); "
+                                                 "stored as `group`. Default with --manifest: its \\[split].group_col "
+                                                 "('none' turns it off)."),
+    max_report_mb: float = typer.Option(5.0, min=0.001, rich_help_panel=_IN,
+                                        help="Skip (and record) report files larger than this."),
+    image_model: str = typer.Option("efficientnet-lite0", rich_help_panel=_ENC,
+                                    help="Registry name, hf:ID, a local folder, shared:PATH, or 'none'."),
+    text_model: str = typer.Option("minilm", rich_help_panel=_ENC,
+                                   help="Registry name, hf:ID, a local folder, shared:PATH, gguf:PATH (llama.cpp), "
+                                        "or 'none'."),
+    image_pooling: Optional[str] = typer.Option(None, rich_help_panel=_ENC, help="dinov2: cls or mean."),
+    text_pooling: Optional[str] = typer.Option(None, rich_help_panel=_ENC,
+                                               help="LLMs: mean or last; sentence: mean or cls."),
+    max_length: Optional[int] = typer.Option(None, rich_help_panel=_ENC, help="Text tokens before truncation."),
+    device: str = typer.Option("auto", rich_help_panel=_RUN, help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("float32", rich_help_panel=_RUN, help="float32, bfloat16 (float16 on GPU only)."),
+    quantize: Optional[str] = typer.Option(None, rich_help_panel=_RUN,
+                                           help="int8: dynamic int8 Linear layers on CPU (transformer encoders; "
+                                                "faster, slightly different vectors)."),
+    backend: str = typer.Option("torch", rich_help_panel=_RUN,
+                                help="torch, onnxruntime, openvino, or auto: the fastest on this machine that keeps "
+                                     "parity with torch fp32 (measured once, cached)."),
+    precision: Optional[str] = typer.Option(None, rich_help_panel=_RUN,
+                                            help="fp32, bf16, int8 or auto (default: --dtype/--quantize on torch, "
+                                                 "fp32 elsewhere); refused below --parity-floor."),
+    parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, rich_help_panel=_RUN,
+                                       help="Lowest cosine to torch fp32 on the calibration batch a backend may "
+                                            "reach."),
+    batch_size: int = typer.Option(32, min=1, rich_help_panel=_RUN),
+    threads: Optional[int] = typer.Option(None, rich_help_panel=_RUN,
+                                          help="Model CPU threads: torch's, llama.cpp's or the backend's (default: "
+                                               "all cores)."),
+    decode_workers: Optional[int] = typer.Option(None, min=1, rich_help_panel=_RUN,
+                                                 help="Image decode threads (default: 1 beside torch, one per core "
+                                                      "beside other backends)."),
+    engine: str = typer.Option("local", rich_help_panel=_RAY,
+                               help="local (this process) or ray (Ray Data actors; pip install 'embedkit\\[ray]')."),
+    address: Optional[str] = typer.Option(None, rich_help_panel=_RAY,
+                                          help="A Ray cluster ('auto', ray://HOST:10001); default: start Ray on this "
+                                               "machine."),
+    actors: Optional[int] = typer.Option(None, min=1, rich_help_panel=_RAY,
+                                         help="Encoder actors (default: as many as the cluster's CPUs or GPUs fit)."),
+    cpus_per_actor: float = typer.Option(1.0, min=0.01, rich_help_panel=_RAY,
+                                         help="CPUs (and torch threads) per actor."),
+    gpus_per_actor: float = typer.Option(0.0, min=0.0, rich_help_panel=_RAY,
+                                         help="GPUs per actor (e.g. 1, or 0.5 to share one)."),
+    normalize: Optional[bool] = switch(None, "normalize", "L2-normalise text vectors (default: the model's own "
+                                                          "choice)."),
+    allow_leakage: bool = switch(False, "allow-leakage", "Allow a text template that names a label column or a "
+                                                         "manifest's leakage field."),
+    trust_remote_code: bool = switch(False, "trust-remote-code", "Run code shipped with a hub model. Only if you "
+                                                                 "trust it."),
+    overwrite: bool = switch(False, "overwrite", "Start over instead of resuming."),
+    prune: bool = switch(False, "prune", "Let a resume delete the rows of inputs that are gone, even more than 10% "
+                                         "of the table."),
+    strict: bool = switch(False, "strict", "Fail on the first bad input instead of recording it."),
+    progress: bool = switch(True, "progress", "Show a progress bar."),
 ):
     """Embed every image and report into Parquet (resumes; bad inputs go to errors.parquet)."""
     from embedkit.extract import ExtractConfig
@@ -88,9 +110,9 @@ def extract(
     rows, source = _manifest_or(manifest, data, source)
     if manifest:
         source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage)
-    config = ExtractConfig(image_model=none_word(image_model), text_model=none_word(text_model), image_pooling=image_pooling,
-                           text_pooling=text_pooling, max_length=max_length, text_normalize=normalize,
-                           device=device, dtype=dtype,
+    config = ExtractConfig(image_model=none_word(image_model), text_model=none_word(text_model),
+                           image_pooling=image_pooling, text_pooling=text_pooling, max_length=max_length,
+                           text_normalize=normalize, device=device, dtype=dtype,
                            quantize=none_word(quantize), batch_size=batch_size, threads=threads,
                            backend=backend, precision=none_word(precision), parity_floor=parity_floor,
                            decode_workers=decode_workers, trust_remote_code=trust_remote_code,

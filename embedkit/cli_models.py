@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.cli_common import none_word
+from embedkit.cli_common import none_word, switch
 from embedkit.errors import EmbedkitError
 
 models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -95,7 +95,8 @@ def models_check(
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or int8 (default: every one the backend runs)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Model CPU threads (default: all cores)."),
     parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, help="Lowest cosine to torch fp32 that passes."),
-    trust_remote_code: bool = typer.Option(False, help="Run code shipped with a hub model. Only if you trust it."),
+    trust_remote_code: bool = switch(False, "trust-remote-code", "Run code shipped with a hub model. Only if you "
+                                                                 "trust it."),
 ):
     """Export (once, cached), measure parity to torch fp32 and speed of every backend for MODEL on this machine.
 

@@ -8,67 +8,79 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.cli_common import chosen_models
+from embedkit.cli_common import chosen_models, switch
+
+
+# Option panels of `train --help`: one table each, so each table's columns fit 80 columns of terminal.
+_FIT, _ALIGN, _SCORE = "Classifier", "Modality alignment", "Splits and scoring"
 
 
 def train(
     emb: Path = typer.Argument(..., help="An `embedkit extract` output folder."),
     label: List[str] = typer.Option(..., help="Label column; repeat for multilabel (0/1 columns)."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
-    fusion: str = typer.Option("late", help="early, late, image, text or logistic."),
-    hidden_dim: int = typer.Option(128, help="Early fusion hidden width."),
-    late_hidden_dim: int = typer.Option(64, help="Late fusion per-modality width."),
-    dropout: float = typer.Option(0.0),
-    epochs: int = typer.Option(30),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(64),
-    weight_decay: float = typer.Option(0.01),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation gain."),
-    class_weights: bool = typer.Option(True, "--class-weights/--no-class-weights", help="Re-weight classes."),
-    align: Optional[str] = typer.Option(None, help="Modality alignment fitted on training rows: none (L2-normalise "
-                                                   "only), shift, center or standardize."),
-    align_lambda: Optional[float] = typer.Option(None, help="Gap shift lambda (1 closes the gap between means); "
-                                                            "implies --align shift."),
-    align_sweep: Optional[str] = typer.Option(None, help="Candidates chosen on validation in each run, e.g. "
-                                                         "'shift:0:1:0.5,center,none' or '-1:1:0.5' (lambdas)."),
-    learned_lambda: bool = typer.Option(False, help="Learn the shift's lambda jointly with the classifier."),
-    scale: Optional[str] = typer.Option(None, help="standard or none (default: none when aligning, else "
-                                                   "standard)."),
-    noise_std: float = typer.Option(0.0, help="Training-only Gaussian noise, in units of each feature's "
-                                              "training std."),
-    modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of training rows whose image or "
-                                                                      "text is replaced by its stand-in "
-                                                                      "(needs --align)."),
-    threshold: str = typer.Option("val-f1", help="Binary decision threshold: val-f1 (chosen on validation), 0.5 "
-                                                 "or a number."),
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Temperature scaling on "
-                                                                           "validation rows."),
-    group_col: Optional[str] = typer.Option(None, help="Rows sharing this column's value stay on one side of "
-                                                       "every split (default: the group stored by extract)."),
-    no_groups: bool = typer.Option(False, "--no-groups", help="Treat rows as independent."),
-    data_split: bool = typer.Option(True, "--data-split/--no-data-split", help="Use the data's split column."),
-    subgroup_col: List[str] = typer.Option([], help="Report metrics per value of this column (repeatable)."),
-    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for test intervals (0: none)."),
-    seeds: int = typer.Option(1, min=1, help="Repeat over seeds for mean, std and 95% interval."),
-    cv: Optional[int] = typer.Option(None, min=2, help="k-fold cross-validation instead of one split."),
-    seed: int = typer.Option(0),
     image_model: Optional[str] = typer.Option(None, help="Which image embeddings, if several were extracted."),
     text_model: Optional[str] = typer.Option(None, help="Which text embeddings, if several were extracted."),
+    fusion: str = typer.Option("late", rich_help_panel=_FIT, help="early, late, image, text or logistic."),
+    hidden_dim: int = typer.Option(128, rich_help_panel=_FIT, help="Early fusion hidden width."),
+    late_hidden_dim: int = typer.Option(64, rich_help_panel=_FIT, help="Late fusion per-modality width."),
+    dropout: float = typer.Option(0.0, rich_help_panel=_FIT),
+    epochs: int = typer.Option(30, rich_help_panel=_FIT),
+    lr: float = typer.Option(1e-3, rich_help_panel=_FIT),
+    batch_size: int = typer.Option(64, rich_help_panel=_FIT),
+    weight_decay: float = typer.Option(0.01, rich_help_panel=_FIT),
+    patience: Optional[int] = typer.Option(None, rich_help_panel=_FIT,
+                                           help="Stop after this many epochs without validation gain."),
+    align: Optional[str] = typer.Option(None, rich_help_panel=_ALIGN,
+                                        help="Fitted on training rows: none (L2-normalise only), shift, center or "
+                                             "standardize."),
+    align_lambda: Optional[float] = typer.Option(None, rich_help_panel=_ALIGN,
+                                                 help="Gap shift lambda (1 closes the gap between means); implies "
+                                                      "--align shift."),
+    align_sweep: Optional[str] = typer.Option(None, rich_help_panel=_ALIGN,
+                                              help="Candidates chosen on validation in each run, e.g. "
+                                                   "'shift:0:1:0.5, center, none' or '-1:1:0.5' (lambdas)."),
+    scale: Optional[str] = typer.Option(None, rich_help_panel=_ALIGN,
+                                        help="standard or none (default: none when aligning, else standard)."),
+    noise_std: float = typer.Option(0.0, rich_help_panel=_ALIGN,
+                                    help="Training-only Gaussian noise, in units of each feature's training std."),
+    modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, rich_help_panel=_ALIGN,
+                                           help="Share of training rows whose image or text is replaced by its "
+                                                "stand-in (needs --align)."),
+    threshold: str = typer.Option("val-f1", rich_help_panel=_SCORE,
+                                  help="Binary decision threshold: val-f1 (chosen on validation), 0.5 or a number."),
+    group_col: Optional[str] = typer.Option(None, rich_help_panel=_SCORE,
+                                            help="Rows sharing this column's value stay on one side of every split "
+                                                 "(default: the group stored by extract)."),
+    subgroup_col: List[str] = typer.Option([], rich_help_panel=_SCORE,
+                                           help="Report metrics per value of this column (repeatable)."),
+    bootstrap: int = typer.Option(1000, min=0, rich_help_panel=_SCORE,
+                                  help="Bootstrap resamples for test intervals (0: none)."),
+    seeds: int = typer.Option(1, min=1, rich_help_panel=_SCORE, help="Repeat over seeds for mean, std and 95% "
+                                                                     "interval."),
+    cv: Optional[int] = typer.Option(None, min=2, rich_help_panel=_SCORE,
+                                     help="k-fold cross-validation instead of one split."),
+    seed: int = typer.Option(0, rich_help_panel=_SCORE),
+    class_weights: bool = switch(True, "class-weights", "Re-weight classes (balanced)."),
+    learned_lambda: bool = switch(False, "learned-lambda", "Learn the shift's lambda jointly with the classifier."),
+    calibrate: bool = switch(True, "calibrate", "Temperature scaling on validation rows."),
+    groups: bool = switch(True, "groups", "Keep a group's rows on one side of every split (--no-groups: rows are "
+                                          "independent)."),
+    data_split: bool = switch(True, "data-split", "Use the data's split column."),
 ):
     """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
     from embedkit.train import TrainConfig
     from embedkit.train import train as run
 
-    models = {k: v for k, v in (("image", image_model), ("text", text_model)) if v}
     cfg = TrainConfig(labels=list(label), fusion=fusion, hidden_dim=hidden_dim, late_hidden_dim=late_hidden_dim,
                       dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                       class_weight="balanced" if class_weights else None, patience=patience, noise_std=noise_std,
                       align=align or None, align_lambda=align_lambda,
                       align_sweep=align_sweep, learned_lambda=learned_lambda, scale=scale,
                       modality_dropout=modality_dropout, threshold=threshold, calibrate=calibrate,
-                      group_col=group_col, groups=not no_groups, data_split=data_split,
+                      group_col=group_col, groups=groups, data_split=data_split,
                       subgroups=list(subgroup_col), bootstrap=bootstrap, seeds=seeds, cv=cv, seed=seed,
-                      models=models)
+                      models=chosen_models(image_model, text_model))
     metrics = run(emb, out, cfg)
     _print_metrics(metrics, out)
 
@@ -148,7 +160,8 @@ def evaluate(
     emb: Path = typer.Argument(..., help="Labelled embeddings, e.g. a second clinic's."),
     label: List[str] = typer.Option([], help="Label column(s); default: those the model was trained on."),
     split: Optional[str] = typer.Option(None, help="Only rows of this split (e.g. test)."),
-    allow_overlap: bool = typer.Option(False, help="Score rows the model was trained or selected on (flagged)."),
+    allow_overlap: bool = switch(False, "allow-overlap", "Score rows the model was trained or selected on "
+                                                         "(flagged)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
     rows_out: Optional[Path] = typer.Option(None, help="Write per-row predictions (Parquet) here."),
     image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
@@ -233,8 +246,8 @@ def zeroshot(
     temperature: float = typer.Option(0.01, min=1e-6, help="Softmax temperature over cosines (CLIP: 0.01)."),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals (0: none)."),
     seed: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for zeroshot.json and "
-                                                                 "zeroshot_predictions.parquet (default: EMB)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for zeroshot.json and the "
+                                                                 "predictions' Parquet (default: EMB)."),
 ):
     """Classify images by similarity to text prompts (gap-corrected), scored beside a linear probe."""
     import pyarrow as pa
