@@ -282,7 +282,8 @@ def pretrain(
                                                        "pretrained on (see --only-split)."),
     group_col: Optional[str] = typer.Option(None, help="Column naming a group (e.g. patient): the held-out "
                                                        "split keeps each group on one side."),
-    no_groups: bool = typer.Option(False, "--no-groups", help="Hold out by image only, ignoring groups."),
+    groups: bool = typer.Option(True, "--groups/--no-groups", help="Hold out whole groups (--no-groups: by "
+                                                                   "image only)."),
     width: int = typer.Option(256, help="Transformer width."),
     depth: int = typer.Option(6, help="Shared transformer blocks."),
     image_size: int = typer.Option(112, help="Image side in pixels."),
@@ -305,7 +306,7 @@ def pretrain(
     from embedkit.shared_encoder.train import select_pairs
     from embedkit.sources import scan_source
 
-    if group_col and no_groups:
+    if group_col and not groups:
         raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, split_col=split_col,
@@ -325,7 +326,7 @@ def pretrain(
     if separate:
         cfg = matched_separate_config(cfg)
     metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                  grouped=not no_groups)
+                  grouped=groups)
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
     typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
                           | {"held_out": held_out}, default=str))
@@ -337,14 +338,15 @@ def retrieval(
     split: Optional[str] = typer.Option(None, help="Only rows of this split (e.g. test)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default: EMB/retrieval.json)."),
 ):
-    """Image->text and text->image recall@1/5/10 and median rank; printed on stdout and written as JSON."""
+    """Image->text and text->image recall@1/5/10 and median rank; written as JSON, and printed on stdout as one
+    line of JSON."""
     import json
 
     from embedkit.shared_encoder.retrieval import retrieval_report
 
     report = retrieval_report(emb, split=split)
     (out or emb / "retrieval.json").write_text(json.dumps(report, indent=2))
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report))  # a dozen numbers: one line a script can parse
 
 
 @app.command()
@@ -357,19 +359,22 @@ def project(
     seed: int = typer.Option(0),
 ):
     """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU)."""
-    import json
-
+    from embedkit.console import say
     from embedkit.shared_encoder.project import project_embeddings
 
     r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed)
-    typer.echo(json.dumps(r, indent=2, default=str))
+    fit = r["fit"]  # empty when saved heads were applied; the per-epoch losses stay in OUT/manifest.json
+    how = (f"heads fitted on {fit['n_train']} rows in {fit['seconds']:.1f} s, final loss {fit['train_loss'][-1]:.4f}"
+           if fit.get("train_loss") else f"heads {r['heads']}")
+    say(f"projected {r['rows']} rows into {r['dim']}-d ({how}) -> {out} (losses: manifest.json)")
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}
 
 
 @app.callback()
-def _global_options(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of a failure.")):
+def _global_options(debug: bool = typer.Option(False, "--debug/--no-debug",
+                                                                help="Show the Python traceback of a failure.")):
     """Foundation-model embeddings and small fusion classifiers, on a laptop, offline."""
     _DEBUG["on"] = _DEBUG["on"] or debug
 
