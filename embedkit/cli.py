@@ -230,18 +230,18 @@ def demo(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for bench.json, bench.md and plots."),
-    quick: bool = typer.Option(False, help="Smaller N: about 2 minutes instead of 10."),
+    quick: bool = switch(False, "quick", "Smaller N: about 2 minutes instead of 10."),
     preset: Optional[str] = typer.Option(None, hidden=True, help="full, quick or tiny (tests)."),
     sections: Optional[str] = typer.Option(None, help="Comma-separated subset of: images, text, raw, scaling, "
                                                       "train, quantize, backends."),
     images: Optional[Path] = typer.Option(None, help="A folder of real images for the throughput section "
                                                      "(default: generated ones)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
-    markdown: bool = typer.Option(False, "--markdown", help="Measure nothing: render the README tables from "
-                                                          "committed results (all to stdout, or FILES' blocks)."),
+    markdown: bool = switch(False, "markdown", "Measure nothing: render the README tables from committed "
+                                               "results (all to stdout, or FILES' blocks)."),
     results: Path = typer.Option(Path("benchmarks/results"), help="With --markdown: the results folder."),
-    update: bool = typer.Option(False, "--update", help="With --markdown FILES: rewrite their bench blocks in "
-                                                      "place (without: list stale blocks, exit 1 if any)."),
+    update: bool = switch(False, "update", "With --markdown FILES: rewrite their bench blocks in place "
+                                           "(without: list stale blocks, exit 1 if any)."),
     files: Optional[List[Path]] = typer.Argument(None, help="With --markdown: files with <!-- bench:NAME --> blocks."),
 ):
     """Measure extraction, batching, training and memory side by side on this machine; write bench.json/.md + plots."""

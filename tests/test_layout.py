@@ -4,6 +4,7 @@ modules import each other (directly or round a longer loop), and no engine reach
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 from pathlib import Path
 
@@ -92,3 +93,16 @@ def test_every_registered_engine_has_the_engine_interface():
     for name, module in ENGINES.items():
         engine = importlib.import_module(module)
         assert isinstance(engine, Engine), name
+
+
+def test_readme_architecture_names_only_files_that_exist():
+    """The README's architecture section must match the code: every module or folder it names exists."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"[\w/]+\.py|\b\w+/(?=[\s,)]|$)", section, flags=re.M))
+    existing = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*")} | {p.name for p in PACKAGE.rglob("*")}
+    existing |= {f"{p.name}/" for p in PACKAGE.rglob("*") if p.is_dir()}
+    existing |= {f"{p.relative_to(PACKAGE)}/" for p in PACKAGE.rglob("*") if p.is_dir()}
+    assert len(named) > 20  # the section names the files of every step
+    missing = sorted(n for n in named if n not in existing)
+    assert not missing, f"README architecture names files that do not exist: {missing}"
