@@ -111,6 +111,10 @@ class ExtractResult:
         return {"out": self.out, "layout": self.layout, "counts": self.counts, "costs": self.costs,
                 "modalities": {m: asdict(r) for m, r in self.modalities.items()}, "skipped": len(self.skipped)}
 
+    def __repr__(self) -> str:  # one line: where, how many; the skipped inputs as a count (they can be thousands)
+        mods = ", ".join(f"{m} {r.model}" for m, r in self.modalities.items())
+        return f"ExtractResult({self.out!r}; {self.layout}; {mods or 'no modality'}; {len(self.skipped)} skipped)"
+
 
 def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = None,
             source: SourceOptions | None = None, rows: list[dict] | None = None,

@@ -106,3 +106,10 @@ def test_containers_print_as_one_short_line(tmp_path):
     assert repr(table).startswith("EmbeddingTable(3000 ids, 40-d text-enc, columns: ") and "\n" not in repr(table)
     m = find_manifest("vqa_rad")
     assert "\n" not in repr(m) and len(repr(m)) < 200 and m.name in repr(m), repr(m)
+    from embedkit.extract import ExtractResult, ModalityResult
+    from embedkit.items import SkippedInput
+
+    skipped = [SkippedInput(f"id{i}", f"/data/{i}.png", "decode", "truncated JPEG") for i in range(5000)]
+    result = ExtractResult("/out", "paired folder", {}, {"image": ModalityResult("image", "dinov2-s", "image__d")},
+                           skipped, {})
+    assert repr(result) == "ExtractResult('/out'; paired folder; image dinov2-s; 5000 skipped)"
