@@ -657,18 +657,29 @@ def pretrain(
     group_col: Optional[str] = typer.Option(None, help="Column naming a group (e.g. patient): the held-out "
                                                        "split keeps each group on one side."),
     no_groups: bool = typer.Option(False, "--no-groups", help="Hold out by image only, ignoring groups."),
-    width: int = typer.Option(256, help="Transformer width."),
-    depth: int = typer.Option(6, help="Shared transformer blocks."),
-    image_size: int = typer.Option(112, help="Image side in pixels."),
-    embed_dim: int = typer.Option(256, help="Common embedding width."),
-    modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
+    preset: Optional[str] = typer.Option(None, help="A recipe from the package: shared-encoder (default), "
+                                                    "shared-encoder-token, ms-clip, momo, separate."),
+    config: Optional[Path] = typer.Option(None, help="A recipe JSON file of the same shape as the presets."),
+    set_: list[str] = typer.Option([], "--set", help="key=value override of any recipe field (repeatable)."),
+    extra_images: Optional[Path] = typer.Option(None, help="A folder of images without texts (MoMo's unpaired "
+                                                           "stages; counted as training data)."),
+    extra_texts: Optional[Path] = typer.Option(None, help="Texts without images: a folder of .txt files or a "
+                                                          "CSV/JSONL table (column --extra-text-col)."),
+    extra_text_col: str = typer.Option("text", help="The text column of an --extra-texts table."),
+    unpaired: bool = typer.Option(True, help="Use the input's images without a text and texts without an image "
+                                             "(training split only) in stages that take them."),
+    width: Optional[int] = typer.Option(None, help="Transformer width (default: the recipe's)."),
+    depth: Optional[int] = typer.Option(None, help="Shared transformer blocks."),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels."),
+    embed_dim: Optional[int] = typer.Option(None, help="Common embedding width."),
+    modality_mode: Optional[str] = typer.Option(None, help="concat, add or token: how blocks know the modality."),
     only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (default: 'train' "
                                                         "when the rows carry a split), so test rows stay unseen."),
     separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(5e-4),
-    seed: int = typer.Option(0),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of the contrastive stage (default: the recipe's)."),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
     progress: bool = typer.Option(True),
 ):
     """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
@@ -680,6 +691,7 @@ def pretrain(
     from embedkit.shared_encoder import matched_separate_config, pretrain as run
     from embedkit.shared_encoder.pretrain_config import resolve_pretrain_config
     from embedkit.shared_encoder.train import select_pairs
+    from embedkit.shared_encoder.unpaired import Unpaired, extra_items, select_unpaired
     from embedkit.sources import scan_source
 
     if group_col and no_groups:
@@ -698,13 +710,24 @@ def pretrain(
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
                             + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
     shortcuts = {"width": width, "depth": depth, "image_size": image_size, "embed_dim": embed_dim,
-                 "modality_mode": modality_mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
-    recipe = resolve_pretrain_config(sets=[f"{k}={v}" for k, v in shortcuts.items()])
+                 "modality_mode": modality_mode, "batch_size": batch_size, "lr": lr, "seed": seed}
+    sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    recipe = resolve_pretrain_config(preset, config, sets + list(set_))
+    if epochs is not None:  # the contrastive stage: the last one of a staged recipe
+        key = f"stages.{len(recipe.stages)}.epochs" if recipe.stages else "epochs"
+        recipe = resolve_pretrain_config(preset, config, sets + list(set_) + [f"{key}={epochs}"])
     if separate:
         recipe = replace(recipe, model=matched_separate_config(recipe.model))
-    metrics = run(pairs, out, recipe, progress=progress, grouped=not no_groups)
+    # Rows of other splits are held back even without --unpaired: extra items may not repeat them either.
+    lone, note = select_unpaired(scan.items, only_split)
+    if unpaired and lone.items:
+        print(note, file=sys.stderr)
+    extra = extra_items(extra_images, extra_texts, extra_text_col)
+    metrics = run(pairs, out, recipe, progress=progress, grouped=not no_groups,
+                  unpaired=Unpaired((lone.items if unpaired else []) + extra, lone.held_back))
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
-    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
+    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val",
+                                                       "stages", "unpaired") if k in metrics}
                           | {"held_out": held_out}, default=str))
 
 
