@@ -104,12 +104,12 @@ def reference_keys(pair_data: dict, val_rows: torch.Tensor, held_back: list[Item
             "texts": {pair_data["texts"][i].strip() for i in val},
             "groups": {pair_data["groups"][i] for i in val} if grouped else set()}
     pre = image_preprocess(cfg)
+    for path in {str(it.image_path) for it in held_back if it.image_path is not None}:  # each image once
+        try:
+            keys["images"].add(digest(decode_image(path, pre)))
+        except ImageDecodeError:
+            pass  # an image that cannot be decoded cannot be matched either
     for it in held_back:
-        if it.image_path is not None:
-            try:
-                keys["images"].add(digest(decode_image(str(it.image_path), pre)))
-            except ImageDecodeError:
-                pass  # an image that cannot be decoded cannot be matched either
         text = read_text(it) if it.has_text else None
         if text is not None:
             keys["texts"].add(text.strip())
