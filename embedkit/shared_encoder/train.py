@@ -2,13 +2,14 @@
 
 Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
 a held-out split that keeps rows sharing an image or a group (a patient) on one side, the training
-loop (symmetric InfoNCE, AdamW, warmup + cosine), and checkpoints written after every epoch so an
-interrupted run resumes where it stopped.
+loop (symmetric InfoNCE, AdamW, warmup + cosine; a recipe's stages add MoMo's masked objectives
+and images/texts without a partner, see stages.py and unpaired.py), and checkpoints written after
+every epoch so an interrupted run resumes where it stopped.
 
 Files in out_dir (no pickle anywhere):
   model.safetensors, config.json, tokenizer files  - the self-contained model folder
   pretrain_config.json                             - the resolved recipe (preset, overrides, every field)
-  train_state.safetensors                          - AdamW moment tensors
+  train_state.safetensors                          - AdamW moment tensors (+ MoMo's training-only heads, "heads.*")
   train_state.json                                 - epoch, step, seed, settings, loss history
   metrics.json                                     - losses, held-out retrieval, timings, sizes
 """
