@@ -20,6 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Option panels of `extract --help`: one table each, so each table's columns fit 80 columns of terminal.
 _IN, _ENC, _RUN, _RAY = "Input", "Encoders", "Speed and backend", "Ray engine (--engine ray)"
 _RECIPE, _SHORT = "Recipe (pretrain)", "Recipe shortcuts (each is one --set)"
+_UNPAIRED = "Unpaired data (MoMo stages)"
 
 
 @app.command()
@@ -319,6 +320,12 @@ def pretrain(
     sets: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", rich_help_panel=_RECIPE,
                                              help="Override one recipe field, repeatable: width=128, "
                                                   "max_text_len=128, train.lr=1e-3."),
+    extra_images: Optional[Path] = typer.Option(None, rich_help_panel=_UNPAIRED, help="A folder of images "
+                                                "without texts (counted as training data)."),
+    extra_texts: Optional[Path] = typer.Option(None, rich_help_panel=_UNPAIRED, help="Texts without images: a "
+                                               "folder of .txt files or a CSV/JSONL table."),
+    extra_text_col: str = typer.Option("text", rich_help_panel=_UNPAIRED,
+                                       help="The text column of an --extra-texts table."),
     # Shortcuts for common fields: each becomes a --set (applied before the --set options).
     width: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set width=..."),
     depth: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set depth=..."),
@@ -332,6 +339,8 @@ def pretrain(
     seed: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set seed=..."),
     separate: bool = switch(False, "separate", "The separate-encoders baseline at the shared model's parameter "
                                                "budget (the separate preset's model fields)."),
+    unpaired: bool = switch(True, "unpaired", "Use the input's images without a text and texts without an image "
+                                              "(train split only) in stages that take them (MoMo)."),
     groups: bool = switch(True, "groups", "Hold out whole groups (--no-groups: by image only)."),
     progress: bool = switch(True, "progress", "Show a progress bar."),
 ):
@@ -344,17 +353,21 @@ def pretrain(
     from embedkit.items import SourceOptions
     from embedkit.shared_encoder.pretrain_config import load_preset, resolve_pretrain_config
     from embedkit.shared_encoder.train import pretrain as run, select_pairs
+    from embedkit.shared_encoder.unpaired import Unpaired, extra_items, select_unpaired
     from embedkit.sources import scan_source
 
     if group_col and not groups:
         raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
     shortcuts = {"model.width": width, "model.depth": depth, "model.image_size": image_size,
-                 "model.embed_dim": embed_dim, "model.modality_mode": modality_mode, "train.epochs": epochs,
+                 "model.embed_dim": embed_dim, "model.modality_mode": modality_mode,
                  "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     if separate:  # the same fields the separate preset sets, so the two cannot drift apart
         baseline = load_preset("separate").model
         overrides += [f"model.shared={str(baseline.shared).lower()}", f"model.match_budget={baseline.match_budget}"]
+    if epochs is not None:  # the contrastive stage's epochs: the last stage of a staged recipe
+        staged = resolve_pretrain_config(preset, config, overrides).stages
+        overrides.append(f"stages.{len(staged)}.epochs={epochs}" if staged else f"train.epochs={epochs}")
     recipe = resolve_pretrain_config(preset, config, [*overrides, *(sets or [])])  # bad recipes fail before the data
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, split_col=split_col,
@@ -369,11 +382,18 @@ def pretrain(
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
                             + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
+    # Rows of other splits are held back even without --unpaired: extra items may not repeat them either.
+    lone, note = select_unpaired(scan.items, only_split)
+    if unpaired and lone.items:
+        print(note, file=sys.stderr)
+    extra = extra_items(extra_images, extra_texts, extra_text_col)
     print(f"pretrain: recipe {recipe.preset or config} with {len(recipe.overrides)} override(s), saved as "
           f"{out / 'pretrain_config.json'}", file=sys.stderr)
-    metrics = run(pairs, out, recipe, progress=progress, grouped=groups)
+    metrics = run(pairs, out, recipe, progress=progress, grouped=groups,
+                  unpaired=Unpaired((lone.items if unpaired else []) + extra, lone.held_back))
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
-    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
+    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val",
+                                                       "stages", "unpaired") if k in metrics}
                           | {"held_out": held_out, "preset": recipe.preset, "overrides": recipe.overrides},
                           default=str))
 

@@ -129,8 +129,9 @@ class SharedEncoder(nn.Module):
         """The blocks one modality runs through, in order; shared ones are the same objects."""
         return [*self.early[modality], *self.shared_blocks, *self.late[modality]]
 
-    def _encode(self, x: torch.Tensor, modality: str, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, L, token_width] with CLS at 0 and positions added; mask: [B, L] bool or None."""
+    def _states(self, x: torch.Tensor, modality: str, mask: torch.Tensor | None):
+        """x: [B, L, token_width] with CLS at 0 and positions added; mask: [B, L] bool or None.
+        -> (states after the final LayerNorm, mask), both with the modality token in "token" mode."""
         B, L, _ = x.shape
         mod = self.modality[modality].expand(B, -1, -1)
         if self.cfg.modality_mode == "concat":
@@ -144,7 +145,10 @@ class SharedEncoder(nn.Module):
         attn_mask = None if mask is None else mask[:, None, None, :]
         for block in self.blocks(modality):
             x = block(x, attn_mask, modality)
-        x = self.ln_final[modality](x)
+        return self.ln_final[modality](x), mask
+
+    def _encode(self, x: torch.Tensor, modality: str, mask: torch.Tensor | None) -> torch.Tensor:
+        x, mask = self._states(x, modality, mask)
         if modality == "text" and self.cfg.text_pool == "mean":
             w = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * w).sum(1) / w.sum(1).clamp(min=1)
@@ -152,17 +156,38 @@ class SharedEncoder(nn.Module):
             pooled = x[:, 0]
         return F.normalize(self.head[modality](pooled), dim=-1)
 
+    def _image_tokens(self, pixel_values: torch.Tensor, patch_mask=None, mask_token=None) -> torch.Tensor:
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, n_patches, tw]
+        if patch_mask is not None:  # SimMIM: the masked patches' embeddings become the mask token
+            x = torch.where(patch_mask.unsqueeze(-1), mask_token.to(x.dtype).expand_as(x), x)
+        return torch.cat([self.cls_image.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_image
+
+    def _text_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_embed(input_ids) + self.pos_text[:, : input_ids.shape[1]]
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [B, 3, image_size, image_size] normalised with mean/std 0.5 -> [B, embed_dim]."""
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, n_patches, tw]
-        x = torch.cat([self.cls_image.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_image
-        return self._encode(x, "image", None)
+        return self._encode(self._image_tokens(pixel_values), "image", None)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids/attention_mask: [B, L<=max_text_len] from the tokenizer -> [B, embed_dim]."""
-        L = input_ids.shape[1]
-        x = self.tok_embed(input_ids) + self.pos_text[:, :L]
-        return self._encode(x, "text", attention_mask.bool())
+        return self._encode(self._text_tokens(input_ids), "text", attention_mask.bool())
+
+    def token_states(self, modality: str, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """The encode path without pooling or projection, for masked objectives (stages.py).
+
+        image: inputs = pixel_values; patch_mask [B, n_patches] bool marks patches whose embedding is
+               replaced by mask_token [1, 1, token_width] -> [B, n_patches, width] (CLS left out).
+        text:  inputs = input_ids (masked by the caller) with attention_mask -> [B, L, width].
+        """
+        if modality == "image":
+            x, _ = self._states(self._image_tokens(inputs, patch_mask, mask_token), "image", None)
+        else:
+            x, _ = self._states(self._text_tokens(inputs), "text", attention_mask.bool())
+        if self.cfg.modality_mode == "token":  # drop the inserted modality token: positions match the inputs
+            x = torch.cat([x[:, :1], x[:, 2:]], dim=1)
+        return x[:, 1:] if modality == "image" else x
 
     def forward(self, pixel_values, input_ids, attention_mask):
         scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)

@@ -41,6 +41,8 @@ class PretrainSettings:
     seed: int = 0  # weights init, batch order, held-out split
     val_fraction: float = 0.1  # share of linked-row groups held out for retrieval (never trained on)
     save_every: int = 1  # checkpoint every N epochs (and after the last)
+    mim_mask_ratio: float = 0.5  # masked image modelling: share of patches masked (SimMIM: 0.6 at 32 px patches)
+    mlm_probability: float = 0.15  # masked language modelling: share of word pieces predicted (BERT)
 
 
 @dataclass
@@ -87,6 +89,8 @@ class PretrainConfig:
         t, problems = self.train, []
         if t.epochs < 0 or t.batch_size < 2 or t.lr <= 0 or not 0 <= t.val_fraction < 1 or t.save_every < 1:
             problems.append("train needs epochs >= 0, batch_size >= 2, lr > 0, 0 <= val_fraction < 1, save_every >= 1")
+        if not 0 < t.mim_mask_ratio < 1 or not 0 < t.mlm_probability < 1:
+            problems.append("train needs 0 < mim_mask_ratio < 1 and 0 < mlm_probability < 1")
         for i, s in enumerate(self.stages):
             bad = sorted(set(s.objectives) - set(OBJECTIVES))
             if bad or not s.objectives:
