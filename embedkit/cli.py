@@ -358,16 +358,16 @@ def pretrain(
 
     if group_col and not groups:
         raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
+    # --epochs is the contrastive stage's: the last stage of a staged recipe (MoMo), else train.epochs
+    staged = epochs is not None and resolve_pretrain_config(preset, config).stages
     shortcuts = {"model.width": width, "model.depth": depth, "model.image_size": image_size,
                  "model.embed_dim": embed_dim, "model.modality_mode": modality_mode,
+                 f"stages.{len(staged)}.epochs" if staged else "train.epochs": epochs,
                  "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     if separate:  # the same fields the separate preset sets, so the two cannot drift apart
         baseline = load_preset("separate").model
         overrides += [f"model.shared={str(baseline.shared).lower()}", f"model.match_budget={baseline.match_budget}"]
-    if epochs is not None:  # the contrastive stage's epochs: the last stage of a staged recipe
-        staged = resolve_pretrain_config(preset, config, overrides).stages
-        overrides.append(f"stages.{len(staged)}.epochs={epochs}" if staged else f"train.epochs={epochs}")
     recipe = resolve_pretrain_config(preset, config, [*overrides, *(sets or [])])  # bad recipes fail before the data
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, split_col=split_col,
