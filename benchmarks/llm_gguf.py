@@ -82,7 +82,7 @@ def worker(fmt: str, path: str, texts_file: str, out_npy: str, threads: int) -> 
     t0 = time.perf_counter()
     enc = create_encoder(resolve_spec(name, "text", max_length=512), "text", device="cpu", threads=threads)
     load_s = time.perf_counter() - t0
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # extract._plan: longest first
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # plan.make_plan: longest first
     vectors = np.zeros((len(texts), enc.dim), dtype=np.float32)
     tokens = sum(enc.count_tokens(texts))
     t0, cpu0 = time.perf_counter(), time.process_time()

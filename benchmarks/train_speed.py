@@ -13,7 +13,7 @@ on PCA-reduced inputs (fitted once on the training rows). Same synthetic data wi
 signal, same split, same epochs; macro-F1 on held-out rows. Timings: the best epoch of each
 (other work on a shared machine only ever slows an epoch down); both loops again with one
 thread each; the compute floor of an epoch at this machine's matmul rate. This is the same
-code as `embedkit bench --sections train` (embedkit/bench.py: train_speed). Prints markdown.
+code as `embedkit bench --sections train` (embedkit/bench/train.py: train_speed). Prints markdown.
 """
 
 from __future__ import annotations

@@ -12,32 +12,32 @@ For each requested modality:
   4. rows stream into row groups of atomically-renamed part files (see store.py); a text row also
      keeps the exact text that was embedded, so training can check training rows for leakage.
 Bad inputs become rows of errors.parquet; `strict` turns the first one into a failure.
-Only step 3 differs by engine: "local" embeds in this process (below), "ray" in Ray actors
-(engines/ray_engine.py); both yield the same batches to the same writer.
+Only step 3 differs by engine: extract hands the plan (plan.py) to the engine named by `engine`
+(engines/: "local" in this process, "ray" in Ray actors), and every engine's batches reach the same writer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
 from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
+from embedkit.engines import get_engine
+from embedkit.engines.base import backend_checked_on_inputs
 from embedkit.errors import EmbedkitError
 from embedkit.guards import (
     FINGERPRINT_KEY, IDENTITY_KEY, check_encoder_identity, check_writable_folder, encoder_identity, fingerprint,
     folder_lock,
 )
 from embedkit.items import Item, SkippedInput, SourceOptions
+from embedkit.plan import Plan, input_size, item_path, make_plan, read_item_text
 from embedkit.sources import SourceScan, scan_source
 from embedkit.store import (
     TEXT_COLUMN, PartWriter, build_schema, check_same_encoder, dataset_dir, drop_rows, existing_hashes, part_files,
@@ -63,7 +63,7 @@ class ExtractConfig:
     parity_floor: float = 0.99  # min cosine to torch fp32 a backend must reach (calibration batch, first inputs)
     batch_size: int = 32
     threads: int | None = None  # model threads (torch or the backend); None: the library's default (all cores)
-    decode_workers: int | None = None  # threads decoding images while the model runs; None: see decode_threads
+    decode_workers: int | None = None  # image decode threads beside the model; None: engines/local.py decode_threads
     trust_remote_code: bool = False
     rows_per_part: int = 8192  # rows per Parquet part file: the most a crash can cost to recompute
     overwrite: bool = False
@@ -111,6 +111,10 @@ class ExtractResult:
         return {"out": self.out, "layout": self.layout, "counts": self.counts, "costs": self.costs,
                 "modalities": {m: asdict(r) for m, r in self.modalities.items()}, "skipped": len(self.skipped)}
 
+    def __repr__(self) -> str:  # one line: where, how many; the skipped inputs as a count (they can be thousands)
+        mods = ", ".join(f"{m} {r.model}" for m, r in self.modalities.items())
+        return f"ExtractResult({self.out!r}; {self.layout}; {mods or 'no modality'}; {len(self.skipped)} skipped)"
+
 
 def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = None,
             source: SourceOptions | None = None, rows: list[dict] | None = None,
@@ -119,10 +123,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     from embedkit.console import say
 
     config = config or ExtractConfig()
-    if config.engine != "local":
-        from embedkit.engines import check_engine
-
-        check_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
+    get_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
     costs = Costs()
     data, out = Path(data), Path(out)
     with costs.stage("scan"):
@@ -186,7 +187,8 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     from embedkit.console import progress_bar, say
 
     costs = Costs()
-    items = [it for it in scan.items if (it.image_path is not None if modality == "image" else it.has_text)]
+    is_text = modality == "text"
+    items = [it for it in scan.items if (it.has_text if is_text else it.image_path is not None)]
     directory = dataset_dir(out, modality, spec.name)
     res = ModalityResult(modality, spec.name, str(directory))
     if config.overwrite and directory.exists():
@@ -205,7 +207,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         hashes: dict[str, str] = {}
         readable = []
         for it in items:
-            if modality == "text" and it.text_path is not None and _size(it.text_path) > config.max_report_bytes:
+            if is_text and it.text_path is not None and input_size(it.text_path) > config.max_report_bytes:
                 _skip(skipped, config, SkippedInput(it.id, _rel(it.text_path, root), "read", f"report larger than "
                                                     f"{config.max_report_bytes} bytes (the cap; see --max-report-mb)"),
                       modality)
@@ -214,7 +216,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
                 hashes[it.id] = _sha256(it, modality)
                 readable.append(it)
             except OSError as e:
-                _skip(skipped, config, SkippedInput(it.id, _rel(_path(it, modality), root), "read",
+                _skip(skipped, config, SkippedInput(it.id, _rel(item_path(it, modality), root), "read",
                                                     f"cannot read file ({e.strerror or type(e).__name__})"), modality)
     items = readable
     stored = existing_hashes(directory) if directory.exists() else {}
@@ -230,14 +232,13 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
     by_id = {it.id: it for it in items}
-    is_text = modality == "text"
 
     def current_values(part) -> dict[str, list]:
         rows = [by_id[i] for i in part.column("id").to_pylist()]  # stale rows were dropped: every id is here
         values = _row_values(rows, modality, root, hashes, label_cols, meta_cols)
         if is_text:  # same hash, same text: keep it; parts from before the column existed get it now
             values[TEXT_COLUMN] = (part.column(TEXT_COLUMN).to_pylist() if TEXT_COLUMN in part.column_names
-                                   else [_read_text(it)[0] for it in rows])
+                                   else [read_item_text(it)[0] for it in rows])
         return values
 
     if not pending:
@@ -254,9 +255,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         return res
 
     # 2. load the model (only now that there is work), here or in the engine's workers
-    groups, batches = _plan(modality, pending, hashes, config.batch_size)
+    plan = make_plan(modality, pending, hashes, config.batch_size)
     with costs.stage("load_model"):
-        encoder_provenance, embedded = _open_engine(modality, spec, batches, config, costs)
+        encoder_provenance, embedded = _open_engine(spec, plan, config, costs)
     provenance = {**encoder_provenance, **table_keys, "versions": _versions(), "layout": scan.layout,
                   "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity)}
     if directory.exists():
@@ -272,7 +273,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
         with costs.stage("write"):
             cols = _row_values(batch, modality, root, hashes, label_cols, meta_cols)
             if is_text:  # the text as the encoder got it (read again here, so every engine agrees)
-                cols[TEXT_COLUMN] = [_read_text(it)[0] for it in batch]
+                cols[TEXT_COLUMN] = [read_item_text(it)[0] for it in batch]
             writer.write(cols, vectors)
 
     # 3. embed
@@ -286,7 +287,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
             done = bar.tasks[task].completed + n
             bar.update(task, advance=n, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}/s")
 
-        _write_batches(modality, embedded, groups, config, skipped, root, write, advance, res)
+        _write_batches(plan, embedded, config, skipped, root, write, advance, res)
     writer.close()
     provenance["truncated_texts"] = res.truncated_texts
     res.rows_embedded = writer.rows_written
@@ -314,7 +315,7 @@ def _check_drop_share(directory: Path, stored: dict, vanished: set, config: Extr
 def _row_values(rows: list[Item], modality: str, root: Path, hashes: dict[str, str], label_cols: list[str],
                 meta_cols: list[str]) -> dict[str, list]:
     """Every stored column of `rows` but the embedding (and `text`), from the items as scanned now."""
-    values = {"id": [it.id for it in rows], "path": [_rel(_path(it, modality), root) for it in rows],
+    values = {"id": [it.id for it in rows], "path": [_rel(item_path(it, modality), root) for it in rows],
               "sha256": [hashes[it.id] for it in rows], "split": [it.split for it in rows],
               "group": [it.group for it in rows]}
     values.update({c: [it.labels.get(c) for it in rows] for c in label_cols})
@@ -322,118 +323,25 @@ def _row_values(rows: list[Item], modality: str, root: Path, hashes: dict[str, s
     return values
 
 
-def _plan(modality: str, pending: list[Item], hashes: dict[str, str], batch_size: int):
-    """The batches every engine embeds, and for each embedded item the ids that receive its vector."""
-    if modality == "image":
-        # identical files are embedded once and written under every id that points at them
-        by_hash: dict[str, list[Item]] = {}
-        for it in pending:
-            by_hash.setdefault(hashes[it.id], []).append(it)
-        groups = {group[0].id: group for group in by_hash.values()}
-    else:
-        # length-sorted batching: longest first so the first batch shows the memory peak
-        order = sorted(pending, key=lambda it: -(len(it.text) if it.text is not None else _size(it.text_path)))
-        groups = {it.id: [it] for it in order}
-    units = [group[0] for group in groups.values()]
-    return groups, [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
-
-
-def _open_engine(modality: str, spec: EncoderSpec, batches: list[list[Item]], config: ExtractConfig, costs: Costs):
-    """The one step that differs by engine. Returns (encoder provenance, lazy stream of embedded batches):
-    each element is (batch, ok items, their vectors, [(bad item, reason)], texts truncated)."""
+def _open_engine(spec: EncoderSpec, plan: Plan, config: ExtractConfig, costs: Costs):
+    """The one step that differs by engine: (encoder provenance, lazy stream of EmbeddedBatch)."""
     from embedkit.console import say
-    from embedkit.encoders import create_encoder
 
-    config, checked, encoder = _backend_checked_on_inputs(modality, spec, batches, config, say)
-    if config.engine == "ray":
-        from embedkit.engines.ray_engine import open_ray
-
-        provenance, stream = open_ray(modality, spec, batches, config, costs)  # actors load the checked export
-        return {**provenance, **checked}, stream
-    if encoder is None:
-        encoder = create_encoder(spec, modality, device=config.device, dtype=config.dtype, threads=config.threads,
-                                 quantize=config.quantize, backend=config.backend, precision=config.precision,
-                                 parity_floor=config.parity_floor, log=say)
-    embed = _embed_images if modality == "image" else _embed_texts
-    return {**encoder.provenance(), **checked}, embed(batches, encoder, config, costs)
+    # --backend auto is resolved, and the backend checked on this run's inputs, once here for every engine
+    config, checked, encoder = backend_checked_on_inputs(plan.modality, spec, plan, config, say)
+    provenance, stream = get_engine(config.engine).open_stream(plan.modality, spec, plan, config, costs, encoder)
+    return {**provenance, **checked}, stream
 
 
-PARITY_SAMPLE = 32  # the run's first inputs a backend is checked on against torch fp32
-
-
-def _backend_checked_on_inputs(modality: str, spec: EncoderSpec, batches, config: ExtractConfig, say):
-    """Resolve --backend/--precision auto (measured once, in this process, never in each Ray actor), then
-    check the backend against torch fp32 on this run's first inputs; with auto, the next fastest is tried when
-    one falls below the floor. -> (resolved config, provenance fields, opened encoder or None)."""
-    from dataclasses import replace
-
-    from embedkit.encoders import create_encoder
-
-    auto = config.backend == "auto" or config.precision == "auto"
-    if auto:
-        from embedkit.encoders.backend_choice import rank_backends
-
-        pairs = rank_backends(spec, modality, threads=config.threads, floor=config.parity_floor, device=config.device,
-                              log=say, only_backend=None if config.backend == "auto" else config.backend)
-    else:
-        pairs = [(config.backend, config.precision)]
-    sample = None
-    for backend, precision in pairs:
-        cfg = replace(config, backend=backend, precision=precision)
-        if backend == "torch" and precision in (None, "fp32"):  # the reference itself, or the legacy dtype flags
-            return cfg, {}, None
-        encoder = create_encoder(spec, modality, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
-                                 quantize=cfg.quantize, backend=backend, precision=precision,
-                                 parity_floor=cfg.parity_floor, log=say)
-        sample = _parity_sample(modality, spec, batches) if sample is None else sample
-        if not len(sample):
-            return cfg, {}, encoder
-        from embedkit.encoders.backends import parity_on_inputs
-
-        p = parity_on_inputs(spec, modality, encoder, sample, cfg.threads)
-        if p["min_cosine"] >= cfg.parity_floor:
-            say(f"{modality}: {backend} {precision}, cosine to torch fp32 on this run's first {p['inputs']} "
-                f"{modality}s: min {p['min_cosine']:.4f}, mean {p['mean_cosine']:.4f}")
-            return cfg, {"parity_run_min_cosine": p["min_cosine"], "parity_run_mean_cosine": p["mean_cosine"],
-                         "parity_run_inputs": p["inputs"]}, encoder
-        below = (f"{backend} {precision} embeds this run's first {p['inputs']} {modality}s at cosine min "
-                 f"{p['min_cosine']:.4f} to torch fp32, below the parity floor {cfg.parity_floor:g}")
-        if not auto:
-            raise EmbedkitError(f"{below}: use --precision fp32, or --backend auto to take the fastest that passes")
-        say(f"{below}; trying the next fastest")
-    raise EmbedkitError(f"no backend keeps parity {config.parity_floor:g} on this run's inputs: use --backend torch")
-
-
-def _parity_sample(modality: str, spec: EncoderSpec, batches):
-    """Up to PARITY_SAMPLE of the run's first readable inputs: a normalised image batch, or texts."""
-    from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
-
-    found = []
-    for it in (it for batch in batches for it in batch):
-        if len(found) == PARITY_SAMPLE:
-            break
-        if modality == "image":
-            try:
-                found.append(decode_image(it.image_path, spec.preprocess))
-            except ImageDecodeError:
-                continue
-        else:
-            text, reason = _read_text(it)
-            if not reason:
-                found.append(text)
-    if modality == "image":
-        return normalize_batch(found, spec.preprocess) if found else []
-    return found
-
-
-def _write_batches(modality, embedded, groups, config, skipped, root, write, advance, res) -> None:
+def _write_batches(plan: Plan, embedded, config, skipped, root, write, advance, res) -> None:
     """Shared by every engine: record bad inputs, write each vector under every id that shares it."""
+    modality, groups = plan.modality, plan.groups
     stage = "decode" if modality == "image" else "read"
     for batch, ok, vectors, bad, n_truncated in embedded:
         for it, reason in bad:
             for dup in groups[it.id]:
-                _skip(skipped, config, SkippedInput(dup.id, _rel(_path(dup, modality), root) or "(inline)", stage,
-                                                    reason), modality)
+                _skip(skipped, config, SkippedInput(dup.id, _rel(item_path(dup, modality), root) or "(inline)",
+                                                    stage, reason), modality)
         if ok:
             rows = [dup for it in ok for dup in groups[it.id]]
             index = [n for n, it in enumerate(ok) for _ in groups[it.id]]
@@ -443,97 +351,11 @@ def _write_batches(modality, embedded, groups, config, skipped, root, write, adv
         advance(sum(len(groups[it.id]) for it in batch))
 
 
-def decode_threads(config: ExtractConfig) -> int:
-    """Image decode threads: `decode_workers`, or by default one beside torch (whose model stage takes every
-    core and most of the time) and one per core beside ONNX Runtime / OpenVINO, whose model stage is fast
-    enough that decoding becomes the limit. Pillow releases the GIL while it decodes and resizes."""
-    if config.decode_workers:
-        return config.decode_workers
-    return 1 if config.backend == "torch" else max(1, min(4, os.cpu_count() or 1))
-
-
-def _embed_images(batches, encoder, config, costs):
-    from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
-
-    pre = encoder.preprocess
-    buffer = np.empty((config.batch_size, 3, pre.crop, pre.crop), dtype=np.float32)
-
-    def decode(it: Item):
-        t0 = time.perf_counter()
-        try:
-            return decode_image(it.image_path, pre), None
-        except ImageDecodeError as e:
-            return None, str(e)
-        finally:
-            costs.add("decode", time.perf_counter() - t0)
-
-    with ThreadPoolExecutor(max_workers=decode_threads(config)) as pool:
-        queue = iter(batches)
-        # one task per image, two batches queued: the threads share a batch and run ahead of the model
-        ahead = deque([pool.submit(decode, it) for it in b] for b in islice(queue, 2))
-        for batch in batches:
-            decoded = [f.result() for f in ahead.popleft()]
-            for nxt in islice(queue, 1):
-                ahead.append([pool.submit(decode, it) for it in nxt])  # decode ahead while the model runs
-            ok = [it for it, (img, _) in zip(batch, decoded) if img is not None]
-            arrays = [img for img, _ in decoded if img is not None]
-            bad = [(it, reason) for it, (img, reason) in zip(batch, decoded) if img is None]
-            vectors = None
-            if ok:
-                with costs.stage("preprocess"):
-                    pixels = normalize_batch(arrays, pre, out=buffer)
-                with costs.stage("model"):
-                    vectors = encoder.embed(pixels)
-            yield batch, ok, vectors, bad, 0
-
-
-def _embed_texts(batches, encoder, config, costs):
-    for batch in batches:
-        ok, texts, bad = [], [], []
-        with costs.stage("read"):
-            for it in batch:
-                text, reason = _read_text(it)
-                if reason:
-                    bad.append((it, reason))
-                else:
-                    ok.append(it)
-                    texts.append(text)
-        vectors, n_truncated = None, 0
-        if ok:
-            with costs.stage("model"):
-                vectors, n_truncated = encoder.embed(texts)
-        yield batch, ok, vectors, bad, n_truncated
-
-
-def _read_text(it: Item) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason). Reasons never quote the text."""
-    if it.text is not None:
-        text = it.text
-    else:
-        try:
-            raw = it.text_path.read_bytes()
-        except OSError as e:
-            return None, f"cannot read report ({e.strerror or type(e).__name__})"
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            return None, "report is not UTF-8 text"
-        if "\x00" in text:
-            return None, "report looks binary (contains NUL bytes)"
-    if not text.strip():
-        return None, "empty report" if it.text is None else "empty text"
-    return text.strip(), None
-
-
 def _skip(skipped: list, config: ExtractConfig, s: SkippedInput, modality: str) -> None:
     s.modality = modality
     if config.strict:
         raise EmbedkitError(f"--strict: {s.path}: {s.reason}")
     skipped.append(s)
-
-
-def _path(it: Item, modality: str) -> Path | None:
-    return it.image_path if modality == "image" else it.text_path
 
 
 def _rel(path: Path | None, root: Path) -> str | None:
@@ -546,7 +368,7 @@ def _rel(path: Path | None, root: Path) -> str | None:
 
 
 def _sha256(it: Item, modality: str) -> str:
-    path = _path(it, modality)
+    path = item_path(it, modality)
     if path is None:
         return hashlib.sha256(it.text.encode("utf-8")).hexdigest()
     h = hashlib.sha256()
@@ -554,13 +376,6 @@ def _sha256(it: Item, modality: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _size(path: Path | None) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _version() -> str:

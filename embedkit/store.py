@@ -337,6 +337,10 @@ class EmbeddingTable:
     columns: dict[str, list]  # every other column
     provenance: dict
 
+    def __repr__(self) -> str:  # one line: a notebook user wants the shape, not every vector and column value
+        return (f"EmbeddingTable({len(self.ids)} ids, {self.embeddings.shape[1]}-d "
+                f"{self.provenance.get('name', '?')}, columns: {', '.join(self.columns) or 'none'})")
+
 
 def read_embedding_table(path: str | Path) -> EmbeddingTable:
     """A dataset folder or a single Parquet file; accepts list and fixed_size_list embeddings."""
@@ -380,6 +384,16 @@ class EmbeddingSet:
     provenance: dict[str, dict]  # modality -> provenance
     unmatched: dict[str, int] = field(default_factory=dict)  # modality -> rows without a partner
     present: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> rows that have it (outer join)
+
+    def __repr__(self) -> str:  # one line: ids, each modality's width and model, columns; never the arrays
+        mods = ", ".join(f"{m} {e.shape[1]}-d {self.provenance.get(m, {}).get('name', '?')}"
+                         + (f" ({int(self.present[m].sum())} present)" if m in self.present and
+                            not self.present[m].all() else "")
+                         for m, e in self.embeddings.items())
+        lost = {m: k for m, k in self.unmatched.items() if k}
+        return (f"EmbeddingSet({len(self.ids)} ids; {mods or 'no modality'}; columns: "
+                f"{', '.join(self.columns) or 'none'}"
+                + (f"; unmatched: {', '.join(f'{m} {k}' for m, k in lost.items())}" if lost else "") + ")")
 
     @property
     def label_columns(self) -> list[str]:

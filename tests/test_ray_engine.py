@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedkit.engines import ray_engine
+from embedkit.engines import ray as ray_engine
 from embedkit.errors import EmbedkitError
 from embedkit.extract import ExtractConfig, extract
 from embedkit.store import part_files, read_embedding_table

@@ -17,7 +17,7 @@ from embedkit.report import build_report, fmt
 @pytest.fixture(scope="module")
 def model_run(tiny_models, tmp_path_factory):
     """A real extract (tiny CLIP: image and text in one 24-d space) + train with a lambda sweep."""
-    from embedkit.bench import _quiet
+    from embedkit.bench import quiet as _quiet
     from embedkit.demo import make_synthetic_clinic
     from embedkit.extract import ExtractConfig, extract
     from embedkit.items import SourceOptions

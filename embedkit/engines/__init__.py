@@ -1,19 +1,23 @@
-"""Where the "embed the pending items" step of extract.py runs. "local" lives in extract.py itself;
-the others are imported only when asked for, so their packages stay optional."""
+"""Engines: where the plan's batches are embedded. Each is one module with `check` and `open_stream`
+(engines/base.py, `Engine`), imported only when asked for, so that its packages stay optional.
+A new engine is one file here and one line in ENGINES."""
 
 from __future__ import annotations
 
+import importlib
+
 from embedkit.errors import EmbedkitError
 
-ENGINES = ("local", "ray")
+ENGINES = {
+    "local": "embedkit.engines.local",  # this process
+    "ray": "embedkit.engines.ray",  # Ray Data actors (pip install 'embedkit[ray]')
+}
 
 
-def check_engine(name: str) -> None:
-    """Fail with one line before any work when the engine is unknown or its package is missing."""
+def get_engine(name: str):
+    """The engine module `name`, checked: an unknown engine or a missing package fails with one line."""
     if name not in ENGINES:
         raise EmbedkitError(f"unknown engine '{name}' (choose {' or '.join(ENGINES)})")
-    if name == "ray":
-        try:
-            import ray.data  # noqa: F401
-        except ImportError:
-            raise EmbedkitError("--engine ray needs Ray Data: pip install 'embedkit[ray]'") from None
+    engine = importlib.import_module(ENGINES[name])
+    engine.check()
+    return engine

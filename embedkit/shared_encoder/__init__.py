@@ -11,6 +11,7 @@ from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.project import ProjectionHeads, fit_projection
 from embedkit.shared_encoder.runner import SharedEncoderRunner, load_shared_encoder, save_shared_encoder
 from embedkit.shared_encoder.train import pretrain
+from embedkit.shared_encoder.unpaired import Unpaired, extra_items, select_unpaired
 
 __all__ = [
     "SharedEncoderConfig",
@@ -25,6 +26,9 @@ __all__ = [
     "ProjectionHeads",
     "fit_projection",
     "pretrain",
+    "Unpaired",
+    "select_unpaired",
+    "extra_items",
     "PretrainConfig",
     "PretrainSettings",
     "StageConfig",

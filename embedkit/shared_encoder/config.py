@@ -4,7 +4,7 @@ The paper trains ViT-B/16 at 224 px, width 768, 12 layers. Those defaults would 
 2-core laptop, so every default here is scaled down: the defaults train at roughly 30-60 pairs/s
 on 2 cores (measured 28 pairs/s on 2 busy cores), a few minutes per epoch of ~3,000 pairs.
 Widths, depths, image size and patch size are the knobs that cost time; the example
-examples/shared_vs_separate.py uses width 96, depth 3, 64 px: several hundred pairs/s.
+examples/shared_family.py uses width 96, depth 3, 64 px: several hundred pairs/s.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from embedkit.errors import EmbedkitError
 
 MODALITY_MODES = ("concat", "add", "token")
+BUDGET_MATCHES = ("none", "total", "non_embedding")
 
 
 @dataclass
@@ -43,6 +44,18 @@ class SharedEncoderConfig:
     logit_scale_max: float = 100.0  # CLIP's cap, keeps the softmax from saturating
     tokenizer: str = "minilm"  # for training: a folder or "minilm"; a saved model uses its own copy
     shared: bool = True  # False: two separate stacks of `depth` blocks (the baseline)
+    # MS-CLIP (REFERENCE.md section 3): the shared blocks keep one pair of LayerNorms per modality,
+    # their attention and MLP weights stay shared. False: Roy et al., LayerNorms shared too.
+    ln_per_modality: bool = False
+    # MS-CLIP's light modality-specific parallel branch, here a bottleneck MLP per modality beside
+    # each shared block's MLP (hidden width adapter_dim, output zero-initialised so training starts
+    # from the plain shared block); 0 = none.
+    adapter_dim: int = 0
+    # Separate baseline only (shared=False): "total" or "non_embedding" = width/depth describe the
+    # SHARED model, and training shrinks them until the two stacks have about its parameter count
+    # (all parameters, or all but the token table) once the tokenizer's vocabulary is known.
+    # "none" = build the two stacks at width/depth as given (what a saved, matched config says).
+    match_budget: str = "none"
 
     @property
     def token_width(self) -> int:
@@ -65,6 +78,12 @@ class SharedEncoderConfig:
             problems.append("n_specific_early + n_specific_late exceeds depth")
         if self.text_pool not in ("cls", "mean"):
             problems.append("text_pool must be 'cls' or 'mean'")
+        if self.adapter_dim < 0:
+            problems.append("adapter_dim must be >= 0 (0 = no parallel branch)")
+        if self.match_budget not in BUDGET_MATCHES:
+            problems.append(f"match_budget must be one of {', '.join(BUDGET_MATCHES)}")
+        elif self.match_budget != "none" and self.shared:
+            problems.append("match_budget sizes the separate baseline: set shared=false with it")
         if self.max_text_len < 3:
             problems.append("max_text_len must be at least 3 ([CLS], one token, [SEP])")
         if problems:

@@ -46,6 +46,8 @@ class PretrainSettings:
     unique_in_batch: bool = True
     init_text: str = "random"  # "minilm": token table from the offline MiniLM's word vectors (PCA to the width)
     keep_checkpoint: bool = False  # keep OUT.checkpoint (optimizer state) after a completed run, to extend it later
+    mim_mask_ratio: float = 0.5  # masked image modelling: share of patches masked (SimMIM: 0.6 at 32 px patches)
+    mlm_probability: float = 0.15  # masked language modelling: share of word pieces predicted (BERT)
 
 
 @dataclass
@@ -94,6 +96,8 @@ class PretrainConfig:
             problems.append("train.init_text must be random or minilm")
         if t.epochs < 0 or t.batch_size < 2 or t.lr <= 0 or not 0 <= t.val_fraction < 1 or t.save_every < 1:
             problems.append("train needs epochs >= 0, batch_size >= 2, lr > 0, 0 <= val_fraction < 1, save_every >= 1")
+        if not 0 < t.mim_mask_ratio < 1 or not 0 < t.mlm_probability < 1:
+            problems.append("train needs 0 < mim_mask_ratio < 1 and 0 < mlm_probability < 1")
         for i, s in enumerate(self.stages):
             bad = sorted(set(s.objectives) - set(OBJECTIVES))
             if bad or not s.objectives:
@@ -130,7 +134,9 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> PretrainConfig:
     names = preset_names()
     if name not in names:
-        raise EmbedkitError(f"unknown preset '{name}': choose one of {', '.join(names)} (or --config FILE)")
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise EmbedkitError(f"unknown preset '{name}': {hint}choose one of {', '.join(names)} (or --config FILE)")
     text = resources.files("embedkit.shared_encoder").joinpath(PRESET_DIR, f"{name}.json").read_text()
     cfg = PretrainConfig.from_dict(json.loads(text), where=f"preset {name}")
     return replace(cfg, preset=name)

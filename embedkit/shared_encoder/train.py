@@ -2,18 +2,20 @@
 
 Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
 a held-out split that keeps rows sharing an image or a group (a patient) on one side, batches with
-one pair per image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine), checkpoints
-written after every epoch so an interrupted run resumes where it stopped, and a collapse check.
+one pair per image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine; a recipe's stages
+add MoMo's masked objectives and images/texts without a partner, see stages.py and unpaired.py),
+checkpoints written after every epoch so an interrupted run resumes where it stopped, and a
+collapse check.
 
 The exported model folder OUT (no pickle anywhere), what `shared:OUT` loads:
   model.safetensors, config.json, tokenizer files  - the self-contained model
   pretrain_config.json                             - the resolved recipe (preset, overrides, every field)
   metrics.json                                     - losses, held-out retrieval, collapse check, timings
 The resumable checkpoint lives beside it in OUT.checkpoint/ (never inside the model: AdamW's two
-moments are twice the weights): state.safetensors (weights + AdamW moments) and train_state.json
-(epoch, step, seed, settings, history). It is removed once the run completes, unless
-train.keep_checkpoint is set (needed to extend a finished run with more epochs).
-"""
+moments are twice the weights): state.safetensors (weights "model.*", AdamW moments "adam.*", MoMo's
+training-only heads "heads.*") and train_state.json (epoch, step, seed, settings, history). It is
+removed once the run completes, unless train.keep_checkpoint is set (needed to extend a finished
+run with more epochs)."""
 
 from __future__ import annotations
 
@@ -36,16 +38,19 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import GroupShuffleSplit
 
-from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
+from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 from embedkit.errors import EmbedkitError
 from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
+from embedkit.shared_encoder import stages
+from embedkit.shared_encoder.budget import resolve_budget
 from embedkit.shared_encoder.collapse import collapse_check, first_per_image, warning_line
 from embedkit.shared_encoder.config import SharedEncoderConfig
-from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.model import SharedEncoder
 from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.runner import WEIGHTS, image_preprocess, load_tokenizer, save_shared_encoder, tokenize
+from embedkit.shared_encoder.unpaired import Unpaired, prepare_unpaired
 
 STATE, STATE_JSON, METRICS = "state.safetensors", "train_state.json", "metrics.json"
 RECIPE = "pretrain_config.json"  # the resolved PretrainConfig: preset, overrides, every field
@@ -124,6 +129,7 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
         "images": np.stack(images),  # uint8 [n_images, S, S, 3]: 37 KB per image at 112 px
         "image_index": torch.tensor(image_index),
         "groups": groups,  # item.group per kept pair, None where it has none
+        "texts": texts,  # the raw texts, so unpaired items repeating a held-out one can be left out
         "input_ids": ids,
         "attention_mask": mask,
         "skipped": skipped,
@@ -171,14 +177,11 @@ def held_out_summary(data: dict, component: np.ndarray, train_rows, val_rows, gr
 
 
 def pixel_batch(data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig) -> torch.Tensor:
-    crops = [data["images"][i] for i in data["image_index"][rows].tolist()]
-    return torch.from_numpy(normalize_batch(crops, image_preprocess(cfg)))
+    return stages.pixels(data["images"], data["image_index"][rows], cfg)
 
 
 def text_batch(data: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = data["attention_mask"][rows]
-    L = int(mask.sum(1).max())  # trim padding shared by the whole batch: attention cost is O(L^2)
-    return data["input_ids"][rows, :L], mask[:, :L]
+    return stages.tokens(data["input_ids"], data["attention_mask"], rows)
 
 
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
@@ -275,19 +278,24 @@ def init_token_embedding(model: SharedEncoder, cfg: SharedEncoderConfig) -> None
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(ckpt: Path, model, opt, state: dict) -> None:
-    """Weights, AdamW moments and train_state.json as one unit: the folder is staged beside `ckpt` and
-    renamed into place, so a crash leaves the previous checkpoint or this one, never a mix."""
+def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None) -> None:
+    """Weights, AdamW moments, MoMo's training-only heads and train_state.json as one unit: the folder is
+    staged beside `ckpt` and renamed into place, so a crash leaves the previous checkpoint or this one."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"adam.{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    if heads is not None:
+        tensors |= {stages.HEADS_PREFIX + k: v.detach().contiguous() for k, v in heads.state_dict().items()}
     with atomic_folder(ckpt) as staging:
         save_file(tensors, str(staging / STATE))
         (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def load_checkpoint(ckpt: Path, model, opt) -> None:
+def load_checkpoint(ckpt: Path, model, opt, heads=None) -> None:
     tensors = load_file(ckpt / STATE)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    if heads is not None:
+        n = len(stages.HEADS_PREFIX)
+        heads.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(stages.HEADS_PREFIX)}, strict=True)
     sd = opt.state_dict()
     sd["state"] = {}
     for key, t in tensors.items():
@@ -320,7 +328,7 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 # ----------------------------------------------------------------------------- training
 
 def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, resume: bool = True,
-             progress: bool = True, grouped: bool = True) -> dict:
+             progress: bool = True, grouped: bool = True, unpaired: Unpaired | list[Item] | None = None) -> dict:
     """Train on image/text pairs as `recipe` says, export the model to out_dir, return the metrics dict.
 
     Checkpoints (checkpoint_folder(out_dir), beside it) and the model folder are written every
@@ -334,6 +342,8 @@ def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, 
     distinct-candidate retrieval would.
     One run at a time per folder (a lock beside it); a checkpoint left half-swapped by a crash is restored.
     After the last epoch a collapse check (collapse.py) goes into metrics["collapse"], with a warning on stderr.
+    `unpaired` (MoMo's stages): images without a text and texts without an image, training items only (see
+    unpaired.select_unpaired); none of them may share an image, text or group with a held-out or held-back row.
     """
     if not isinstance(recipe, PretrainConfig):
         raise EmbedkitError("pretrain takes a PretrainConfig (see resolve_pretrain_config)")
@@ -343,7 +353,10 @@ def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, 
     check_writable_folder(out.parent, "the folder holding the pretrain --out")
     with folder_lock(sibling_lock(out), f"pretrain folder '{out}'"):
         recover_folder(out)
-        return _pretrain(pairs, out, recipe.validate(), resume=resume, progress=progress, grouped=grouped)
+        if isinstance(unpaired, list):
+            unpaired = Unpaired(unpaired)
+        return _pretrain(pairs, out, recipe.validate(), resume=resume, progress=progress, grouped=grouped,
+                         unpaired=unpaired or Unpaired())
 
 
 def epoch_plan(recipe: PretrainConfig) -> list[StageConfig]:
@@ -362,10 +375,11 @@ def resume_key(recipe: PretrainConfig, data_fingerprint: str) -> dict:
     return {"config": d["model"], "data": data_fingerprint, **train, "stages": stages}
 
 
-def make_optimizer(model: SharedEncoder, train: PretrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: SharedEncoder, train: PretrainSettings, heads=None) -> torch.optim.Optimizer:
     # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
+    named = [*model.named_parameters(), *(heads.named_parameters() if heads is not None else [])]
+    decay = [p for n, p in named if p.ndim >= 2 and n.endswith("weight")]
+    other = [p for n, p in named if not (p.ndim >= 2 and n.endswith("weight"))]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": other, "weight_decay": 0.0}]
     try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
         return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=True)
@@ -385,30 +399,18 @@ def lr_schedule(train: PretrainSettings, total_steps: int):
     return lr_at
 
 
-def stage_loss(model: SharedEncoder, stage: StageConfig, data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig,
-               augment: bool, g: torch.Generator) -> torch.Tensor:
-    """The loss of one batch under a stage's objectives."""
-    if set(stage.objectives) != {"clip"} or stage.data != "pairs":
-        raise EmbedkitError(f"stage '{stage.name}': only the contrastive objective on pairs is available")
-    pixels = pixel_batch(data, rows, cfg)
-    if augment:
-        pixels = random_resized_crop(pixels, g)
-    img, txt, scale = model(pixels, *text_batch(data, rows))
-    return clip_loss(img, txt, scale)
-
-
 def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool, progress: bool,
-              grouped: bool) -> dict:
+              grouped: bool, unpaired: Unpaired) -> dict:
     t0 = time.perf_counter()
     train = recipe.train
     out.mkdir(parents=True, exist_ok=True)
     cfg = recipe.model
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.vocab_size == 0:
-        cfg = replace(cfg, vocab_size=len(tokenizer))
-    elif cfg.vocab_size < len(tokenizer):
+    if 0 < cfg.vocab_size < len(tokenizer):
         raise EmbedkitError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    recipe = replace(recipe, model=cfg.validate())
+    # Now that the vocabulary is known: vocab_size filled in, a budget-matched baseline sized (budget.py).
+    cfg = resolve_budget(cfg, len(tokenizer))
+    recipe = replace(recipe, model=cfg)
     tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
 
     data = prepare_pairs(pairs, cfg, tokenizer)
@@ -424,24 +426,32 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
     if n_train < 2:
         raise EmbedkitError("fewer than 2 training pairs left after the held-out split: lower val_fraction")
     bs = min(train.batch_size, n_train)
-    steps_per_epoch = n_train // bs  # the remainder is dropped: a tiny last batch is a noisy contrastive batch
     plan = epoch_plan(recipe)
-    lr_at = lr_schedule(train, len(plan) * steps_per_epoch)
+    stages.check_stages(plan)
+    banks, extra = _banks(data, train_rows, val_rows, recipe, unpaired, tokenizer, grouped)
+    # Per stage: what it draws from, how many steps an epoch takes, how many items of each kind it uses.
+    pools = {s.data: stages.stage_pools(s, banks, train_rows) for s in plan}
+    steps = [stages.steps_per_epoch(pools[s.data], bs) for s in plan]
+    used = [stages.stage_counts(s, pools[s.data], banks) for s in recipe.stages or plan[:1]]
+    lr_at = lr_schedule(train, sum(steps))
     prepare_s = time.perf_counter() - t0
 
     torch.manual_seed(train.seed)
     model = SharedEncoder(cfg)
-    if train.init_text == "minilm":
+    if train.init_text == "minilm":  # deterministic (no random numbers drawn): the rest of the init is unchanged
         init_token_embedding(model, cfg)
-    opt = make_optimizer(model, train)
+    heads = stages.build_heads(cfg, recipe)  # after the model: the encoder's init does not depend on them
+    opt = make_optimizer(model, train, heads)
     settings = resume_key(recipe, _fingerprint(data["ids"], data["groups"] if grouped else None))
+    if extra is not None:  # other unpaired data is another run; runs without any keep their key
+        settings["unpaired"] = extra["fingerprint"]
     ckpt = checkpoint_folder(out)
     recover_folder(ckpt)
     start_epoch, step, history = 0, 0, []
     if resume and (ckpt / STATE_JSON).is_file():
         saved = json.loads((ckpt / STATE_JSON).read_text())
         _same_run(saved["settings"], settings, ckpt)
-        load_checkpoint(ckpt, model, opt)
+        load_checkpoint(ckpt, model, opt, heads)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
     elif resume and (out / METRICS).is_file() and "resume_key" in (done := json.loads((out / METRICS).read_text())):
         _same_run(done["resume_key"], settings, out)
@@ -450,6 +460,11 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
         raise EmbedkitError(f"{out} holds a completed run of {len(done['epochs'])} epochs whose checkpoint was "
                             f"removed: to add epochs, rerun it with keep_checkpoint=true, or use another folder")
     keys = batch_keys(data, train_rows, train.unique_in_batch)
+    if recipe.stages:
+        for c in used:
+            print(f"stage {c['stage']}: {c['epochs']} epoch(s) of {'+'.join(c['objectives'])} on {c['pairs']} pairs, "
+                  f"{c['images']} images ({c['unpaired_images']} unpaired), {c['texts']} texts "
+                  f"({c['unpaired_texts']} unpaired)", file=sys.stderr)
 
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -457,19 +472,19 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
     )
     metrics = None
     with bar:
-        task = bar.add_task("shared encoder", total=max(0, len(plan) - start_epoch) * steps_per_epoch, loss=float("nan"))
+        task = bar.add_task("shared encoder", total=sum(steps[start_epoch:]), loss=float("nan"))
         for epoch in range(start_epoch, len(plan)):
             stage = plan[epoch]
             te = time.perf_counter()
             bar.update(task, description=f"{stage.name} epoch {epoch + 1}/{len(plan)}")
-            # The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+            # The batch order and the masks depend only on (seed, epoch), so a resumed run sees the same batches.
             g = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
             model.train()
             losses = []
-            for b in batch_order(train_rows, keys, bs, steps_per_epoch, g):
+            for batch in epoch_batches(stage, pools[stage.data], keys, bs, g):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
-                loss = stage_loss(model, stage, data, b, cfg, train.augment, g)
+                loss = stages.stage_loss(model, heads, stage, batch, data, banks, train, g, random_resized_crop)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -483,6 +498,7 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
                 "stage": stage.name,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "seconds": round(time.perf_counter() - te, 3),  # training only, evaluation excluded
+                "steps": len(losses),
                 "logit_scale": model.logit_scale.exp().item(),
             }
             if len(val_rows) >= 2:
@@ -498,13 +514,16 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
                 "settings": settings,
                 "history": history,
             }
-            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, steps_per_epoch, bs) | {
-                "resume_key": settings}
+            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, bs) | {"resume_key": settings}
+            metrics["stages"] = used
+            if extra is not None:
+                metrics["unpaired"] = {**extra["counts"], "skipped": [asdict(x) for x in extra["skipped"]],
+                                       "n_text_truncated": extra["n_truncated"]}
             if last:
                 held = len(val_rows) >= 2
                 metrics["collapse"] = check_collapse(model, data, val_rows if held else train_rows, cfg,
                                                      "held-out" if held else "training")
-            save_checkpoint(ckpt, model, opt, state)  # the checkpoint first: a crash between the two resumes
+            save_checkpoint(ckpt, model, opt, state, heads)  # the checkpoint first: a crash between the two resumes
             export_model(out, model, metrics, recipe)
     if metrics is None:  # a checkpoint of every planned epoch, killed before cleanup: report what is on disk
         metrics = json.loads((out / METRICS).read_text())
@@ -521,8 +540,45 @@ def _same_run(saved: dict, settings: dict, where: Path) -> None:
         raise EmbedkitError(f"{where} holds a run with different {', '.join(changed)}: use another folder or resume=False")
 
 
-def _metrics(data, recipe: PretrainConfig, model, history, held_out, prepare_s, steps_per_epoch, bs) -> dict:
+def epoch_batches(stage: StageConfig, pools: dict, keys: list[np.ndarray], bs: int, g: torch.Generator):
+    """One epoch's batches of a stage: pair stages with one pair per image and text (batch_order), others
+    as stages.py draws them."""
+    if stage.data != "pairs" or not keys:
+        yield from stages.stage_batches(pools, bs, g)
+        return
+    rows = pools["pairs"]
+    b = min(bs, len(rows))
+    for batch in batch_order(rows, keys, b, stages.steps_per_epoch(pools, bs), g):
+        yield {"pairs": batch}
+
+
+def _banks(data: dict, train_rows, val_rows, recipe: PretrainConfig, unpaired: Unpaired, tokenizer, grouped: bool):
+    """Every image and text the stages may draw from: the pairs' own, then the usable unpaired items
+    appended (-> banks, and the unpaired intake or None). Only stages with images/unpaired data use them."""
+    cfg = recipe.model
+    wants = any(s.data != "pairs" for s in recipe.stages)
+    extra = prepare_unpaired(unpaired, data, val_rows, cfg, tokenizer, grouped) if wants and unpaired.items else None
+    if unpaired.items and not wants:
+        print(f"pretrain: {len(unpaired.items)} unpaired items given, but no stage of this recipe uses them "
+              f"(--preset momo does)", file=sys.stderr)
+    n_img, n_txt = len(data["images"]), len(data["ids"])
+    banks = {"images": data["images"], "input_ids": data["input_ids"], "attention_mask": data["attention_mask"],
+             "pair_images": torch.unique(data["image_index"][train_rows]),
+             "unpaired_images": torch.empty(0, dtype=torch.long), "unpaired_texts": torch.empty(0, dtype=torch.long),
+             "tok": {"mask_id": tokenizer.mask_token_id, "n_vocab": len(tokenizer),
+                     "special_ids": torch.tensor(tokenizer.all_special_ids)}}
+    if extra is not None:
+        banks |= {"images": np.concatenate([data["images"], extra["images"]]),
+                  "input_ids": torch.cat([data["input_ids"], extra["input_ids"]]),
+                  "attention_mask": torch.cat([data["attention_mask"], extra["attention_mask"]]),
+                  "unpaired_images": n_img + torch.arange(len(extra["images"])),
+                  "unpaired_texts": n_txt + torch.arange(len(extra["input_ids"]))}
+    return banks, extra
+
+
+def _metrics(data, recipe: PretrainConfig, model, history, held_out, prepare_s, bs) -> dict:
     train_s = sum(h["seconds"] for h in history)
+    pair_epochs = [h for h, s in zip(history, epoch_plan(recipe)) if s.data == "pairs"]
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "n_pairs_used": len(data["ids"]),
@@ -539,7 +595,8 @@ def _metrics(data, recipe: PretrainConfig, model, history, held_out, prepare_s, 
         "timings": {
             "prepare_s": round(prepare_s, 3),
             "train_s": round(train_s, 3),
-            "pairs_per_s": round(len(history) * steps_per_epoch * bs / train_s, 1) if train_s else None,
+            "pairs_per_s": (round(sum(h.get("steps", 0) for h in pair_epochs) * bs / sum(h["seconds"] for h in pair_epochs), 1)
+                            if pair_epochs and sum(h["seconds"] for h in pair_epochs) else None),
         },
         "config": recipe.model.to_dict(),
         "recipe": recipe.to_dict(),

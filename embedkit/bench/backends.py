@@ -1,6 +1,6 @@
-"""`embedkit bench --sections backends`: every CPU backend side by side, as ratios to torch fp32.
+"""`backends`: every CPU backend side by side, as ratios to torch fp32.
 
-For each installed image encoder (and the random-weight architectures bench.py builds) and for the
+For each installed image encoder (and the random-weight architectures of data.py) and for the
 text encoder, in one run and alternating (best of `repeats`, so a burst of other work on a shared
 machine hits every side alike):
 
@@ -15,10 +15,12 @@ missing one is reported as such, never guessed).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
+
+from embedkit.bench.data import folder_rows, photo_rows, skewed_reports
+from embedkit.bench.harness import Context, alternate, quiet
 
 CONFIGS = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
            ("openvino", "bf16"), ("onnxruntime", "int8"), ("torch", "int8"))
@@ -44,21 +46,9 @@ def _encoders(spec, modality: str, threads: int | None, log) -> tuple[dict, dict
     return encoders, {_label(*k): v for k, v in errors.items()}
 
 
-def _alternate(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Call every runner `repeats` times in turn; seconds per call."""
-    seconds = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            seconds[k].append(time.perf_counter() - t0)
-    return seconds
-
-
 def _extract_runs(data: Path, rows: list[dict], work: Path, modality: str, model: str, configs, threads, batch_size,
                   repeats: int, decode_workers: dict | None = None) -> dict:
     """extract() from scratch per configuration, alternating; best end-to-end rate and its stage seconds."""
-    from embedkit.console import console
     from embedkit.extract import ExtractConfig, extract
     from embedkit.items import SourceOptions
 
@@ -74,11 +64,8 @@ def _extract_runs(data: Path, rows: list[dict], work: Path, modality: str, model
                                 text_model=model if modality == "text" else None, device="cpu", backend=backend,
                                 precision=precision, parity_floor=-1.0, threads=threads, batch_size=batch_size,
                                 overwrite=True, progress=False, decode_workers=workers)
-            old, console.quiet = console.quiet, True
-            try:
+            with quiet():
                 r = extract(data, work / "emb_backends", cfg, source=src, rows=rows).modalities[modality]
-            finally:
-                console.quiet = old
             st = r.costs["stage_seconds"]
             e2e = r.costs["wall_seconds"] - st.get("load_model", 0.0)
             rate = r.rows_embedded / e2e
@@ -87,9 +74,29 @@ def _extract_runs(data: Path, rows: list[dict], work: Path, modality: str, model
                              "stage_seconds": {k: round(v, 3) for k, v in st.items()}}
 
         runs[key] = run
-    _alternate(runs, repeats)
+    alternate(runs, repeats)
     return best
 
+
+def run(ctx: Context) -> dict:
+    """ONNX Runtime and OpenVINO against torch, per encoder."""
+    work, p, cfg, log = ctx.work, ctx.preset, ctx.config, ctx.log
+    images = {"models": {}}
+    for k, arch in enumerate(p.backend_image_models):
+        n = p.backend_images if k == 0 else p.backend_images_other
+        if cfg.images:
+            data, rows = Path(cfg.images), folder_rows(Path(cfg.images), n)
+            source = f"images from {cfg.images}"
+        else:
+            data, rows = work, photo_rows(work, n)
+            source = "generated radiograph-like JPEGs (1024 x 1024 px)"
+        part = bench_images(data, rows, source, {arch: ctx.models.path(arch)}, work, p.repeats, cfg.batch_size,
+                            cfg.threads, log)
+        images["images"] = part["images"]
+        images["models"].update(part["models"])
+    return {"repeats": p.repeats, "images": images,
+            "text": bench_texts(skewed_reports(p.backend_texts), cfg.text_model, work, p.repeats, cfg.batch_size,
+                                cfg.threads, log)}
 
 def bench_images(data: Path, rows: list[dict], source: str, models: dict[str, str], work: Path, repeats: int,
                  batch_size: int = 32, threads: int | None = None, log=None) -> dict:
@@ -104,7 +111,7 @@ def bench_images(data: Path, rows: list[dict], source: str, models: dict[str, st
         pixels = preprocess_images([data / r["image"] for r in rows], spec.preprocess)
         batches = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
         vectors = {k: np.concatenate([enc.embed(b) for b in batches]) for k, enc in encoders.items()}  # + warm-up
-        seconds = _alternate({k: (lambda enc=enc: [enc.embed(b) for b in batches]) for k, enc in encoders.items()},
+        seconds = alternate({k: (lambda enc=enc: [enc.embed(b) for b in batches]) for k, enc in encoders.items()},
                              repeats)
         ref = vectors[("torch", "fp32")]
         model_stage = {_label(*k): {"items_per_second": round(len(pixels) / min(s), 2),
@@ -142,7 +149,7 @@ def bench_texts(texts: list[str], model: str, work: Path, repeats: int, batch_si
     runs = {_label(*k): (lambda enc=enc: [enc.embed(b) for b in batches]) for k, enc in encoders.items()}
     others, other_vectors = _other_libraries(spec, ordered, batch_size, threads)
     runs.update({k: v[0] for k, v in others.items() if callable(v[0])})
-    seconds = _alternate(runs, repeats)
+    seconds = alternate(runs, repeats)
     labelled = {**{_label(*k): v for k, v in vectors.items()}, **other_vectors}
     ref = labelled["torch fp32"]
     model_stage = {k: {"items_per_second": round(len(texts) / min(s), 2), "tokens_per_second": round(tokens / min(s), 1),

@@ -1,4 +1,4 @@
-"""The Ray engine: the "embed the pending items" step of extract.py, run by Ray Data actors.
+"""The Ray engine: the plan's batches embedded by Ray Data actors.
 
 Everything else stays in the driver (the process that called `extract`): scanning, hashing and
 resume planning, batching, dedupe, the Parquet writer, errors.parquet and manifest.json. So ids,
@@ -26,8 +26,10 @@ import pyarrow as pa
 import embedkit
 from embedkit.costs import Costs
 from embedkit.encoders.registry import EncoderSpec
+from embedkit.engines.base import decode, embed_images, embed_texts
 from embedkit.errors import EmbedkitError
 from embedkit.items import Item
+from embedkit.plan import EmbeddedBatch, Plan, item_path
 
 # A dying actor (OOM, segfault, lost node) is restarted and its batch re-run; bounded, so that an
 # input that kills every actor fails the job instead of restarting actors forever (Ray Data's default).
@@ -69,45 +71,41 @@ class Embedder:
                 "info": np.array([info] + [""] * (n - 1), dtype=object)}
 
     def _images(self, block, vectors, errors, costs: Costs) -> int:
-        from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
-
-        pre = self.encoder.preprocess
         ok, arrays = [], []
         with costs.stage("decode"):
             for i, path in enumerate(block["path"]):
-                try:
-                    arrays.append(decode_image(path, pre))
-                    ok.append(i)
-                except ImageDecodeError as e:
-                    errors[i] = str(e)
-        if ok:
-            with costs.stage("preprocess"):
-                pixels = normalize_batch(arrays, pre)
-            with costs.stage("model"):
-                vectors[ok] = self.encoder.embed(pixels)
-        return 0
-
-    def _texts(self, block, vectors, errors, costs: Costs) -> int:
-        from embedkit.extract import _read_text
-
-        ok, texts = [], []
-        with costs.stage("read"):
-            for i, (path, text) in enumerate(zip(block["path"], block["text"])):
-                text, reason = _read_text(Item("", text=text, text_path=Path(path) if path else None))
-                if reason:
+                image, reason = decode(path, self.encoder.preprocess)
+                if image is None:
                     errors[i] = reason
                 else:
                     ok.append(i)
-                    texts.append(text)
-        if not ok:
-            return 0
-        with costs.stage("model"):
-            vectors[ok], n_truncated = self.encoder.embed(texts)
+                    arrays.append(image)
+        if ok:
+            vectors[ok] = embed_images(self.encoder, arrays, costs)
+        return 0
+
+    def _texts(self, block, vectors, errors, costs: Costs) -> int:
+        items = [Item("", text=text, text_path=Path(path) if path else None)
+                 for path, text in zip(block["path"], block["text"])]
+        ok, embedded, bad, n_truncated = embed_texts(self.encoder, items, costs)
+        for i, reason in bad:
+            errors[i] = reason
+        if ok:
+            vectors[ok] = embedded
         return n_truncated
 
 
-def open_ray(modality: str, spec: EncoderSpec, batches: list[list[Item]], config, costs: Costs):
-    """extract.py's engine step on Ray: (encoder provenance, stream of embedded batches).
+def check() -> None:
+    """Ray Data is an optional package: without it, one line before any file is read."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise EmbedkitError("--engine ray needs Ray Data: pip install 'embedkit[ray]'") from None
+
+
+def open_stream(modality: str, spec: EncoderSpec, plan: Plan, config, costs: Costs, encoder=None):
+    """The Engine step on Ray: (encoder provenance, stream of embedded batches). `encoder` is not used:
+    actors open their own, from the export cache the driver's backend check filled.
 
     The provenance comes from the actors' first result rather than from a model loaded in the
     driver: the driver needs no model memory, and the recorded device is the one that embedded.
@@ -116,7 +114,8 @@ def open_ray(modality: str, spec: EncoderSpec, batches: list[list[Item]], config
     import ray
 
     _init(config)
-    units = [it for batch in batches for it in batch]  # a row's uid is its position here
+    batches = plan.batches
+    units = list(plan.items())  # a row's uid is its position here
     blocks, start = [], 0
     for batch in batches:  # one block per batch: the actors see the local engine's batches
         blocks.append(_block(batch, start, modality))
@@ -175,17 +174,15 @@ def _actors(config, n_batches: int) -> int:
 
 
 def _block(batch: list[Item], start: int, modality: str) -> pa.Table:
-    from embedkit.extract import _path
-
     # absolute: actors need not share the driver's working directory
-    paths = [str(p.absolute()) if (p := _path(it, modality)) is not None else None for it in batch]
+    paths = [str(p.absolute()) if (p := item_path(it, modality)) is not None else None for it in batch]
     texts = [it.text if modality == "text" else None for it in batch]
     return pa.table({"uid": pa.array(range(start, start + len(batch)), pa.int64()),
                      "path": pa.array(paths, pa.string()), "text": pa.array(texts, pa.string())})
 
 
 def _batches(blocks, units: list[Item], costs: Costs):
-    """Ray's result blocks as extract.py's engine batches: (batch, ok, vectors, bad, truncated)."""
+    """Ray's result blocks as the plan's embedded batches."""
     for block in blocks:
         batch = [units[u] for u in block["uid"]]
         good = block["error"] == ""
@@ -195,7 +192,7 @@ def _batches(blocks, units: list[Item], costs: Costs):
         for info in infos:
             for stage, seconds in info["stage_seconds"].items():
                 costs.add(stage, seconds)
-        yield batch, ok, block["embedding"][good], bad, sum(info["truncated"] for info in infos)
+        yield EmbeddedBatch(batch, ok, block["embedding"][good], bad, sum(info["truncated"] for info in infos))
 
 
 def _next(stream):

@@ -1,0 +1,155 @@
+"""`embedkit models ...`: the model registry and store (list, pack, install, check CPU backends).
+cli.py adds this sub-app; this module does not import cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from embedkit.cli_common import none_word, switch
+from embedkit.errors import EmbedkitError
+
+models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                         help="The model registry and store: list, check CPU backends, pack and install bundles.")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context):
+    """List the model registry, what is available offline on this machine, and the installed bundles
+    (`models check` measures the CPU backends)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.encoders.registry import installed_models, list_models, model_store
+
+    table = Table(title="embedkit models (any transformers id, local folder or gguf:PATH works too)")
+    for col in ("name", "family", "modalities", "dim", "pooling", "available here"):
+        table.add_column(col)
+    for r in list_models():
+        table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
+                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + escape(r["where"]))
+    console.print(table)
+    installed = installed_models()
+    store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
+    for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
+        store.add_column(col, justify="right" if col in ("files", "MB") else "left")
+    for m in installed:
+        files = m.get("files") or {}
+        store.add_row(*(escape(str(v)) for v in (m.get("name"), m.get("source"), (m.get("revision") or "-")[:12],
+                                                m.get("license"), len(files),
+                                                f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f}",
+                                                m.get("installed"))))
+    console.print(store if installed else f"no models installed from bundles in {escape(str(model_store()))} "
+                                          f"(embedkit models install BUNDLE)")
+
+
+@models_app.command("pack")
+def models_pack(
+    names: List[str] = typer.Argument(..., help="Registry names, hub ids in this machine's cache, or model folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle to write (a .tar file)."),
+):
+    """Bundle models for a machine without internet: files, spec, licence and the sha256 of every file."""
+    import json
+
+    from embedkit.bundles import pack
+    from embedkit.console import console
+
+    r = pack(list(names), out)
+    for m in r["models"]:
+        note = f"; left out: {', '.join(m['left_out'])}" if m["left_out"] else ""
+        console.print(f"{m['name']}: {m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence {m['license']}"
+                      + (" [yellow](check it before you redistribute)[/]" if m["license"] == "unknown" else "") + note,
+                      markup=m["license"] == "unknown", soft_wrap=True)
+    console.print(f"bundle -> {r['bundle']} ({r['bytes'] / 2**20:.1f} MB)", markup=False)
+    console.print(f"sha256 {r['sha256']}: check it on the offline machine with "
+                  f"`embedkit models install {Path(r['bundle']).name} --sha256 {r['sha256']}`", markup=False)
+    typer.echo(json.dumps({"sha256": r["sha256"], "models": [m["name"] for m in r["models"]]}))
+
+
+@models_app.command("install")
+def models_install(
+    bundle: Path = typer.Argument(..., help="A bundle from `embedkit models pack`."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="The bundle's sha256 as `pack` printed it."),
+):
+    """Verify every file of a bundle (checksums, no pickles, no paths outside it) and install it into the store."""
+    from embedkit.bundles import install
+    from embedkit.console import console
+
+    r = install(bundle, sha256)
+    for m in r["models"]:
+        console.print(f"installed {m['name']} ({m['files']} files, {m['bytes'] / 2**20:.1f} MB, licence "
+                      f"{m['license']}) -> {m['folder']}", markup=False)
+    console.print(f"every file matched its sha256; bundle sha256 {r['sha256']}", markup=False)
+
+
+@models_app.command("presets")
+def models_presets():
+    """The shared-encoder recipes `embedkit pretrain --preset NAME` takes, with what each changes."""
+    from dataclasses import fields
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.shared_encoder.pretrain_config import PretrainConfig, load_preset, preset_names
+
+    defaults = PretrainConfig()
+    table = Table(title="embedkit pretrain presets (--preset NAME; change any field with --set key=value)")
+    for col in ("name", "description", "differs from the defaults"):
+        table.add_column(col)
+    for name in preset_names():
+        cfg = load_preset(name)
+        changed = [f"{f.name}={getattr(section, f.name)}" for part in ("model", "train")
+                   for section, default in [(getattr(cfg, part), getattr(defaults, part))]
+                   for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+        changed += [f"stages: {' -> '.join(s.name for s in cfg.stages)}"] if cfg.stages else []
+        table.add_row(name, escape(cfg.description), escape(", ".join(changed) or "-"))
+    console.print(table)
+
+
+@models_app.command("check")
+def models_check(
+    model: str = typer.Argument(..., help="Registry name, hf:ID, a local folder or shared:PATH."),
+    modality: Optional[str] = typer.Option(None, help="image or text (default: every modality the model has)."),
+    backend: str = typer.Option("all", help="all, torch, onnxruntime or openvino."),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or int8 (default: every one the backend runs)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Model CPU threads (default: all cores)."),
+    parity_floor: float = typer.Option(0.99, min=-1.0, max=1.0, help="Lowest cosine to torch fp32 that passes."),
+    trust_remote_code: bool = switch(False, "trust-remote-code", "Run code shipped with a hub model. Only if you "
+                                                                 "trust it."),
+):
+    """Export (once, cached), measure parity to torch fp32 and speed of every backend for MODEL on this machine.
+
+    Exits 2 when a single --backend and --precision were asked for and fall below --parity-floor."""
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.encoders.backend_choice import check_backends
+
+    rows = check_backends(model, modality=modality, backend=backend, precision=none_word(precision), threads=threads,
+                          floor=parity_floor, trust_remote_code=trust_remote_code)
+    table = Table(title=f"embedkit models check {model} (parity floor {parity_floor:g}; calibration batch, "
+                        f"{threads or 'default'} threads)")
+    for col in ("modality", "backend", "precision", "cosine min", "cosine mean", "items/s", "x torch fp32",
+                "export s", "verdict"):
+        table.add_column(col, justify="left" if col in ("modality", "backend", "precision", "verdict") else "right")
+    for r in rows:
+        p = r.get("parity")
+        table.add_row(r["modality"], r["backend"], r["precision"], "reference" if p is None else f"{p['min_cosine']:.4f}",
+                      "" if p is None else f"{p['mean_cosine']:.4f}", f"{r.get('items_per_second') or 0:.1f}",
+                      f"{r.get('speedup') or 0:.2f}", "" if r.get("export_seconds") is None else
+                      f"{r['export_seconds']:.1f}", r["verdict"])
+    console.print(table)
+    for r in rows:
+        if r.get("error"):
+            console.print(f"  {r['modality']} {r['backend']} {r['precision']}: {r['error']}", soft_wrap=True)
+    asked_one = backend != "all" and precision is not None
+    if asked_one and any(r["verdict"] != "passes" for r in rows):
+        failed = next(r for r in rows if r["verdict"] != "passes")
+        raise EmbedkitError(failed.get("error") or f"{failed['backend']} {failed['precision']} is below the parity "
+                                                   f"floor {parity_floor:g} for {model}")
