@@ -249,7 +249,7 @@ def test_momo_preset_runs_through_the_cli_with_unpaired_items_and_extra_folders(
              "--set", "width=64", "--set", "depth=2", "--set", "heads=2", "--set", "image_size=32",
              "--set", "patch_size=8", "--set", "max_text_len=16", "--set", "embed_dim=32",
              "--set", "stages.1.epochs=1", "--set", "stages.2.epochs=1", "--set", "stages.3.epochs=1",
-             "--batch-size", "4", "--set", "val_fraction=0", "--no-progress")
+             "--batch-size", "4", "--set", "val_fraction=0", "--set", "keep_checkpoint=true", "--no-progress")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     by_stage = {s["stage"]: s for s in m["stages"]}
@@ -269,7 +269,7 @@ def test_momo_preset_runs_through_the_cli_with_unpaired_items_and_extra_folders(
     # The training-only heads are in the resumable state, not in the exported model.
     exported = set(load_file(out / "model.safetensors"))
     assert exported == set(SharedEncoder(SharedEncoderConfig.load(out / "config.json")).state_dict())
-    state = load_file(out / "train_state.safetensors")
+    state = load_file(train_mod.checkpoint_folder(out) / "state.safetensors")  # kept: keep_checkpoint=true
     heads = {k for k in state if k.startswith(stages.HEADS_PREFIX)}
     assert {"heads.mask_token", "heads.pixel_decoder.weight", "heads.mlm_bias"} <= heads
     assert not any("mask_token" in k or "decoder" in k or "mlm" in k for k in exported)
@@ -286,10 +286,10 @@ def test_momo_preset_is_staged_and_a_clip_stage_needs_pairs(tmp_path):
 
 def test_resume_mid_stage_equals_uninterrupted(tmp_path, monkeypatch):
     pairs, unpaired = make_linked_data(tmp_path)
-    recipe = momo(epochs=(1, 2, 1), val_fraction=0.2)
+    recipe = momo(epochs=(1, 2, 1), val_fraction=0.2, keep_checkpoint=True)
     ref = pretrain(pairs, tmp_path / "ref", recipe, progress=False, unpaired=unpaired)
 
-    real_save, calls = train_mod._save_checkpoint, []
+    real_save, calls = train_mod.save_checkpoint, []
 
     def save_then_crash(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -297,17 +297,17 @@ def test_resume_mid_stage_equals_uninterrupted(tmp_path, monkeypatch):
         if len(calls) == 2:  # after epoch 2: the first of the unpaired stage's two epochs
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         pretrain(pairs, tmp_path / "run", recipe, progress=False, unpaired=unpaired)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
-    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    state = json.loads((train_mod.checkpoint_folder(tmp_path / "run") / "train_state.json").read_text())
     assert state["epoch"] == 2 and state["history"][-1]["stage"] == "unpaired"
 
     resumed = pretrain(pairs, tmp_path / "run", recipe, progress=False, unpaired=unpaired)
     assert resumed["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
-    for name in ("model.safetensors", "train_state.safetensors"):  # weights, AdamW moments and the heads
-        a, b = load_file(tmp_path / "ref" / name), load_file(tmp_path / "run" / name)
+    for name in ("{}/model.safetensors", "{}.checkpoint/state.safetensors"):  # weights, AdamW moments, heads
+        a, b = load_file(tmp_path / name.format("ref")), load_file(tmp_path / name.format("run"))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
     # Other unpaired data is another run: refused, not silently mixed.
     with pytest.raises(Exception, match="unpaired"):

@@ -41,6 +41,11 @@ class PretrainSettings:
     seed: int = 0  # weights init, batch order, held-out split
     val_fraction: float = 0.1  # share of linked-row groups held out for retrieval (never trained on)
     save_every: int = 1  # checkpoint every N epochs (and after the last)
+    # One pair per image and per exact text in a batch: duplicates are false negatives (~6 questions per image
+    # on VQA-RAD) that pull a batch's embeddings together
+    unique_in_batch: bool = True
+    init_text: str = "random"  # "minilm": token table from the offline MiniLM's word vectors (PCA to the width)
+    keep_checkpoint: bool = False  # keep OUT.checkpoint (optimizer state) after a completed run, to extend it later
     mim_mask_ratio: float = 0.5  # masked image modelling: share of patches masked (SimMIM: 0.6 at 32 px patches)
     mlm_probability: float = 0.15  # masked language modelling: share of word pieces predicted (BERT)
 
@@ -87,6 +92,8 @@ class PretrainConfig:
     def validate(self) -> "PretrainConfig":
         self.model.validate()
         t, problems = self.train, []
+        if t.init_text not in ("random", "minilm"):
+            problems.append("train.init_text must be random or minilm")
         if t.epochs < 0 or t.batch_size < 2 or t.lr <= 0 or not 0 <= t.val_fraction < 1 or t.save_every < 1:
             problems.append("train needs epochs >= 0, batch_size >= 2, lr > 0, 0 <= val_fraction < 1, save_every >= 1")
         if not 0 < t.mim_mask_ratio < 1 or not 0 < t.mlm_probability < 1:

@@ -1,18 +1,21 @@
 """pretrain(): train a SharedEncoder from scratch with the CLIP loss on image/text pairs, on a CPU.
 
 Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
-a held-out split that keeps rows sharing an image or a group (a patient) on one side, the training
-loop (symmetric InfoNCE, AdamW, warmup + cosine; a recipe's stages add MoMo's masked objectives
-and images/texts without a partner, see stages.py and unpaired.py), and checkpoints written after
-every epoch so an interrupted run resumes where it stopped.
+a held-out split that keeps rows sharing an image or a group (a patient) on one side, batches with
+one pair per image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine; a recipe's stages
+add MoMo's masked objectives and images/texts without a partner, see stages.py and unpaired.py),
+checkpoints written after every epoch so an interrupted run resumes where it stopped, and a
+collapse check.
 
-Files in out_dir (no pickle anywhere):
-  model.safetensors, config.json, tokenizer files  - the self-contained model folder
+The exported model folder OUT (no pickle anywhere), what `shared:OUT` loads:
+  model.safetensors, config.json, tokenizer files  - the self-contained model
   pretrain_config.json                             - the resolved recipe (preset, overrides, every field)
-  train_state.safetensors                          - AdamW moment tensors (+ MoMo's training-only heads, "heads.*")
-  train_state.json                                 - epoch, step, seed, settings, loss history
-  metrics.json                                     - losses, held-out retrieval, timings, sizes
-"""
+  metrics.json                                     - losses, held-out retrieval, collapse check, timings
+The resumable checkpoint lives beside it in OUT.checkpoint/ (never inside the model: AdamW's two
+moments are twice the weights): state.safetensors (weights "model.*", AdamW moments "adam.*", MoMo's
+training-only heads "heads.*") and train_state.json (epoch, step, seed, settings, history). It is
+removed once the run completes, unless train.keep_checkpoint is set (needed to extend a finished
+run with more epochs)."""
 
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, r
 from embedkit.items import Item, SkippedInput
 from embedkit.shared_encoder import stages
 from embedkit.shared_encoder.budget import resolve_budget
+from embedkit.shared_encoder.collapse import collapse_check, first_per_image, warning_line
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.model import SharedEncoder
 from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig
@@ -48,8 +52,15 @@ from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.runner import WEIGHTS, image_preprocess, load_tokenizer, save_shared_encoder, tokenize
 from embedkit.shared_encoder.unpaired import Unpaired, prepare_unpaired
 
-STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "metrics.json"
+STATE, STATE_JSON, METRICS = "state.safetensors", "train_state.json", "metrics.json"
 RECIPE = "pretrain_config.json"  # the resolved PretrainConfig: preset, overrides, every field
+OLD_STATE = "train_state.safetensors"  # optimizer state inside the model folder, before #14: dropped on export
+
+
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where the resumable checkpoint of model folder `out` lives: `OUT.checkpoint` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,6 +196,47 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float = 
     return out
 
 
+def batch_order(rows: torch.Tensor, keys: list[np.ndarray], bs: int, n_batches: int,
+                g: torch.Generator) -> torch.Tensor:
+    """n_batches batches of bs rows in a random order (g); with keys, no two rows of a batch share a key.
+
+    Keys are e.g. the image index and the text: VQA-RAD asks ~6 questions about each image, and a
+    batch holding two of them makes each pair's own image a negative of the other (identical pixels
+    cannot be told apart, so the loss pushes the two questions together and the images towards the
+    mean). Rows go round-robin to the first batch without their keys; a batch left short (a key on
+    more rows than there are batches) is filled from the rows left over, as a plain shuffle would.
+    """
+    order = rows[torch.randperm(len(rows), generator=g)].tolist()
+    if not keys:
+        return torch.tensor(order[: n_batches * bs]).view(n_batches, bs)
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    taken: list[set] = [set() for _ in range(n_batches)]
+    left, nxt = [], 0
+    for r in order:
+        row_keys = {(j, k[r]) for j, k in enumerate(keys)}
+        for t in range(n_batches):
+            b = (nxt + t) % n_batches
+            if len(batches[b]) < bs and not row_keys & taken[b]:
+                batches[b].append(r)
+                taken[b] |= row_keys
+                nxt = b + 1
+                break
+        else:
+            left.append(r)
+    for b in batches:
+        while len(b) < bs:
+            b.append(left.pop())
+    return torch.tensor(batches)
+
+
+def batch_keys(data: dict, rows: torch.Tensor, unique: bool) -> list[np.ndarray]:
+    """Per row, what a batch may hold only once: its image and its exact text (when unique)."""
+    if not unique:
+        return []
+    text_code = np.unique(data["input_ids"].numpy(), axis=0, return_inverse=True)[1].reshape(-1)
+    return [data["image_index"].numpy(), text_code]
+
+
 @torch.inference_mode()
 def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_size: int = 128):
     model.eval()
@@ -195,40 +247,75 @@ def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_
     return torch.cat(img), torch.cat(txt)
 
 
+def check_collapse(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, where: str) -> dict:
+    """collapse.py's check on one pair per image of `rows` (distinct candidates, embedded once)."""
+    rows = rows[torch.from_numpy(first_per_image(data["image_index"][rows].numpy()))]
+    img, txt = embed_rows(model, data, rows, cfg)
+    return collapse_check(img.numpy(), txt.numpy(), data["image_index"][rows].numpy(), where=where)
+
+
+def init_token_embedding(model: SharedEncoder, cfg: SharedEncoderConfig) -> None:
+    """Start the token table from the offline MiniLM's word embeddings (its tokenizer is ours).
+
+    A few hundred pairs cannot teach 30,522 word vectors; MiniLM's already place related words
+    together. Its 384-d rows are reduced to the token width by PCA of the table (the top components;
+    no data rows involved), rescaled to the random init's std 0.02; widths above 384 keep random extra columns.
+    """
+    if cfg.tokenizer != "minilm":
+        raise EmbedkitError("init_text=minilm needs the minilm tokenizer (the word vectors are indexed by its vocabulary)")
+    from embedkit.encoders.loading import source_path
+    from embedkit.encoders.registry import REGISTRY
+
+    table = load_file(str(Path(source_path(REGISTRY["minilm"])) / WEIGHTS))["embeddings.word_embeddings.weight"]
+    table = table.double() - table.double().mean(0)
+    _, _, v = torch.linalg.svd(table, full_matrices=False)
+    k = min(cfg.token_width, v.shape[0])
+    reduced = table @ v[:k].T
+    with torch.no_grad():
+        rows = min(len(reduced), model.tok_embed.weight.shape[0])
+        model.tok_embed.weight[:rows, :k] = (reduced[:rows] * (0.02 / reduced.std())).float()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict, recipe: PretrainConfig, heads=None) -> None:
-    """Weights, optimiser state, metrics and train_state.json as one unit: the whole folder is written
-    beside `out` and renamed into place, so a crash leaves the previous checkpoint or this one, never a mix.
-    The masked objectives' training-only heads travel with the optimiser state, never in model.safetensors."""
-    moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None) -> None:
+    """Weights, AdamW moments, MoMo's training-only heads and train_state.json as one unit: the folder is
+    staged beside `ckpt` and renamed into place, so a crash leaves the previous checkpoint or this one."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"adam.{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
     if heads is not None:
-        moments |= {stages.HEADS_PREFIX + k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+        tensors |= {stages.HEADS_PREFIX + k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+    with atomic_folder(ckpt) as staging:
+        save_file(tensors, str(staging / STATE))
+        (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_checkpoint(ckpt: Path, model, opt, heads=None) -> None:
+    tensors = load_file(ckpt / STATE)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    if heads is not None:
+        n = len(stages.HEADS_PREFIX)
+        heads.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(stages.HEADS_PREFIX)}, strict=True)
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, t in tensors.items():
+        if key.startswith("adam."):
+            pid, name = key[5:].split(".", 1)
+            sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)
+
+
+def export_model(out: Path, model, metrics: dict, recipe: PretrainConfig) -> None:
+    """The model folder alone (weights, config, recipe, metrics, tokenizer), swapped in whole."""
     with atomic_folder(out) as staging:
         for p in out.iterdir():  # the tokenizer and anything else of the folder's own, as they are
             if p.is_dir():
                 shutil.copytree(p, staging / p.name, symlinks=True)
-            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON, RECIPE):
+            elif p.name not in (WEIGHTS, METRICS, RECIPE, OLD_STATE, STATE_JSON):
                 shutil.copy2(p, staging / p.name, follow_symlinks=False)
         save_shared_encoder(model, None, staging)
-        save_file(moments, str(staging / STATE))
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
         recipe.save(staging / RECIPE)
-
-
-def _load_checkpoint(out: Path, model, opt, heads=None) -> None:
-    model.load_state_dict(load_file(out / WEIGHTS), strict=True)
-    sd = opt.state_dict()
-    sd["state"] = {}
-    saved = load_file(out / STATE)
-    head_state = {k[len(stages.HEADS_PREFIX):]: saved.pop(k) for k in list(saved) if k.startswith(stages.HEADS_PREFIX)}
-    if heads is not None:
-        heads.load_state_dict(head_state, strict=True)
-    for key, t in saved.items():
-        pid, name = key.split(".", 1)
-        sd["state"].setdefault(int(pid), {})[name] = t
-    opt.load_state_dict(sd)
 
 
 def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
@@ -242,16 +329,19 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 
 def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, resume: bool = True,
              progress: bool = True, grouped: bool = True, unpaired: Unpaired | list[Item] | None = None) -> dict:
-    """Train on image/text pairs as `recipe` says, checkpoint into out_dir, return the metrics dict.
+    """Train on image/text pairs as `recipe` says, export the model to out_dir, return the metrics dict.
 
-    Checkpoints are written every `recipe.train.save_every` epochs and after the last one. resume=True
-    continues from the last checkpointed epoch in out_dir when the recipe (epochs aside) and the data
-    match (raising otherwise); more epochs extend the cosine schedule from there.
+    Checkpoints (checkpoint_folder(out_dir), beside it) and the model folder are written every
+    `recipe.train.save_every` epochs and after the last one. resume=True continues from the last
+    checkpointed epoch when the recipe (epochs aside) and the data match (raising otherwise); more
+    epochs extend the cosine schedule from there. A completed run removes its checkpoint unless
+    train.keep_checkpoint; run again, it reports what is on disk, and more epochs are refused.
     The held-out split takes val_fraction of the groups of linked rows: rows sharing an image, or
     (grouped=True) an item.group such as a patient, all land on one side. Its held-out retrieval counts
     ties against the query, so data with several texts per image scores lower than its
     distinct-candidate retrieval would.
     One run at a time per folder (a lock beside it); a checkpoint left half-swapped by a crash is restored.
+    After the last epoch a collapse check (collapse.py) goes into metrics["collapse"], with a warning on stderr.
     `unpaired` (MoMo's stages): images without a text and texts without an image, training items only (see
     unpaired.select_unpaired); none of them may share an image, text or group with a held-out or held-back row.
     """
@@ -278,7 +368,7 @@ def epoch_plan(recipe: PretrainConfig) -> list[StageConfig]:
 def resume_key(recipe: PretrainConfig, data_fingerprint: str) -> dict:
     """What must match for a checkpoint to resume: everything but the run's length and checkpoint cadence."""
     d = recipe.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("epochs", "save_every")}
+    train = {k: v for k, v in d["train"].items() if k not in ("epochs", "save_every", "keep_checkpoint")}
     stages = [dict(s) for s in d["stages"]]
     if stages:  # the last stage may be lengthened like train.epochs
         stages[-1].pop("epochs")
@@ -348,20 +438,28 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
 
     torch.manual_seed(train.seed)
     model = SharedEncoder(cfg)
+    if train.init_text == "minilm":  # deterministic (no random numbers drawn): the rest of the init is unchanged
+        init_token_embedding(model, cfg)
     heads = stages.build_heads(cfg, recipe)  # after the model: the encoder's init does not depend on them
     opt = make_optimizer(model, train, heads)
     settings = resume_key(recipe, _fingerprint(data["ids"], data["groups"] if grouped else None))
     if extra is not None:  # other unpaired data is another run; runs without any keep their key
         settings["unpaired"] = extra["fingerprint"]
+    ckpt = checkpoint_folder(out)
+    recover_folder(ckpt)
     start_epoch, step, history = 0, 0, []
-    if resume and (out / STATE_JSON).is_file():
-        saved = json.loads((out / STATE_JSON).read_text())
-        if saved["settings"] != settings:
-            changed = sorted(k for k in settings.keys() | saved["settings"].keys()
-                             if saved["settings"].get(k) != settings.get(k))
-            raise EmbedkitError(f"{out} holds a run with different {', '.join(changed)}: use another folder or resume=False")
-        _load_checkpoint(out, model, opt, heads)
+    if resume and (ckpt / STATE_JSON).is_file():
+        saved = json.loads((ckpt / STATE_JSON).read_text())
+        _same_run(saved["settings"], settings, ckpt)
+        load_checkpoint(ckpt, model, opt, heads)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
+    elif resume and (out / METRICS).is_file() and "resume_key" in (done := json.loads((out / METRICS).read_text())):
+        _same_run(done["resume_key"], settings, out)
+        if len(done["epochs"]) >= len(plan):  # nothing left to train: report what is on disk
+            return done
+        raise EmbedkitError(f"{out} holds a completed run of {len(done['epochs'])} epochs whose checkpoint was "
+                            f"removed: to add epochs, rerun it with keep_checkpoint=true, or use another folder")
+    keys = batch_keys(data, train_rows, train.unique_in_batch)
     if recipe.stages:
         for c in used:
             print(f"stage {c['stage']}: {c['epochs']} epoch(s) of {'+'.join(c['objectives'])} on {c['pairs']} pairs, "
@@ -372,6 +470,7 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), console=Console(stderr=True), disable=not progress,
     )
+    metrics = None
     with bar:
         task = bar.add_task("shared encoder", total=sum(steps[start_epoch:]), loss=float("nan"))
         for epoch in range(start_epoch, len(plan)):
@@ -382,7 +481,7 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
             g = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
             model.train()
             losses = []
-            for batch in stages.stage_batches(pools[stage.data], bs, g):
+            for batch in epoch_batches(stage, pools[stage.data], keys, bs, g):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
                 loss = stages.stage_loss(model, heads, stage, batch, data, banks, train, g, random_resized_crop)
@@ -405,7 +504,8 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
             if len(val_rows) >= 2:
                 record["val"] = retrieval_metrics(*embed_rows(model, data, val_rows, cfg))
             history.append(record)
-            if (epoch + 1) % train.save_every and epoch + 1 < len(plan):
+            last = epoch + 1 == len(plan)
+            if (epoch + 1) % train.save_every and not last:
                 continue
             state = {
                 "epoch": epoch + 1,
@@ -414,15 +514,42 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
                 "settings": settings,
                 "history": history,
             }
-            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, bs)
+            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, bs) | {"resume_key": settings}
             metrics["stages"] = used
             if extra is not None:
                 metrics["unpaired"] = {**extra["counts"], "skipped": [asdict(x) for x in extra["skipped"]],
                                        "n_text_truncated": extra["n_truncated"]}
-            _save_checkpoint(out, model, opt, state, metrics, recipe, heads)
-    if start_epoch >= len(plan):  # nothing left to train: report what is on disk
-        return json.loads((out / METRICS).read_text())
+            if last:
+                held = len(val_rows) >= 2
+                metrics["collapse"] = check_collapse(model, data, val_rows if held else train_rows, cfg,
+                                                     "held-out" if held else "training")
+            save_checkpoint(ckpt, model, opt, state, heads)  # the checkpoint first: a crash between the two resumes
+            export_model(out, model, metrics, recipe)
+    if metrics is None:  # a checkpoint of every planned epoch, killed before cleanup: report what is on disk
+        metrics = json.loads((out / METRICS).read_text())
+    elif warning_line(metrics.get("collapse", {})):
+        print(warning_line(metrics["collapse"]), file=sys.stderr)
+    if not train.keep_checkpoint:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def _same_run(saved: dict, settings: dict, where: Path) -> None:
+    if saved != settings:
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise EmbedkitError(f"{where} holds a run with different {', '.join(changed)}: use another folder or resume=False")
+
+
+def epoch_batches(stage: StageConfig, pools: dict, keys: list[np.ndarray], bs: int, g: torch.Generator):
+    """One epoch's batches of a stage: pair stages with one pair per image and text (batch_order), others
+    as stages.py draws them."""
+    if stage.data != "pairs" or not keys:
+        yield from stages.stage_batches(pools, bs, g)
+        return
+    rows = pools["pairs"]
+    b = min(bs, len(rows))
+    for batch in batch_order(rows, keys, b, stages.steps_per_epoch(pools, bs), g):
+        yield {"pairs": batch}
 
 
 def _banks(data: dict, train_rows, val_rows, recipe: PretrainConfig, unpaired: Unpaired, tokenizer, grouped: bool):
