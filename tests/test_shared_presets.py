@@ -283,3 +283,14 @@ def test_models_presets_lists_every_preset_with_its_description():
     for name in preset_names():
         assert name in r.stderr
     assert "ln_per_modality=True" in r.stderr and "match_budget=non_embedding" in r.stderr
+
+
+def test_residual_projections_start_scaled_by_depth():
+    """GPT-2's init: each block's output projections start at 0.02 / sqrt(2 * depth), the rest at 0.02."""
+    torch.manual_seed(0)
+    cfg = SharedEncoderConfig(width=128, depth=8, heads=4, vocab_size=1000)
+    model = SharedEncoder(cfg)
+    scaled = torch.cat([w.flatten() for b in model.blocks("image") for w in (b.proj.weight, b.out.weight)])
+    plain = torch.cat([b.qkv.weight.flatten() for b in model.blocks("image")])
+    assert abs(scaled.std().item() - 0.02 / (2 * cfg.depth) ** 0.5) < 5e-4
+    assert abs(plain.std().item() - 0.02) < 1e-3

@@ -115,6 +115,9 @@ class SharedEncoder(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        # A second pass: modules() yields a Block before its Linears, so scaling them in the loop above
+        # was overwritten by the plain init (found in review: proj had std 0.020, not 0.0035).
+        for m in self.modules():
             if isinstance(m, Block):
                 # GPT-2: residual output projections scaled by depth keep the residual stream O(1).
                 for lin in (m.proj, m.out):
