@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     items = make_pairs(folder)
     out = {}
-    for name, kw in (("learned", dict(epochs=60, lr=1e-3)), ("collapsed", dict(epochs=1, lr=1e-7))):
+    for name, kw in (("learned", dict(epochs=80, lr=5e-4)), ("collapsed", dict(epochs=1, lr=1e-7))):
         path = tmp_path_factory.mktemp(name)
         out[name] = path, kw
     return items, out

@@ -286,7 +286,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
     assert len(longer["train_loss"]) == 4 and longer["train_loss"][:3] == resumed["train_loss"]
     assert json.loads((ckpt / "train_state.json").read_text())["epoch"] == 4
     with pytest.raises(EmbedkitError, match="lr"):
-        pretrain(items, tmp_path / "run", recipe(epochs=5, **(kw | {"lr": 1e-3})), progress=False)
+        pretrain(items, tmp_path / "run", recipe(epochs=5, **(kw | {"lr": 3e-3})), progress=False)
     # Without keep_checkpoint a completed run removes it; the same run again reports what is on disk,
     # a longer one is refused (it could not resume bit for bit) instead of silently starting over.
     kw["keep_checkpoint"] = False
