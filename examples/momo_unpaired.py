@@ -80,13 +80,13 @@ def evaluate(out: Path, evals: list[Item]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=Path("/work/runs/momo_unpaired"))
+    ap.add_argument("--out", type=Path, default=Path("runs/momo_unpaired"))
     ap.add_argument("--paired-fraction", type=float, default=0.25, help="share of training images kept as pairs")
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="share of images held out for evaluation")
     ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--image-epochs", type=int, default=2)
-    ap.add_argument("--unpaired-epochs", type=int, default=1)
-    ap.add_argument("--pair-epochs", type=int, default=8)
+    ap.add_argument("--image-epochs", type=int, help="default: the momo preset's")
+    ap.add_argument("--unpaired-epochs", type=int, help="default: the momo preset's")
+    ap.add_argument("--pair-epochs", type=int, help="default: the momo preset's")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 is fastest on busy cores)")
     args = ap.parse_args()
     if not (args.data / "trainset.json").is_file():
@@ -97,12 +97,10 @@ def main() -> None:
 
     base = load_preset("momo")
     epochs = (args.image_epochs, args.unpaired_epochs, args.pair_epochs)
-    recipe = replace(
+    recipe = replace(  # the preset as shipped, but for the epochs asked for
         base,
-        model=replace(base.model, width=96, depth=3, heads=4, image_size=64, patch_size=16, max_text_len=32,
-                      embed_dim=128),
-        train=replace(base.train, batch_size=64, val_fraction=0.0),
-        stages=[replace(s, epochs=e) for s, e in zip(base.stages, epochs)],
+        train=replace(base.train, val_fraction=0.0),
+        stages=[s if e is None else replace(s, epochs=e) for s, e in zip(base.stages, epochs)],
     )
     results = []
     for seed in range(args.seeds):

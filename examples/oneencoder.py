@@ -1,6 +1,6 @@
 """OneEncoder on VQA-RAD: the universal projection (`project --arch up`) vs one linear head per modality.
 
-    python examples/oneencoder.py --emb /work/runs/vqa_emb --out /work/runs/oneencoder --seeds 3
+    python examples/oneencoder.py --seeds 3
 
 Frozen offline encoders (EfficientNet-Lite0 images, MiniLM questions), extracted once through the shipped
 data manifest (reused when --emb exists). Each arch and seed runs `project_embeddings` as the CLI does:
@@ -40,8 +40,8 @@ def test_retrieval(projected: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa_rad")
-    ap.add_argument("--emb", type=Path, default=Path("/work/runs/vqa_emb"))
-    ap.add_argument("--out", type=Path, default=Path("/work/runs/oneencoder"))
+    ap.add_argument("--emb", type=Path, default=Path("runs/vqa_emb"))
+    ap.add_argument("--out", type=Path, default=Path("runs/oneencoder"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on a busy 2-core machine)")

@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, repeatable")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=Path("/work/runs/pretrain_defaults.jsonl"))
+    ap.add_argument("--results", type=Path, default=Path("runs/pretrain_defaults.jsonl"))
     ap.add_argument("--keep", type=Path, default=None, help="keep the model folder here")
     ap.add_argument("--table", action="store_true", help="print the results so far as Markdown and stop")
     args = ap.parse_args()
