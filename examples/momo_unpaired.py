@@ -120,13 +120,28 @@ def main() -> None:
                             "final_train_loss": m["train_loss"][-1], **{k: r[k] for k in KEYS},
                             "n_eval": r["n"], "chance_R@1": r["chance_R@1"]})
             print(json.dumps({k: results[-1][k] for k in ("seed", "run", "seconds", *KEYS)}), file=sys.stderr)
+    table = summary_table(results, recipe)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "recipe": recipe.to_dict(), "runs": results}, indent=2))
-    print("| run | seed | " + " | ".join(KEYS) + " | s | peak MB |")
-    print("|---|---|" + "---|" * (len(KEYS) + 2))
-    for r in results:
-        print(f"| {r['run']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
-              + f" | {r['seconds']} | {r['peak_rss_mb']} |")
+                                                       "recipe": recipe.to_dict(), "runs": results, "table": table},
+                                                      indent=2))
+    print(table)
+
+
+def summary_table(results: list[dict], recipe) -> str:
+    """Mean ± std over seeds per run kind, with the items each stage used (seed 0) and time and memory."""
+    lines = ["| run | seeds | pairs / unpaired images / unpaired texts | " + " | ".join(KEYS) + " | s/run | peak MB |",
+             "|---|---|---|" + "---|" * (len(KEYS) + 2)]
+    for name in ("with unpaired", "without"):
+        rs = [r for r in results if r["run"] == name]
+        u = rs[0]["unpaired"] or {}
+        used = f"{rs[0]['stages'][-1]['pairs']} / {u.get('used_images', 0)} / {u.get('used_texts', 0)}"
+        cells = [f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs]):.3f}" for k in KEYS]
+        lines.append(f"| {name} | {len(rs)} | {used} | " + " | ".join(cells)
+                     + f" | {np.mean([r['seconds'] for r in rs]):.0f} | {max(r['peak_rss_mb'] for r in rs)} |")
+    n, chance = results[0]["n_eval"], results[0]["chance_R@1"]
+    stages = " -> ".join(f"{s.name} {s.epochs} ep ({'+'.join(s.objectives)})" for s in recipe.stages)
+    return (f"momo preset as shipped ({stages}); {n} held-out images, one question each (chance R@1 {chance:.3f}, "
+            f"R@10 {10 * chance:.3f}); pairs / unpaired counts of seed 0.\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

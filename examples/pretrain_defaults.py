@@ -42,17 +42,10 @@ def folder_mb(path: Path) -> float:
 
 
 def table(results: Path) -> str:
-    """The trials of a results file as a Markdown table (R@1 / R@5, both directions, vs chance)."""
-    lines = ["| trial | settings (--set) | i2t R@1 / R@5 | t2i R@1 / R@5 | chance | cosine img / txt | collapsed | s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for line in results.read_text().splitlines():
-        d = json.loads(line)
-        r, c = d["retrieval"], d["chance"]
-        lines.append(f"| {d['name']} | {' '.join(d['overrides'])} | {r['i2t_R@1']:.3f} / {r['i2t_R@5']:.3f} | "
-                     f"{r['t2i_R@1']:.3f} / {r['t2i_R@5']:.3f} | {c['R@1']:.3f} / {c['R@5']:.3f} | "
-                     f"{d['image_cosine']:.2f} / {d['text_cosine']:.2f} | {'yes' if d['collapsed'] else 'no'} | "
-                     f"{d['seconds']:.0f} |")
-    return "\n".join(lines)
+    """The trials of a results file as a Markdown table (the README's block renders the same)."""
+    from embedkit.bench.tables import pretrain_trials_table
+
+    return pretrain_trials_table([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
 
 
 def main() -> None:
@@ -62,7 +55,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, repeatable")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=Path("runs/pretrain_defaults.jsonl"))
+    ap.add_argument("--results", type=Path, default=Path("runs/pretrain_trials.jsonl"))
     ap.add_argument("--keep", type=Path, default=None, help="keep the model folder here")
     ap.add_argument("--table", action="store_true", help="print the results so far as Markdown and stop")
     args = ap.parse_args()

@@ -161,7 +161,7 @@ def main() -> None:
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                         "default_sets": DEFAULT_SETS, "runs": runs,
-                                                        "summary": summary}, indent=2, default=str) + "\n")
+                                                        "summary": summary, "table": text}, indent=2, default=str) + "\n")
     print(text)
     print(f"\nwritten: {args.out / 'results.md'}, {args.out / 'results.json'}", file=sys.stderr)
 
