@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -66,12 +67,15 @@ def main() -> None:
             runs.append({"arch": arch, "seed": seed, "seconds": round(seconds, 2), "fit_seconds": fit["seconds"],
                          "n_train": fit["n_train"], "n_val": fit["n_val"],
                          "held_out": fit.get("val_retrieval_distinct", fit["val_retrieval"]),
-                         "test": test_retrieval(args.out / f"{arch}_seed{seed}"), "config": fit["config"]})
+                         "test": test_retrieval(args.out / f"{arch}_seed{seed}"), "config": fit["config"],
+                         # runs share one process: its peak so far bounds this run's (linear runs first)
+                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
             print(f"{arch} seed {seed}: {seconds:.1f} s", flush=True)
 
     lines = [f"VQA-RAD closed questions, frozen EfficientNet-Lite0 + MiniLM, {args.seeds} seeds, {args.epochs} epochs; "
-             f"retrieval among distinct images (one question per image), mean ± std", "",
-             "| arch | rows | " + " | ".join(KEYS) + " | seconds |", "|---|---|" + "---|" * (len(KEYS) + 1)]
+             f"retrieval among distinct images (one question per image), mean ± std; peak MB: the process's maximum "
+             f"resident set after the arch's runs (one process, linear first)", "",
+             "| arch | rows | " + " | ".join(KEYS) + " | seconds | peak MB |", "|---|---|" + "---|" * (len(KEYS) + 2)]
     for arch in ARCHS:
         mine = [r for r in runs if r["arch"] == arch]
         for where in ("held_out", "test"):
@@ -80,7 +84,7 @@ def main() -> None:
             n = sorted({r[where]["n"] for r in mine})  # held-out images differ by seed
             lines.append(f"| {arch} | {where} (n {'/'.join(map(str, n))}, chance R@1 {1 / n[0]:.3f}) | " +
                          " | ".join(cells) +
-                         f" | {np.mean([r['seconds'] for r in mine]):.1f} |")
+                         f" | {np.mean([r['seconds'] for r in mine]):.1f} | {max(r['peak_rss_mb'] for r in mine)} |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
