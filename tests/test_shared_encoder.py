@@ -267,6 +267,9 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
         pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     state = json.loads((ckpt / "train_state.json").read_text())
+    saved = json.loads((ckpt / "pretrain_config.json").read_text())  # the recipe, its vocabulary filled in
+    assert saved["model"].pop("vocab_size") > 0 and saved == recipe(epochs=3, **kw).to_dict() | {
+        "model": {k: v for k, v in recipe(epochs=3, **kw).to_dict()["model"].items() if k != "vocab_size"}}
     assert (state["epoch"], state["step"]) == (1, 1)
 
     # ...then resumed: it trains epochs 2-3 only and lands on the uninterrupted weights.

@@ -278,9 +278,9 @@ def init_token_embedding(model: SharedEncoder, cfg: SharedEncoderConfig) -> None
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None) -> None:
-    """Weights, AdamW moments, MoMo's training-only heads and train_state.json as one unit: the folder is
-    staged beside `ckpt` and renamed into place, so a crash leaves the previous checkpoint or this one."""
+def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None, recipe: PretrainConfig | None = None) -> None:
+    """Weights, AdamW moments, MoMo's training-only heads, train_state.json and the recipe as one unit: the
+    folder is staged beside `ckpt` and renamed into place, so a crash leaves the previous checkpoint or this one."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"adam.{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
     if heads is not None:
@@ -288,6 +288,8 @@ def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None) -> None:
     with atomic_folder(ckpt) as staging:
         save_file(tensors, str(staging / STATE))
         (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+        if recipe is not None:
+            recipe.save(staging / RECIPE)
 
 
 def load_checkpoint(ckpt: Path, model, opt, heads=None) -> None:
@@ -523,7 +525,7 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
                 held = len(val_rows) >= 2
                 metrics["collapse"] = check_collapse(model, data, val_rows if held else train_rows, cfg,
                                                      "held-out" if held else "training")
-            save_checkpoint(ckpt, model, opt, state, heads)  # the checkpoint first: a crash between the two resumes
+            save_checkpoint(ckpt, model, opt, state, heads, recipe)  # the checkpoint first: a crash between the two resumes
             export_model(out, model, metrics, recipe)
     if metrics is None:  # a checkpoint of every planned epoch, killed before cleanup: report what is on disk
         metrics = json.loads((out / METRICS).read_text())
