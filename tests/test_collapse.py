@@ -11,19 +11,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from embedkit.shared_encoder import pretrain
 from embedkit.shared_encoder.collapse import collapse_check, mean_pairwise_cosine
-from test_shared_encoder import make_pairs, recipe
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_shared_encoder import make_pairs, one_thread, recipe  # noqa: F401 - one_thread: an autouse fixture
 
 
 @pytest.fixture(scope="module")
