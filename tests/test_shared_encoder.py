@@ -437,3 +437,12 @@ def test_projection_aligns_two_frozen_encoders(tmp_path):
 def test_clip_loss_is_low_for_matching_pairs():
     e = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
     assert clip_loss(e, e, torch.tensor(100.0)) < 0.01 < clip_loss(e, e.roll(1, 0), torch.tensor(100.0))
+
+
+def test_cut_texts_are_counted_and_said(tmp_path, capsys):
+    items = make_pairs(tmp_path)
+    long = "the left lower lobe shows a small rounded opacity near the hilum " * 3  # > 16 word pieces
+    items = [replace(it, text=long) if k < 3 else it for k, it in enumerate(items)]
+    metrics = pretrain(items, tmp_path / "run", recipe(epochs=1, batch_size=4, val_fraction=0.0), progress=False)
+    assert metrics["n_text_truncated"] == 3
+    assert "3 of 8 texts are longer than max_text_len=16 word pieces and were cut" in capsys.readouterr().err

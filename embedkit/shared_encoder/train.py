@@ -418,6 +418,9 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
     data = prepare_pairs(pairs, cfg, tokenizer)
     if data["skipped"]:
         print(f"shared encoder: skipped {len(data['skipped'])} pairs (reasons in {out / METRICS})", file=sys.stderr)
+    if data["n_truncated"]:  # a cut report loses what its end says: say so, with the knob
+        print(f"shared encoder: {data['n_truncated']} of {len(data['ids'])} texts are longer than max_text_len="
+              f"{cfg.max_text_len} word pieces and were cut (--set max_text_len=N)", file=sys.stderr)
     component = linked_rows(data["image_index"], data["groups"] if grouped else None)
     train_rows, val_rows = split_held_out(component, train.val_fraction, train.seed)
     held_out = held_out_summary(data, component, train_rows, val_rows, grouped)
