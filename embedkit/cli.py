@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # Option panels of `extract --help`: one table each, so each table's columns fit 80 columns of terminal.
 _IN, _ENC, _RUN, _RAY = "Input", "Encoders", "Speed and backend", "Ray engine (--engine ray)"
+_RECIPE, _SHORT = "Recipe (pretrain)", "Recipe shortcuts (each is one --set)"
+_UNPAIRED = "Unpaired data (MoMo stages)"
 
 
 @app.command()
@@ -296,44 +298,77 @@ def report(
 @app.command()
 def pretrain(
     data: Path = typer.Argument(..., help="Paired images + reports (same inputs as extract)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model folder (resumes if it holds a checkpoint)."),
-    metadata: Optional[Path] = typer.Option(None, help="CSV/TSV/JSONL/JSON table describing the pairs."),
-    manifest: Optional[str] = typer.Option(None, help="A data manifest (NAME or path)."),
-    id_col: Optional[str] = typer.Option(None),
-    image_col: Optional[str] = typer.Option(None),
-    text_col: Optional[str] = typer.Option(None),
-    text_file_col: Optional[str] = typer.Option(None),
-    text_template: Optional[str] = typer.Option(None),
-    split_col: Optional[str] = typer.Option(None, help="Column with train/val/test: only 'train' rows are "
-                                                       "pretrained on (see --only-split)."),
-    group_col: Optional[str] = typer.Option(None, help="Column naming a group (e.g. patient): the held-out "
-                                                       "split keeps each group on one side."),
-    groups: bool = typer.Option(True, "--groups/--no-groups", help="Hold out whole groups (--no-groups: by "
-                                                                   "image only)."),
-    width: int = typer.Option(256, help="Transformer width."),
-    depth: int = typer.Option(6, help="Shared transformer blocks."),
-    image_size: int = typer.Option(112, help="Image side in pixels."),
-    embed_dim: int = typer.Option(256, help="Common embedding width."),
-    modality_mode: str = typer.Option("concat", help="concat, add or token: how blocks know the modality."),
-    only_split: Optional[str] = typer.Option(None, help="Train on rows of this split only (default: 'train' "
-                                                        "when the rows carry a split), so test rows stay unseen."),
-    separate: bool = typer.Option(False, help="The separate-encoders baseline with a matched parameter budget."),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(5e-4),
-    seed: int = typer.Option(0),
-    progress: bool = typer.Option(True),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder (resumes from its checkpoint)."),
+    metadata: Optional[Path] = typer.Option(None, rich_help_panel=_IN,
+                                            help="CSV/TSV/JSONL/JSON table describing the pairs."),
+    manifest: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="A data manifest (NAME or path)."),
+    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    image_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    text_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    text_file_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    text_template: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    split_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with train/val/test: only "
+                                            "'train' rows are pretrained on (see --only-split)."),
+    group_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column naming a group (e.g. "
+                                            "patient): the held-out split keeps each group on one side."),
+    only_split: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Train on rows of this split only "
+                                             "(default: 'train' when the rows carry one), so test rows stay unseen."),
+    preset: Optional[str] = typer.Option(None, rich_help_panel=_RECIPE, help="A recipe shipped with embedkit "
+                                         "(default shared-encoder; `embedkit models presets` lists them)."),
+    config: Optional[Path] = typer.Option(None, "--config", rich_help_panel=_RECIPE,
+                                          help="A recipe JSON file, such as the pretrain_config.json of a run."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", rich_help_panel=_RECIPE,
+                                             help="Override one recipe field, repeatable: width=128, "
+                                                  "max_text_len=128, train.lr=1e-3."),
+    extra_images: Optional[Path] = typer.Option(None, rich_help_panel=_UNPAIRED, help="A folder of images "
+                                                "without texts (counted as training data)."),
+    extra_texts: Optional[Path] = typer.Option(None, rich_help_panel=_UNPAIRED, help="Texts without images: a "
+                                               "folder of .txt files or a CSV/JSONL table."),
+    extra_text_col: str = typer.Option("text", rich_help_panel=_UNPAIRED,
+                                       help="The text column of an --extra-texts table."),
+    # Shortcuts for common fields: each becomes a --set (applied before the --set options).
+    width: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set width=..."),
+    depth: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set depth=..."),
+    image_size: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set image_size=..."),
+    embed_dim: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set embed_dim=..."),
+    modality_mode: Optional[str] = typer.Option(None, rich_help_panel=_SHORT, help="--set modality_mode=... "
+                                                "(concat, add or token)"),
+    epochs: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set epochs=..."),
+    batch_size: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set batch_size=..."),
+    lr: Optional[float] = typer.Option(None, rich_help_panel=_SHORT, help="--set lr=..."),
+    seed: Optional[int] = typer.Option(None, rich_help_panel=_SHORT, help="--set seed=..."),
+    separate: bool = switch(False, "separate", "The separate-encoders baseline at the shared model's parameter "
+                                               "budget (the separate preset's model fields)."),
+    unpaired: bool = switch(True, "unpaired", "Use the input's images without a text and texts without an image "
+                                              "(train split only) in stages that take them (MoMo)."),
+    groups: bool = switch(True, "groups", "Hold out whole groups (--no-groups: by image only)."),
+    progress: bool = switch(True, "progress", "Show a progress bar."),
 ):
-    """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT."""
+    """Train embedkit's shared image+text encoder (contrastive) on paired data; use it as shared:OUT.
+
+    What is trained is a recipe: a preset or --config file, then --set overrides. The resolved recipe is saved
+    as OUT/pretrain_config.json and travels into the provenance of tables embedded with shared:OUT."""
     import json
 
     from embedkit.items import SourceOptions
-    from embedkit.shared_encoder import SharedEncoderConfig, matched_separate_config, pretrain as run
-    from embedkit.shared_encoder.train import select_pairs
+    from embedkit.shared_encoder.pretrain_config import load_preset, resolve_pretrain_config
+    from embedkit.shared_encoder.train import pretrain as run, select_pairs
+    from embedkit.shared_encoder.unpaired import Unpaired, extra_items, select_unpaired
     from embedkit.sources import scan_source
 
     if group_col and not groups:
         raise EmbedkitError("--group-col and --no-groups contradict each other: pass one")
+    # --epochs is the contrastive stage's: the last stage of a staged recipe (MoMo), else train.epochs
+    staged = epochs is not None and resolve_pretrain_config(preset, config).stages
+    shortcuts = {"model.width": width, "model.depth": depth, "model.image_size": image_size,
+                 "model.embed_dim": embed_dim, "model.modality_mode": modality_mode,
+                 f"stages.{len(staged)}.epochs" if staged else "train.epochs": epochs,
+                 "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
+    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    if separate:  # the same fields the separate preset sets, so the two cannot drift apart
+        baseline = load_preset("separate").model
+        overrides += [f"model.shared={str(baseline.shared).lower()}", f"model.match_budget={baseline.match_budget}"]
+    recipe = resolve_pretrain_config(preset, config, [*overrides, *(sets or [])])  # bad recipes fail before the data
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, split_col=split_col,
                            group_col=group_col)
@@ -347,15 +382,20 @@ def pretrain(
     if len(pairs) < 4:
         raise EmbedkitError(f"pretraining needs image + text pairs; found {len(pairs)} under '{data}'"
                             + (f" in split '{only_split or 'train'}'" if any(it.split for it in scan.items) else ""))
-    cfg = SharedEncoderConfig(width=width, depth=depth, image_size=image_size, embed_dim=embed_dim,
-                              modality_mode=modality_mode)
-    if separate:
-        cfg = matched_separate_config(cfg)
-    metrics = run(pairs, out, cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                  grouped=groups)
+    # Rows of other splits are held back even without --unpaired: extra items may not repeat them either.
+    lone, note = select_unpaired(scan.items, only_split)
+    if unpaired and lone.items:
+        print(note, file=sys.stderr)
+    extra = extra_items(extra_images, extra_texts, extra_text_col)
+    print(f"pretrain: recipe {recipe.preset or config} with {len(recipe.overrides)} override(s), saved as "
+          f"{out / 'pretrain_config.json'}", file=sys.stderr)
+    metrics = run(pairs, out, recipe, progress=progress, grouped=groups,
+                  unpaired=Unpaired((lone.items if unpaired else []) + extra, lone.held_back))
     held_out = {k: v for k, v in metrics.get("held_out", {}).items() if k != "val_ids"}
-    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val")}
-                          | {"held_out": held_out}, default=str))
+    typer.echo(json.dumps({k: metrics.get(k) for k in ("val_retrieval", "parameters", "timings", "n_train", "n_val",
+                                                       "stages", "unpaired") if k in metrics}
+                          | {"held_out": held_out, "preset": recipe.preset, "overrides": recipe.overrides},
+                          default=str))
 
 
 @app.command()
@@ -380,19 +420,39 @@ def project(
     emb: Path = typer.Argument(..., help="An extract folder with image and text embeddings of any widths."),
     out: Path = typer.Option(..., "--out", "-o", help="A new extract folder with both in one space."),
     heads: Optional[Path] = typer.Option(None, help="Apply saved heads (OUT/projection of an earlier run)."),
+    arch: str = typer.Option("linear", help="linear: one head per modality; up: OneEncoder's universal projection "
+                             "(a light transformer with modality tokens)."),
     dim: int = typer.Option(256, help="Width of the common space."),
     epochs: int = typer.Option(100),
     seed: int = typer.Option(0),
+    up_width: int = typer.Option(128, help="--arch up: token width."),
+    up_tokens: int = typer.Option(4, help="--arch up: tokens per embedding."),
+    up_depth: int = typer.Option(1, help="--arch up: shared transformer blocks."),
+    add_modality: Optional[Tuple[str, Path]] = typer.Option(
+        None, metavar="NAME EMB2", help="Keep --heads frozen and train only an alignment layer for a further "
+        "modality NAME whose embeddings are in extract folder EMB2 (joined on id with EMB's rows)."),
+    partner: Optional[str] = typer.Option(None, help="--add-modality: align to image or text (default: the one "
+                                          "joining the most rows)."),
+    add_source: Optional[str] = typer.Option(None, help="--add-modality: which table of EMB2 (image or text; "
+                                             "default: its only one)."),
 ):
-    """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU)."""
-    from embedkit.console import say
-    from embedkit.shared_encoder.project import project_embeddings
+    """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU).
 
-    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed)
-    fit = r["fit"]  # empty when saved heads were applied; the per-epoch losses stay in OUT/manifest.json
-    how = (f"heads fitted on {fit['n_train']} rows in {fit['seconds']:.1f} s, final loss {fit['train_loss'][-1]:.4f}"
-           if fit.get("train_loss") else f"heads {r['heads']}")
-    say(f"projected {r['rows']} rows into {r['dim']}-d ({how}) -> {out} (losses: manifest.json)")
+    Metrics go to OUT/projection/metrics.json and OUT/manifest.json; a one-line summary to stderr."""
+    from embedkit.console import console
+    from embedkit.shared_encoder.project import AddModality, project_embeddings
+    from embedkit.shared_encoder.universal import UniversalSettings
+
+    add = None if add_modality is None else AddModality(add_modality[0], add_modality[1], partner, add_source)
+    up = UniversalSettings(width=up_width, n_tokens=up_tokens, depth=up_depth) if arch == "up" else None
+    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed, arch=arch, up=up, add=add)
+    fit = r["added"].get("fit", {}) if "added" in r else r["fit"]
+    held = fit.get("val_retrieval_distinct", fit.get("val_retrieval"))
+    scores = "" if not held else (f"; held-out R@1 both ways {held['i2t_R@1']:.3f} / {held['t2i_R@1']:.3f} "
+                                  f"(chance {held['chance_R@1']:.3f}, n {held['n']})")
+    what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
+            if "added" in r else f"{r['rows']} rows")
+    console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}

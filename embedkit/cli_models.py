@@ -87,6 +87,31 @@ def models_install(
     console.print(f"every file matched its sha256; bundle sha256 {r['sha256']}", markup=False)
 
 
+@models_app.command("presets")
+def models_presets():
+    """The shared-encoder recipes `embedkit pretrain --preset NAME` takes, with what each changes."""
+    from dataclasses import fields
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+    from embedkit.shared_encoder.pretrain_config import PretrainConfig, load_preset, preset_names
+
+    defaults = PretrainConfig()
+    table = Table(title="embedkit pretrain presets (--preset NAME; change any field with --set key=value)")
+    for col in ("name", "description", "differs from the defaults"):
+        table.add_column(col)
+    for name in preset_names():
+        cfg = load_preset(name)
+        changed = [f"{f.name}={getattr(section, f.name)}" for part in ("model", "train")
+                   for section, default in [(getattr(cfg, part), getattr(defaults, part))]
+                   for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+        changed += [f"stages: {' -> '.join(s.name for s in cfg.stages)}"] if cfg.stages else []
+        table.add_row(name, escape(cfg.description), escape(", ".join(changed) or "-"))
+    console.print(table)
+
+
 @models_app.command("check")
 def models_check(
     model: str = typer.Argument(..., help="Registry name, hf:ID, a local folder or shared:PATH."),

@@ -86,7 +86,7 @@ def test_project_and_retrieval_keep_stdout_to_one_compact_line(tmp_path):
                         "--epochs", "10"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""  # the per-epoch losses go to the file, not the terminal
-    assert r.stderr.startswith("projected 300 rows into 8-d") and len(r.stderr) < 400, r.stderr  # one summary
+    assert r.stderr.startswith("project: 300 rows -> 8-d linear space") and len(r.stderr) < 400, r.stderr  # one summary
     assert len(json.loads((out / "manifest.json").read_text())["fit"]["train_loss"]) == 10
     r = subprocess.run([sys.executable, "-m", "embedkit.cli", "retrieval", out], capture_output=True, text=True,
                        env=env, timeout=300)

@@ -227,31 +227,32 @@ def test_kill_during_retrain_leaves_the_old_model_whole(tmp_path):
 def test_kill_during_pretrain_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     import torch
 
-    from test_shared_encoder import TINY, make_pairs
+    from test_shared_encoder import make_pairs, recipe
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed subprocess runs: the same arithmetic, bit for bit
 
-    kw = dict(batch_size=4, seed=3, val_fraction=0.25, progress=False)
+    kw = dict(batch_size=4, seed=3, val_fraction=0.25)
     (tmp_path / "img").mkdir()
+    from embedkit.shared_encoder.train import checkpoint_folder
     items = make_pairs(tmp_path / "img")
     from embedkit.shared_encoder import pretrain
 
-    pretrain(items, tmp_path / "ref", TINY, epochs=3, **kw)
-    # dies while writing the optimiser state of epoch 2: weights of epoch 2 are already on disk
+    pretrain(items, tmp_path / "ref", recipe(epochs=3, **kw), progress=False)
+    # dies while writing the checkpoint of epoch 2 (weights + optimiser state, one save_file call)
     code = textwrap.dedent(f"""
         import torch; torch.set_num_threads(1)
         sys.path.insert(0, {str(REPO / 'tests')!r})
-        from test_shared_encoder import TINY, make_pairs
+        from test_shared_encoder import make_pairs, recipe
         from pathlib import Path
         from embedkit.shared_encoder import pretrain
-        pretrain(make_pairs(Path({str(tmp_path / 'img')!r})), {str(tmp_path / 'run')!r}, TINY, epochs=3,
-                 batch_size=4, seed=3, val_fraction=0.25, progress=False)
+        pretrain(make_pairs(Path({str(tmp_path / 'img')!r})), {str(tmp_path / 'run')!r},
+                 recipe(epochs=3, batch_size=4, seed=3, val_fraction=0.25), progress=False)
     """)
     run_killed("embedkit.shared_encoder.train", "save_file", 2, code)
-    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    state = json.loads((checkpoint_folder(tmp_path / "run") / "train_state.json").read_text())
     assert state["epoch"] == 1  # the whole epoch-1 checkpoint, not epoch-2 weights with epoch-1 state
-    pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
+    pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
     torch.set_num_threads(threads)
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)

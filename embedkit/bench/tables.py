@@ -229,7 +229,24 @@ def _gguf_7b(r: dict) -> str:
     return markdown_table(["format", "weights GiB", "estimated peak GiB"], rows)
 
 
-# name -> (results file under the results folder, renderer)
+def _example(r: dict) -> str:
+    """An example script's table, written into its results file by the run that measured it."""
+    return r["table"]
+
+
+def pretrain_trials_table(trials: list[dict]) -> str:
+    """examples/pretrain_defaults.py's trials (one JSON line each): held-out retrieval vs chance, collapse, time."""
+    rows = [[t["name"], " ".join(t["overrides"]) or "-",
+             f"{t['retrieval']['i2t_R@1']:.3f} / {t['retrieval']['i2t_R@5']:.3f}",
+             f"{t['retrieval']['t2i_R@1']:.3f} / {t['retrieval']['t2i_R@5']:.3f}",
+             f"{t['chance']['R@1']:.3f} / {t['chance']['R@5']:.3f}",
+             f"{t['image_cosine']:.2f} / {t['text_cosine']:.2f}", "yes" if t["collapsed"] else "no",
+             round(t["seconds"]), t["peak_rss_mb"]] for t in trials]
+    return markdown_table(["trial", "settings (--set)", "i2t R@1 / R@5", "t2i R@1 / R@5", "chance R@1 / R@5",
+                           "cosine img / txt", "collapsed", "s", "peak MB"], rows)
+
+
+# name -> (results file under the results folder, renderer); a .jsonl file is read as a list of its lines
 BLOCKS = {
     "full-machine": ("full/bench.json", _machine),
     "full-targets": ("full/bench.json", _targets),
@@ -242,6 +259,10 @@ BLOCKS = {
     "llm-gguf": ("llm_gguf.json", _gguf),
     "llm-gguf-1thread": ("llm_gguf_1thread.json", _gguf),
     "llm-gguf-7b": ("llm_gguf.json", _gguf_7b),
+    "shared-family": ("shared_family.json", _example),
+    "momo-unpaired": ("momo_unpaired.json", _example),
+    "oneencoder": ("oneencoder.json", _example),
+    "pretrain-trials": ("pretrain_trials.jsonl", pretrain_trials_table),
 }
 
 
@@ -253,7 +274,9 @@ def render_block(name: str, results: Path) -> str:
     path = Path(results) / source
     if not path.is_file():
         raise EmbedkitError(f"bench block '{name}' needs {path}, which does not exist")
-    return render(json.loads(path.read_text())).rstrip("\n") + "\n"
+    text = path.read_text()
+    data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    return render(data).rstrip("\n") + "\n"
 
 
 def render_blocks(text: str, results: Path) -> str:

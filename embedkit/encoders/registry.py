@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from embedkit.encoders.gguf_files import INSTALL_HINT, find_gguf, missing_gguf_message, read_header, split_source
@@ -60,11 +60,16 @@ class EncoderSpec:
     revision: str | None = None
     trust_remote_code: bool = False  # only when the user asks for it
     description: str = ""
+    # shared:PATH only: the recipe the folder was trained with (its pretrain_config.json: preset,
+    # overrides, model and training settings), so every table embedded with it says how it was made.
+    pretrain_config: dict | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modalities"] = list(self.modalities)
         d["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
+        if d["pretrain_config"] is None:  # only shared:PATH has one; other specs (and their cache keys) stay as before
+            del d["pretrain_config"]
         return d
 
     @classmethod
@@ -182,7 +187,7 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
         cfg = json.loads((path / "config.json").read_text())
         spec = _spec(name, "shared", str(path.resolve()), ("image", "text"), "projected", cfg.get("embed_dim"),
                      preprocess=square_preprocess(int(cfg.get("image_size", 112))),
-                     max_length=cfg.get("max_text_len"))
+                     max_length=cfg.get("max_text_len"), pretrain_config=_pretrain_recipe(path))
     elif name.startswith("gguf:") or (name.endswith(".gguf") and name not in REGISTRY):
         spec = _spec_from_gguf(name)
     elif name in REGISTRY:
@@ -206,6 +211,20 @@ def resolve_spec(name: str, modality: str, pooling: str | None = None, max_lengt
     if normalize is not None:
         spec = replace(spec, normalize=normalize)
     return spec
+
+
+def _pretrain_recipe(folder: Path) -> dict | None:
+    """The folder's pretrain_config.json (written by `embedkit pretrain`); None for folders from before it."""
+    path = folder / "pretrain_config.json"
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmbedkitError(f"cannot read {path} ({type(e).__name__}): the shared encoder's recipe is damaged") from None
+    if not isinstance(recipe, dict):
+        raise EmbedkitError(f"{path} must hold a JSON object (the resolved pretrain config)")
+    return recipe
 
 
 def _spec_from_gguf(name: str) -> EncoderSpec:

@@ -1,10 +1,10 @@
 """SharedEncoderConfig: the sizes of one shared image+text transformer (REFERENCE.md section 2).
 
-The paper trains ViT-B/16 at 224 px, width 768, 12 layers. Those defaults would take days on a
-2-core laptop, so every default here is scaled down: the defaults train at roughly 30-60 pairs/s
-on 2 cores (measured 28 pairs/s on 2 busy cores), a few minutes per epoch of ~3,000 pairs.
-Widths, depths, image size and patch size are the knobs that cost time; the example
-examples/shared_vs_separate.py uses width 96, depth 3, 64 px: several hundred pairs/s.
+The paper trains ViT-B/16 at 224 px, width 768, 12 layers. Those sizes would take days on a
+2-core laptop and collapse on a clinic's few hundred pairs, so every default here is scaled down to
+what learned on VQA-RAD (1,600 pairs, 314 images) in about a minute on 2 cores without collapsing
+(examples/pretrain_defaults.py; the earlier width 256, depth 6 at 112 px collapsed after 40 minutes).
+Widths, depths, image size and patch size are the knobs that cost time.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from pathlib import Path
 from embedkit.errors import EmbedkitError
 
 MODALITY_MODES = ("concat", "add", "token")
+BUDGET_MATCHES = ("none", "total", "non_embedding")
 
 
 @dataclass
 class SharedEncoderConfig:
-    width: int = 256  # residual width of every block (paper: 768)
-    depth: int = 6  # number of transformer blocks, shared + specific (paper: 12)
-    heads: int = 4  # attention heads; head dim = width / heads = 64
+    width: int = 128  # residual width of every block (paper: 768)
+    depth: int = 4  # number of transformer blocks, shared + specific (paper: 12)
+    heads: int = 4  # attention heads; head dim = width / heads = 32
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
-    image_size: int = 112  # square input side; 96-128 keeps 36-64 patches (paper: 224)
-    patch_size: int = 16  # ViT-B/16 patches -> (112/16)^2 = 49 image tokens
-    max_text_len: int = 64  # BERT word pieces incl. [CLS]/[SEP] (paper's CLIP context: 77)
-    embed_dim: int = 256  # shared output space (paper: 512)
+    image_size: int = 64  # square input side; 64 px keeps 16 patches (paper: 224)
+    patch_size: int = 16  # ViT-B/16 patches -> (64/16)^2 = 16 image tokens
+    max_text_len: int = 128  # BERT word pieces incl. [CLS]/[SEP] (paper's CLIP context: 77); 64 cut most notes
+    embed_dim: int = 128  # shared output space (paper: 512)
     vocab_size: int = 0  # 0 = len(tokenizer), filled in when training starts
     # How a block knows which modality it is looking at (blocks are shared, so it must be told):
     # "concat": a learnable modality vector concatenated to every token; the stems then emit
@@ -43,6 +44,18 @@ class SharedEncoderConfig:
     logit_scale_max: float = 100.0  # CLIP's cap, keeps the softmax from saturating
     tokenizer: str = "minilm"  # for training: a folder or "minilm"; a saved model uses its own copy
     shared: bool = True  # False: two separate stacks of `depth` blocks (the baseline)
+    # MS-CLIP (REFERENCE.md section 3): the shared blocks keep one pair of LayerNorms per modality,
+    # their attention and MLP weights stay shared. False: Roy et al., LayerNorms shared too.
+    ln_per_modality: bool = False
+    # MS-CLIP's light modality-specific parallel branch, here a bottleneck MLP per modality beside
+    # each shared block's MLP (hidden width adapter_dim, output zero-initialised so training starts
+    # from the plain shared block); 0 = none.
+    adapter_dim: int = 0
+    # Separate baseline only (shared=False): "total" or "non_embedding" = width/depth describe the
+    # SHARED model, and training shrinks them until the two stacks have about its parameter count
+    # (all parameters, or all but the token table) once the tokenizer's vocabulary is known.
+    # "none" = build the two stacks at width/depth as given (what a saved, matched config says).
+    match_budget: str = "none"
 
     @property
     def token_width(self) -> int:
@@ -65,6 +78,12 @@ class SharedEncoderConfig:
             problems.append("n_specific_early + n_specific_late exceeds depth")
         if self.text_pool not in ("cls", "mean"):
             problems.append("text_pool must be 'cls' or 'mean'")
+        if self.adapter_dim < 0:
+            problems.append("adapter_dim must be >= 0 (0 = no parallel branch)")
+        if self.match_budget not in BUDGET_MATCHES:
+            problems.append(f"match_budget must be one of {', '.join(BUDGET_MATCHES)}")
+        elif self.match_budget != "none" and self.shared:
+            problems.append("match_budget sizes the separate baseline: set shared=false with it")
         if self.max_text_len < 3:
             problems.append("max_text_len must be at least 3 ([CLS], one token, [SEP])")
         if problems:

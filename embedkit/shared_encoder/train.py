@@ -1,16 +1,21 @@
 """pretrain(): train a SharedEncoder from scratch with the CLIP loss on image/text pairs, on a CPU.
 
 Read top to bottom: data (decode every image once into a uint8 array, tokenise every text once),
-a held-out split that keeps rows sharing an image or a group (a patient) on one side, the training
-loop (symmetric InfoNCE, AdamW, warmup + cosine), and checkpoints written after every epoch so an
-interrupted run resumes where it stopped.
+a held-out split that keeps rows sharing an image or a group (a patient) on one side, batches with
+one pair per image, the training loop (symmetric InfoNCE, AdamW, warmup + cosine; a recipe's stages
+add MoMo's masked objectives and images/texts without a partner, see stages.py and unpaired.py),
+checkpoints written after every epoch so an interrupted run resumes where it stopped, and a
+collapse check.
 
-Files in out_dir (no pickle anywhere):
-  model.safetensors, config.json, tokenizer files  - the self-contained model folder
-  train_state.safetensors                          - AdamW moment tensors
-  train_state.json                                 - epoch, step, seed, settings, loss history
-  metrics.json                                     - losses, held-out retrieval, timings, sizes
-"""
+The exported model folder OUT (no pickle anywhere), what `shared:OUT` loads:
+  model.safetensors, config.json, tokenizer files  - the self-contained model
+  pretrain_config.json                             - the resolved recipe (preset, overrides, every field)
+  metrics.json                                     - losses, held-out retrieval, collapse check, timings
+The resumable checkpoint lives beside it in OUT.checkpoint/ (never inside the model: AdamW's two
+moments are twice the weights): state.safetensors (weights "model.*", AdamW moments "adam.*", MoMo's
+training-only heads "heads.*") and train_state.json (epoch, step, seed, settings, history). It is
+removed once the run completes, unless train.keep_checkpoint is set (needed to extend a finished
+run with more epochs)."""
 
 from __future__ import annotations
 
@@ -33,16 +38,29 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import GroupShuffleSplit
 
-from embedkit.encoders.preprocess import ImageDecodeError, decode_image, normalize_batch
+from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 from embedkit.errors import EmbedkitError
 from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
+from embedkit.shared_encoder import stages
+from embedkit.shared_encoder.budget import resolve_budget
+from embedkit.shared_encoder.collapse import collapse_check, first_per_image, warning_line
 from embedkit.shared_encoder.config import SharedEncoderConfig
-from embedkit.shared_encoder.model import SharedEncoder, clip_loss
+from embedkit.shared_encoder.model import SharedEncoder
+from embedkit.shared_encoder.pretrain_config import PretrainConfig, PretrainSettings, StageConfig
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.runner import WEIGHTS, image_preprocess, load_tokenizer, save_shared_encoder, tokenize
+from embedkit.shared_encoder.unpaired import Unpaired, prepare_unpaired
 
-STATE, STATE_JSON, METRICS = "train_state.safetensors", "train_state.json", "metrics.json"
+STATE, STATE_JSON, METRICS = "state.safetensors", "train_state.json", "metrics.json"
+RECIPE = "pretrain_config.json"  # the resolved PretrainConfig: preset, overrides, every field
+OLD_STATE = "train_state.safetensors"  # optimizer state inside the model folder, before #14: dropped on export
+
+
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where the resumable checkpoint of model folder `out` lives: `OUT.checkpoint` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
 
 
 # ----------------------------------------------------------------------------- data
@@ -111,6 +129,7 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
         "images": np.stack(images),  # uint8 [n_images, S, S, 3]: 37 KB per image at 112 px
         "image_index": torch.tensor(image_index),
         "groups": groups,  # item.group per kept pair, None where it has none
+        "texts": texts,  # the raw texts, so unpaired items repeating a held-out one can be left out
         "input_ids": ids,
         "attention_mask": mask,
         "skipped": skipped,
@@ -158,14 +177,11 @@ def held_out_summary(data: dict, component: np.ndarray, train_rows, val_rows, gr
 
 
 def pixel_batch(data: dict, rows: torch.Tensor, cfg: SharedEncoderConfig) -> torch.Tensor:
-    crops = [data["images"][i] for i in data["image_index"][rows].tolist()]
-    return torch.from_numpy(normalize_batch(crops, image_preprocess(cfg)))
+    return stages.pixels(data["images"], data["image_index"][rows], cfg)
 
 
 def text_batch(data: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = data["attention_mask"][rows]
-    L = int(mask.sum(1).max())  # trim padding shared by the whole batch: attention cost is O(L^2)
-    return data["input_ids"][rows, :L], mask[:, :L]
+    return stages.tokens(data["input_ids"], data["attention_mask"], rows)
 
 
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
@@ -180,6 +196,47 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, min_scale: float = 
     return out
 
 
+def batch_order(rows: torch.Tensor, keys: list[np.ndarray], bs: int, n_batches: int,
+                g: torch.Generator) -> torch.Tensor:
+    """n_batches batches of bs rows in a random order (g); with keys, no two rows of a batch share a key.
+
+    Keys are e.g. the image index and the text: VQA-RAD asks ~6 questions about each image, and a
+    batch holding two of them makes each pair's own image a negative of the other (identical pixels
+    cannot be told apart, so the loss pushes the two questions together and the images towards the
+    mean). Rows go round-robin to the first batch without their keys; a batch left short (a key on
+    more rows than there are batches) is filled from the rows left over, as a plain shuffle would.
+    """
+    order = rows[torch.randperm(len(rows), generator=g)].tolist()
+    if not keys:
+        return torch.tensor(order[: n_batches * bs]).view(n_batches, bs)
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    taken: list[set] = [set() for _ in range(n_batches)]
+    left, nxt = [], 0
+    for r in order:
+        row_keys = {(j, k[r]) for j, k in enumerate(keys)}
+        for t in range(n_batches):
+            b = (nxt + t) % n_batches
+            if len(batches[b]) < bs and not row_keys & taken[b]:
+                batches[b].append(r)
+                taken[b] |= row_keys
+                nxt = b + 1
+                break
+        else:
+            left.append(r)
+    for b in batches:
+        while len(b) < bs:
+            b.append(left.pop())
+    return torch.tensor(batches)
+
+
+def batch_keys(data: dict, rows: torch.Tensor, unique: bool) -> list[np.ndarray]:
+    """Per row, what a batch may hold only once: its image and its exact text (when unique)."""
+    if not unique:
+        return []
+    text_code = np.unique(data["input_ids"].numpy(), axis=0, return_inverse=True)[1].reshape(-1)
+    return [data["image_index"].numpy(), text_code]
+
+
 @torch.inference_mode()
 def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_size: int = 128):
     model.eval()
@@ -190,32 +247,77 @@ def embed_rows(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, batch_
     return torch.cat(img), torch.cat(txt)
 
 
+def check_collapse(model: SharedEncoder, data: dict, rows: torch.Tensor, cfg, where: str) -> dict:
+    """collapse.py's check on one pair per image of `rows` (distinct candidates, embedded once)."""
+    rows = rows[torch.from_numpy(first_per_image(data["image_index"][rows].numpy()))]
+    img, txt = embed_rows(model, data, rows, cfg)
+    return collapse_check(img.numpy(), txt.numpy(), data["image_index"][rows].numpy(), where=where)
+
+
+def init_token_embedding(model: SharedEncoder, cfg: SharedEncoderConfig) -> None:
+    """Start the token table from the offline MiniLM's word embeddings (its tokenizer is ours).
+
+    A few hundred pairs cannot teach 30,522 word vectors; MiniLM's already place related words
+    together. Its 384-d rows are reduced to the token width by PCA of the table (the top components;
+    no data rows involved), rescaled to the random init's std 0.02; widths above 384 keep random extra columns.
+    """
+    if cfg.tokenizer != "minilm":
+        raise EmbedkitError("init_text=minilm needs the minilm tokenizer (the word vectors are indexed by its vocabulary)")
+    from embedkit.encoders.loading import source_path
+    from embedkit.encoders.registry import REGISTRY
+
+    table = load_file(str(Path(source_path(REGISTRY["minilm"])) / WEIGHTS))["embeddings.word_embeddings.weight"]
+    table = table.double() - table.double().mean(0)
+    _, _, v = torch.linalg.svd(table, full_matrices=False)
+    k = min(cfg.token_width, v.shape[0])
+    reduced = table @ v[:k].T
+    with torch.no_grad():
+        rows = min(len(reduced), model.tok_embed.weight.shape[0])
+        model.tok_embed.weight[:rows, :k] = (reduced[:rows] * (0.02 / reduced.std())).float()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(out: Path, model, opt, state: dict, metrics: dict) -> None:
-    """Weights, optimiser state, metrics and train_state.json as one unit: the whole folder is written
-    beside `out` and renamed into place, so a crash leaves the previous checkpoint or this one, never a mix."""
-    moments = {f"{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+def save_checkpoint(ckpt: Path, model, opt, state: dict, heads=None, recipe: PretrainConfig | None = None) -> None:
+    """Weights, AdamW moments, MoMo's training-only heads, train_state.json and the recipe as one unit: the
+    folder is staged beside `ckpt` and renamed into place, so a crash leaves the previous checkpoint or this one."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"adam.{pid}.{k}": v.contiguous() for pid, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    if heads is not None:
+        tensors |= {stages.HEADS_PREFIX + k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+    with atomic_folder(ckpt) as staging:
+        save_file(tensors, str(staging / STATE))
+        (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+        if recipe is not None:
+            recipe.save(staging / RECIPE)
+
+
+def load_checkpoint(ckpt: Path, model, opt, heads=None) -> None:
+    tensors = load_file(ckpt / STATE)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    if heads is not None:
+        n = len(stages.HEADS_PREFIX)
+        heads.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(stages.HEADS_PREFIX)}, strict=True)
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, t in tensors.items():
+        if key.startswith("adam."):
+            pid, name = key[5:].split(".", 1)
+            sd["state"].setdefault(int(pid), {})[name] = t
+    opt.load_state_dict(sd)
+
+
+def export_model(out: Path, model, metrics: dict, recipe: PretrainConfig) -> None:
+    """The model folder alone (weights, config, recipe, metrics, tokenizer), swapped in whole."""
     with atomic_folder(out) as staging:
         for p in out.iterdir():  # the tokenizer and anything else of the folder's own, as they are
             if p.is_dir():
                 shutil.copytree(p, staging / p.name, symlinks=True)
-            elif p.name not in (WEIGHTS, STATE, METRICS, STATE_JSON):
+            elif p.name not in (WEIGHTS, METRICS, RECIPE, OLD_STATE, STATE_JSON):
                 shutil.copy2(p, staging / p.name, follow_symlinks=False)
         save_shared_encoder(model, None, staging)
-        save_file(moments, str(staging / STATE))
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
-
-
-def _load_checkpoint(out: Path, model, opt) -> None:
-    model.load_state_dict(load_file(out / WEIGHTS), strict=True)
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for key, t in load_file(out / STATE).items():
-        pid, name = key.split(".", 1)
-        sd["state"].setdefault(int(pid), {})[name] = t
-    opt.load_state_dict(sd)
+        recipe.save(staging / RECIPE)
 
 
 def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
@@ -227,136 +329,167 @@ def _fingerprint(ids: list[str], groups: list[str | None] | None = None) -> str:
 
 # ----------------------------------------------------------------------------- training
 
-def pretrain(pairs: list[Item], out_dir: str | Path, cfg: SharedEncoderConfig, **settings) -> dict:
-    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict (see `_pretrain`).
+def pretrain(pairs: list[Item], out_dir: str | Path, recipe: PretrainConfig, *, resume: bool = True,
+             progress: bool = True, grouped: bool = True, unpaired: Unpaired | list[Item] | None = None) -> dict:
+    """Train on image/text pairs as `recipe` says, export the model to out_dir, return the metrics dict.
 
+    Checkpoints (checkpoint_folder(out_dir), beside it) and the model folder are written every
+    `recipe.train.save_every` epochs and after the last one. resume=True continues from the last
+    checkpointed epoch when the recipe (epochs aside) and the data match (raising otherwise); more
+    epochs extend the cosine schedule from there. A completed run removes its checkpoint unless
+    train.keep_checkpoint; run again, it reports what is on disk, and more epochs are refused.
+    The held-out split takes val_fraction of the groups of linked rows: rows sharing an image, or
+    (grouped=True) an item.group such as a patient, all land on one side. Its held-out retrieval counts
+    ties against the query, so data with several texts per image scores lower than its
+    distinct-candidate retrieval would.
     One run at a time per folder (a lock beside it); a checkpoint left half-swapped by a crash is restored.
+    After the last epoch a collapse check (collapse.py) goes into metrics["collapse"], with a warning on stderr.
+    `unpaired` (MoMo's stages): images without a text and texts without an image, training items only (see
+    unpaired.select_unpaired); none of them may share an image, text or group with a held-out or held-back row.
     """
+    if not isinstance(recipe, PretrainConfig):
+        raise EmbedkitError("pretrain takes a PretrainConfig (see resolve_pretrain_config)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EmbedkitError(f"pretrain --out '{out}' is a file, not a folder")
     check_writable_folder(out.parent, "the folder holding the pretrain --out")
     with folder_lock(sibling_lock(out), f"pretrain folder '{out}'"):
         recover_folder(out)
-        return _pretrain(pairs, out, cfg, **settings)
+        if isinstance(unpaired, list):
+            unpaired = Unpaired(unpaired)
+        return _pretrain(pairs, out, recipe.validate(), resume=resume, progress=progress, grouped=grouped,
+                         unpaired=unpaired or Unpaired())
 
 
-def _pretrain(
-    pairs: list[Item],
-    out_dir: str | Path,
-    cfg: SharedEncoderConfig,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    weight_decay: float = 0.2,
-    betas: tuple[float, float] = (0.9, 0.98),
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    resume: bool = True,
-    progress: bool = True,
-    warmup_fraction: float = 0.1,  # short runs collapse to ln(batch) without a real warmup
-    augment: bool = False,
-    save_every: int = 1,
-    grouped: bool = True,
-) -> dict:
-    """Train on image/text pairs, checkpoint into out_dir, return the metrics dict.
+def epoch_plan(recipe: PretrainConfig) -> list[StageConfig]:
+    """The stage each epoch belongs to; without stages, train.epochs epochs of the contrastive loss."""
+    stages = recipe.stages or [StageConfig(name="pairs", epochs=recipe.train.epochs, objectives=("clip",))]
+    return [stage for stage in stages for _ in range(stage.epochs)]
 
-    Checkpoints are written every `save_every` epochs and after the last one. resume=True
-    continues from the last checkpointed epoch in out_dir when the config, data and settings
-    match (raising otherwise); a larger `epochs` extends the cosine schedule from there.
-    The held-out split takes val_fraction of the groups of linked rows: rows sharing an image,
-    or (grouped=True) an item.group such as a patient, all land on one side. Its held-out
-    retrieval counts ties against the query, so data with several texts per image scores lower
-    than its distinct-candidate retrieval would.
-    """
+
+def resume_key(recipe: PretrainConfig, data_fingerprint: str) -> dict:
+    """What must match for a checkpoint to resume: everything but the run's length and checkpoint cadence."""
+    d = recipe.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("epochs", "save_every", "keep_checkpoint")}
+    stages = [dict(s) for s in d["stages"]]
+    if stages:  # the last stage may be lengthened like train.epochs
+        stages[-1].pop("epochs")
+    return {"config": d["model"], "data": data_fingerprint, **train, "stages": stages}
+
+
+def make_optimizer(model: SharedEncoder, train: PretrainSettings, heads=None) -> torch.optim.Optimizer:
+    # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
+    named = [*model.named_parameters(), *(heads.named_parameters() if heads is not None else [])]
+    decay = [p for n, p in named if p.ndim >= 2 and n.endswith("weight")]
+    other = [p for n, p in named if not (p.ndim >= 2 and n.endswith("weight"))]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
+        return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas))
+
+
+def lr_schedule(train: PretrainSettings, total_steps: int):
+    """Linear warmup, then cosine to zero over the whole run."""
+    warmup = max(1, round(train.warmup_fraction * total_steps))
+
+    def lr_at(s: int) -> float:
+        if s < warmup:
+            return train.lr * (s + 1) / warmup
+        return train.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+
+    return lr_at
+
+
+def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool, progress: bool,
+              grouped: bool, unpaired: Unpaired) -> dict:
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    train = recipe.train
     out.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.model
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.vocab_size == 0:
-        cfg = replace(cfg, vocab_size=len(tokenizer))
-    elif cfg.vocab_size < len(tokenizer):
+    if 0 < cfg.vocab_size < len(tokenizer):
         raise EmbedkitError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    cfg.validate()
+    # Now that the vocabulary is known: vocab_size filled in, a budget-matched baseline sized (budget.py).
+    cfg = resolve_budget(cfg, len(tokenizer))
+    recipe = replace(recipe, model=cfg)
     tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
 
     data = prepare_pairs(pairs, cfg, tokenizer)
     if data["skipped"]:
         print(f"shared encoder: skipped {len(data['skipped'])} pairs (reasons in {out / METRICS})", file=sys.stderr)
+    if data["n_truncated"]:  # a cut report loses what its end says: say so, with the knob
+        print(f"shared encoder: {data['n_truncated']} of {len(data['ids'])} texts are longer than max_text_len="
+              f"{cfg.max_text_len} word pieces and were cut (--set max_text_len=N)", file=sys.stderr)
     component = linked_rows(data["image_index"], data["groups"] if grouped else None)
-    train_rows, val_rows = split_held_out(component, val_fraction, seed)
+    train_rows, val_rows = split_held_out(component, train.val_fraction, train.seed)
     held_out = held_out_summary(data, component, train_rows, val_rows, grouped)
-    if val_fraction > 0 and len(val_rows) == 0:
+    if train.val_fraction > 0 and len(val_rows) == 0:
         print(f"shared encoder: {held_out['n_train_groups']} group(s) of linked rows (sharing an image or a group) "
-              f"are too few to hold {val_fraction:.0%} out: no held-out retrieval", file=sys.stderr)
+              f"are too few to hold {train.val_fraction:.0%} out: no held-out retrieval", file=sys.stderr)
     n_train = len(train_rows)
     if n_train < 2:
         raise EmbedkitError("fewer than 2 training pairs left after the held-out split: lower val_fraction")
-    bs = min(batch_size, n_train)
-    steps_per_epoch = n_train // bs  # the remainder is dropped: a tiny last batch is a noisy contrastive batch
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, round(warmup_fraction * total_steps))
+    bs = min(train.batch_size, n_train)
+    plan = epoch_plan(recipe)
+    stages.check_stages(plan)
+    banks, extra = _banks(data, train_rows, val_rows, recipe, unpaired, tokenizer, grouped)
+    # Per stage: what it draws from, how many steps an epoch takes, how many items of each kind it uses.
+    pools = {s.data: stages.stage_pools(s, banks, train_rows) for s in plan}
+    steps = [stages.steps_per_epoch(pools[s.data], bs) for s in plan]
+    used = [stages.stage_counts(s, pools[s.data], banks) for s in recipe.stages or plan[:1]]
+    lr_at = lr_schedule(train, sum(steps))
     prepare_s = time.perf_counter() - t0
 
-    torch.manual_seed(seed)
+    torch.manual_seed(train.seed)
     model = SharedEncoder(cfg)
-    # Decay matrices only; biases, LayerNorms, CLS/positions/modality vectors and the temperature are not decayed.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith("weight")]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.endswith("weight"))]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    try:  # the fused CPU kernel (torch >= 2.4) steps the 30522-row token table ~20x faster
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-
-    settings = {
-        "config": cfg.to_dict(),
-        "data": _fingerprint(data["ids"], data["groups"] if grouped else None),
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "betas": list(betas),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "warmup_fraction": warmup_fraction,
-        "augment": augment,
-    }
+    if train.init_text == "minilm":  # deterministic (no random numbers drawn): the rest of the init is unchanged
+        init_token_embedding(model, cfg)
+    heads = stages.build_heads(cfg, recipe)  # after the model: the encoder's init does not depend on them
+    opt = make_optimizer(model, train, heads)
+    settings = resume_key(recipe, _fingerprint(data["ids"], data["groups"] if grouped else None))
+    if extra is not None:  # other unpaired data is another run; runs without any keep their key
+        settings["unpaired"] = extra["fingerprint"]
+    ckpt = checkpoint_folder(out)
+    recover_folder(ckpt)
     start_epoch, step, history = 0, 0, []
-    if resume and (out / STATE_JSON).is_file():
-        saved = json.loads((out / STATE_JSON).read_text())
-        if saved["settings"] != settings:
-            changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
-            raise EmbedkitError(f"{out} holds a run with different {', '.join(changed)}: use another folder or resume=False")
-        _load_checkpoint(out, model, opt)
+    if resume and (ckpt / STATE_JSON).is_file():
+        saved = json.loads((ckpt / STATE_JSON).read_text())
+        _same_run(saved["settings"], settings, ckpt)
+        load_checkpoint(ckpt, model, opt, heads)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
-
-    def lr_at(s: int) -> float:  # linear warmup, then cosine to zero over the whole run
-        if s < warmup:
-            return lr * (s + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+    elif resume and (out / METRICS).is_file() and "resume_key" in (done := json.loads((out / METRICS).read_text())):
+        _same_run(done["resume_key"], settings, out)
+        if len(done["epochs"]) >= len(plan):  # nothing left to train: report what is on disk
+            return done
+        raise EmbedkitError(f"{out} holds a completed run of {len(done['epochs'])} epochs whose checkpoint was "
+                            f"removed: to add epochs, rerun it with keep_checkpoint=true, or use another folder")
+    keys = batch_keys(data, train_rows, train.unique_in_batch)
+    if recipe.stages:
+        for c in used:
+            print(f"stage {c['stage']}: {c['epochs']} epoch(s) of {'+'.join(c['objectives'])} on {c['pairs']} pairs, "
+                  f"{c['images']} images ({c['unpaired_images']} unpaired), {c['texts']} texts "
+                  f"({c['unpaired_texts']} unpaired)", file=sys.stderr)
 
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), console=Console(stderr=True), disable=not progress,
     )
+    metrics = None
     with bar:
-        task = bar.add_task("shared encoder", total=max(0, epochs - start_epoch) * steps_per_epoch, loss=float("nan"))
-        for epoch in range(start_epoch, epochs):
+        task = bar.add_task("shared encoder", total=sum(steps[start_epoch:]), loss=float("nan"))
+        for epoch in range(start_epoch, len(plan)):
+            stage = plan[epoch]
             te = time.perf_counter()
-            bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
-            # The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = train_rows[torch.randperm(n_train, generator=g)]
+            bar.update(task, description=f"{stage.name} epoch {epoch + 1}/{len(plan)}")
+            # The batch order and the masks depend only on (seed, epoch), so a resumed run sees the same batches.
+            g = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
             model.train()
             losses = []
-            for b in order[: steps_per_epoch * bs].view(steps_per_epoch, bs):
+            for batch in epoch_batches(stage, pools[stage.data], keys, bs, g):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
-                pixels = pixel_batch(data, b, cfg)
-                if augment:
-                    pixels = random_resized_crop(pixels, g)
-                img, txt, scale = model(pixels, *text_batch(data, b))
-                loss = clip_loss(img, txt, scale)
+                loss = stages.stage_loss(model, heads, stage, batch, data, banks, train, g, random_resized_crop)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -367,31 +500,90 @@ def _pretrain(
                 bar.update(task, advance=1, loss=losses[-1])
             record = {
                 "epoch": epoch + 1,
+                "stage": stage.name,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "seconds": round(time.perf_counter() - te, 3),  # training only, evaluation excluded
+                "steps": len(losses),
                 "logit_scale": model.logit_scale.exp().item(),
             }
             if len(val_rows) >= 2:
                 record["val"] = retrieval_metrics(*embed_rows(model, data, val_rows, cfg))
             history.append(record)
-            if (epoch + 1) % save_every and epoch + 1 < epochs:
+            last = epoch + 1 == len(plan)
+            if (epoch + 1) % train.save_every and not last:
                 continue
             state = {
                 "epoch": epoch + 1,
                 "step": step,
-                "rng": {"init_seed": seed, "batch_order_seed": "seed * 1000003 + epoch (per epoch)"},
+                "rng": {"init_seed": train.seed, "batch_order_seed": "seed * 1000003 + epoch (per epoch)"},
                 "settings": settings,
                 "history": history,
             }
-            metrics = _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs)
-            _save_checkpoint(out, model, opt, state, metrics)
-    if start_epoch >= epochs:  # nothing left to train: report what is on disk
-        return json.loads((out / METRICS).read_text())
+            metrics = _metrics(data, recipe, model, history, held_out, prepare_s, bs) | {"resume_key": settings}
+            metrics["stages"] = used
+            if extra is not None:
+                metrics["unpaired"] = {**extra["counts"], "skipped": [asdict(x) for x in extra["skipped"]],
+                                       "n_text_truncated": extra["n_truncated"]}
+            if last:
+                held = len(val_rows) >= 2
+                metrics["collapse"] = check_collapse(model, data, val_rows if held else train_rows, cfg,
+                                                     "held-out" if held else "training")
+            save_checkpoint(ckpt, model, opt, state, heads, recipe)  # the checkpoint first: a crash between the two resumes
+            export_model(out, model, metrics, recipe)
+    if metrics is None:  # a checkpoint of every planned epoch, killed before cleanup: report what is on disk
+        metrics = json.loads((out / METRICS).read_text())
+    elif warning_line(metrics.get("collapse", {})):
+        print(warning_line(metrics["collapse"]), file=sys.stderr)
+    if not train.keep_checkpoint:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 
 
-def _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs) -> dict:
+def _same_run(saved: dict, settings: dict, where: Path) -> None:
+    if saved != settings:
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise EmbedkitError(f"{where} holds a run with different {', '.join(changed)}: use another folder or resume=False")
+
+
+def epoch_batches(stage: StageConfig, pools: dict, keys: list[np.ndarray], bs: int, g: torch.Generator):
+    """One epoch's batches of a stage: pair stages with one pair per image and text (batch_order), others
+    as stages.py draws them."""
+    if stage.data != "pairs" or not keys:
+        yield from stages.stage_batches(pools, bs, g)
+        return
+    rows = pools["pairs"]
+    b = min(bs, len(rows))
+    for batch in batch_order(rows, keys, b, stages.steps_per_epoch(pools, bs), g):
+        yield {"pairs": batch}
+
+
+def _banks(data: dict, train_rows, val_rows, recipe: PretrainConfig, unpaired: Unpaired, tokenizer, grouped: bool):
+    """Every image and text the stages may draw from: the pairs' own, then the usable unpaired items
+    appended (-> banks, and the unpaired intake or None). Only stages with images/unpaired data use them."""
+    cfg = recipe.model
+    wants = any(s.data != "pairs" for s in recipe.stages)
+    extra = prepare_unpaired(unpaired, data, val_rows, cfg, tokenizer, grouped) if wants and unpaired.items else None
+    if unpaired.items and not wants:
+        print(f"pretrain: {len(unpaired.items)} unpaired items given, but no stage of this recipe uses them "
+              f"(--preset momo does)", file=sys.stderr)
+    n_img, n_txt = len(data["images"]), len(data["ids"])
+    banks = {"images": data["images"], "input_ids": data["input_ids"], "attention_mask": data["attention_mask"],
+             "pair_images": torch.unique(data["image_index"][train_rows]),
+             "unpaired_images": torch.empty(0, dtype=torch.long), "unpaired_texts": torch.empty(0, dtype=torch.long),
+             "tok": {"mask_id": tokenizer.mask_token_id, "n_vocab": len(tokenizer),
+                     "special_ids": torch.tensor(tokenizer.all_special_ids)}}
+    if extra is not None:
+        banks |= {"images": np.concatenate([data["images"], extra["images"]]),
+                  "input_ids": torch.cat([data["input_ids"], extra["input_ids"]]),
+                  "attention_mask": torch.cat([data["attention_mask"], extra["attention_mask"]]),
+                  "unpaired_images": n_img + torch.arange(len(extra["images"])),
+                  "unpaired_texts": n_txt + torch.arange(len(extra["input_ids"]))}
+    return banks, extra
+
+
+def _metrics(data, recipe: PretrainConfig, model, history, held_out, prepare_s, bs) -> dict:
     train_s = sum(h["seconds"] for h in history)
+    pair_epochs = [h for h, s in zip(history, epoch_plan(recipe)) if s.data == "pairs"]
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "n_pairs_used": len(data["ids"]),
@@ -408,7 +600,9 @@ def _metrics(data, cfg, model, history, held_out, prepare_s, steps_per_epoch, bs
         "timings": {
             "prepare_s": round(prepare_s, 3),
             "train_s": round(train_s, 3),
-            "pairs_per_s": round(len(history) * steps_per_epoch * bs / train_s, 1) if train_s else None,
+            "pairs_per_s": (round(sum(h.get("steps", 0) for h in pair_epochs) * bs / sum(h["seconds"] for h in pair_epochs), 1)
+                            if pair_epochs and sum(h["seconds"] for h in pair_epochs) else None),
         },
-        "config": cfg.to_dict(),
+        "config": recipe.model.to_dict(),
+        "recipe": recipe.to_dict(),
     }
