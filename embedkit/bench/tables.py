@@ -240,10 +240,17 @@ def pretrain_trials_table(trials: list[dict]) -> str:
              f"{t['retrieval']['i2t_R@1']:.3f} / {t['retrieval']['i2t_R@5']:.3f}",
              f"{t['retrieval']['t2i_R@1']:.3f} / {t['retrieval']['t2i_R@5']:.3f}",
              f"{t['chance']['R@1']:.3f} / {t['chance']['R@5']:.3f}",
-             f"{t['image_cosine']:.2f} / {t['text_cosine']:.2f}", "yes" if t["collapsed"] else "no",
+             f"{t['image_cosine']:.2f} / {t['text_cosine']:.2f}", _check_verdict(t),
              round(t["seconds"]), t["peak_rss_mb"]] for t in trials]
     return markdown_table(["trial", "settings (--set)", "i2t R@1 / R@5", "t2i R@1 / R@5", "chance R@1 / R@5",
-                           "cosine img / txt", "collapsed", "s", "peak MB"], rows)
+                           "cosine img / txt", "collapse check", "s", "peak MB"], rows)
+
+
+def _check_verdict(trial: dict) -> str:
+    """The collapse check's verdict as its warning words it: a collapsed space, or one that matches nothing."""
+    if not trial["collapsed"]:
+        return "passed"
+    return "collapsed" if max(trial["image_cosine"], trial["text_cosine"]) > 0.95 else "at chance"
 
 
 # name -> (results file under the results folder, renderer); a .jsonl file is read as a list of its lines
