@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from embedkit.errors import EmbedkitError
+from embedkit.shared_encoder.heldout import linked_rows, split_held_out
 from embedkit.shared_encoder.model import clip_loss
 from embedkit.shared_encoder.retrieval import retrieval_metrics
 from embedkit.shared_encoder.universal import UniversalProjection, UniversalSettings
@@ -140,15 +141,9 @@ class ProjectionHeads:
 
 def _held_out(n: int, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded share of whole groups held out (rows when no groups): only evaluated, never fitted on."""
-    from sklearn.model_selection import GroupShuffleSplit
-
-    keys = np.arange(n) if groups is None else np.asarray(groups)
-    n_groups = len(np.unique(keys))
-    n_val = min(round(val_fraction * n_groups), n_groups - 1) if val_fraction > 0 else 0
-    if not n_val:
-        return np.arange(n), np.arange(0)
-    tr, va = next(GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed).split(np.zeros(n), groups=keys))
-    return np.sort(tr), np.sort(va)
+    keys = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    tr, va = split_held_out(keys, val_fraction, seed)
+    return tr.numpy(), va.numpy()
 
 
 def _check_pairs(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -321,8 +316,6 @@ def projection_rows(columns: dict) -> np.ndarray:
 def held_out_groups(columns: dict, image_key: str = "image_sha256") -> np.ndarray:
     """A component id per row for the held-out split: rows sharing an image or a group (or linked through a
     chain of both) stay on one side, as pretrain splits them."""
-    from embedkit.shared_encoder.train import linked_rows
-
     n = len(next(iter(columns.values())))
     images = columns.get(image_key)
     keys = [f"row{i}" if v is None else v for i, v in enumerate(images)] if images is not None else range(n)

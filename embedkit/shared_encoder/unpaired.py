@@ -21,6 +21,7 @@ import torch
 from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 from embedkit.errors import EmbedkitError
 from embedkit.items import Item, SkippedInput
+from embedkit.plan import read_item_text
 from embedkit.shared_encoder.config import SharedEncoderConfig
 from embedkit.shared_encoder.runner import image_preprocess, tokenize
 from embedkit.sources import TABLE_EXTS, read_table, scan_folder
@@ -82,15 +83,6 @@ def extra_items(images: str | Path | None = None, texts: str | Path | None = Non
     return out
 
 
-def read_text(item: Item) -> str | None:
-    if item.text is not None:
-        return item.text
-    try:
-        return Path(item.text_path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def digest(image: np.ndarray) -> str:
     """Identity of an image as training sees it: its decoded, resized pixels."""
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
@@ -110,9 +102,9 @@ def reference_keys(pair_data: dict, val_rows: torch.Tensor, held_back: list[Item
         except ImageDecodeError:
             pass  # an image that cannot be decoded cannot be matched either
     for it in held_back:
-        text = read_text(it) if it.has_text else None
+        text = read_item_text(it)[0] if it.has_text else None  # stripped, as the texts it is compared with
         if text is not None:
-            keys["texts"].add(text.strip())
+            keys["texts"].add(text)
         if grouped and it.group is not None:
             keys["groups"].add(str(it.group))
     keys["groups"].discard(None)
@@ -153,10 +145,10 @@ def prepare_unpaired(unpaired: Unpaired, pair_data: dict, val_rows: torch.Tensor
                 images.append(im)
                 keys.append("image " + key)
             continue
-        text = read_text(it)
-        if text is None or not text.strip():
-            skipped.append(SkippedInput(it.id, str(it.text_path or ""), "read", "unreadable or empty text"))
-        elif text.strip() in ref["texts"]:
+        text, reason = read_item_text(it)  # extract's own reading: UTF-8, stripped, the reason when unusable
+        if text is None:
+            skipped.append(SkippedInput(it.id, str(it.text_path or ""), "read", reason))
+        elif text in ref["texts"]:
             counts["left_out_held_out_or_back"] += 1
         else:
             texts.append(text)
