@@ -40,6 +40,11 @@ def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict
                             f"{' or '.join(available) or 'after extracting'}")
     es = load_embeddings(emb_dir, modalities=modalities, models=models)
     _check_join(es, modalities)
+    return labelled_dataset(es, labels, modalities)
+
+
+def labelled_dataset(es: EmbeddingSet, labels: list[str], modalities: list[str]) -> Dataset:
+    """The rows of a joined EmbeddingSet that carry every label, as a Dataset (labels checked, NaN rows refused)."""
     for name in labels:
         if name not in es.columns:
             raise EmbedkitError(f"label column '{name}' is not in the embeddings; columns carried through: "

@@ -401,3 +401,8 @@ def _learning_curve(folder: Path) -> bytes | None:
     ax.set_ylabel("loss")
     ax.legend(fontsize=8, loc="upper right")
     return figure_png(fig)
+
+
+def html_page(title: str, body: str) -> str:
+    """A whole self-contained page (the report's CSS, viewport, footer) around `body`: for other pages too."""
+    return _page(title, body)

@@ -91,9 +91,9 @@ def load_average() -> list[float]:
 
 
 def rss_mb() -> float:
-    import psutil
+    from embedkit.costs import current_rss_mb
 
-    return psutil.Process().memory_info().rss / 2**20
+    return current_rss_mb()
 
 
 def peak_rss_mb() -> float:

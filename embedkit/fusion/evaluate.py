@@ -409,3 +409,10 @@ def check_groups_disjoint(idx: dict[str, np.ndarray], groups) -> None:
             if g in seen and seen[g] != name:
                 raise AssertionError(f"a group has rows in both {seen[g]} and {name}")  # its id stays private
             seen[g] = name
+
+
+def resampled_metrics(y_true, proba, classes, task: str, threshold: float, weights) -> dict[str, np.ndarray]:
+    """Every bootstrap metric for each row of `weights` (resamples x rows): the engine of bootstrap_metrics,
+    public for comparisons that must score several models on the same resamples (fusion/paired.py)."""
+    y, pred, scores = _indexed(y_true, proba, classes, task, threshold)
+    return _weighted_metrics(y, pred, scores, task, np.asarray(weights, dtype=np.float64))
