@@ -36,7 +36,7 @@ def shared_resamples(ref, groups, splits: list[dict], n_resamples: int, seed: in
     for k, idx in enumerate(splits):
         key = rows_key(ref.ids[idx["test"]])
         if key not in by_key:
-            g = None if groups is None else groups[idx["test"]]
+            g = np.full(len(idx["test"]), None, dtype=object) if groups is None else groups[idx["test"]]
             by_key[key] = resample_weights(g, n_resamples, seed + 1009 * k)
         out.append(by_key[key])
     return out
@@ -120,11 +120,16 @@ def _cost_columns(r: dict, extract_costs: dict) -> dict:
     enc = [extract_costs.get(k) or {} for k in (("image", r["image_model"]), ("text", r["text_model"])) if k[1]]
     c = r["costs"]
     return {"train_s": c.get("train_s"), "predict_ms_per_case": c.get("predict_ms_per_case"),
-            "extract_s_per_item": round(sum(e.get("s_per_item", 0.0) for e in enc), 5) if enc else 0.0,
-            "extract_peak_rss_mb": max((e.get("peak_rss_mb", 0.0) for e in enc), default=0.0),
+            "extract_s_per_item": _sum([e.get("s_per_item") for e in enc], 5) if enc else 0.0,
+            "extract_peak_rss_mb": max((e.get("peak_rss_mb") or float("nan") for e in enc), default=0.0),
             "peak_rss_mb": c.get("peak_rss_mb"), "peak_above_start_mb": c.get("peak_above_start_mb"),
             "model_bytes": c.get("model_bytes"),
             "stored_bytes": int(sum(e.get("stored_bytes", 0) for e in enc))}
+
+
+def _sum(values: list, digits: int) -> float:
+    """A sum of measured figures; NaN when any was not measured (never a 0 that looks like a figure)."""
+    return float("nan") if any(v is None for v in values) else round(float(sum(values)), digits)
 
 
 def _holm(rows: list[dict]) -> None:

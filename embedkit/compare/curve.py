@@ -138,7 +138,7 @@ def label_efficiency(cfg, rows: list[dict], grid, shared, splits: list[dict], se
             for p in points:
                 reps[(p["fraction"], p["seed"])] = replicates(y_test, np.asarray(p["proba"]), p["classes"], p["task"],
                                                               p["threshold"], w0, metric)
-            configs.append(_summarise(conf.name, points, reps, fractions, n_groups, cfg.curve_seeds, target, metric))
+            configs.append(summarise_curve(conf.name, points, reps, fractions, n_groups, cfg.curve_seeds, target, metric))
     verdicts = [c["verdict"] for c in configs]
     return {"target": target, "metric": metric, "fractions": fractions, "groups": n_groups,
             "seeds": cfg.curve_seeds, "configs": configs, "verdict": verdicts[0] if verdicts else None,
@@ -160,7 +160,7 @@ def _read(path: Path, key: str) -> list | None:
     return stored.get("points") if isinstance(stored, dict) and stored.get("key") == key else None
 
 
-def _summarise(name: str, points: list[dict], reps: dict, fractions, n_groups, n_seeds: int, target: float,
+def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_groups, n_seeds: int, target: float,
                metric: str) -> dict:
     """Per size: mean over seeds with its interval; the fit, its bootstrap and the verdict in words."""
     from embedkit.compare.report import NAMES

@@ -3,7 +3,7 @@
 Extraction: each encoder embeds a few of the data's own items (spread over the list, so text
 lengths are typical) into the comparison's embedding folder, which the full extraction then
 resumes; seconds per item and the model's load time give the encoder's estimate. Training: each
-fusion head is fitted for two epochs on random rows of the data's size and widths, scaled to the
+fusion head is fitted for 1 and 3 epochs on random rows of the data's size and widths (fixed cost and cost per epoch), scaled to the
 configured epochs, runs and alignment candidates. It is an estimate: early stopping, other load
 on the machine and the data's own difficulty move it, and the run records the real times beside it.
 """
@@ -16,7 +16,6 @@ from dataclasses import replace
 import numpy as np
 
 CALIBRATION_ITEMS = 24  # items each encoder embeds to time itself (kept: the extraction resumes after them)
-CALIBRATION_EPOCHS = 2
 
 
 def calibrate_extraction(data, out_emb, scan, spec, modality: str, extract_config) -> dict:
@@ -36,7 +35,10 @@ def calibrate_extraction(data, out_emb, scan, spec, modality: str, extract_confi
     sub = replace(scan, items=[it for it in items if it.id in stored] + sample, skipped=[])
     config = replace(extract_config, image_model=spec.name if modality == "image" else None,
                      text_model=spec.name if modality == "text" else None, progress=False)
+    from embedkit.costs import reset_peak_rss
+
     quiet, console.quiet = console.quiet, True  # its layout and count lines would repeat the real run's
+    reset_peak_rss()
     try:
         res = extract(data, out_emb, config, scan=sub).modalities[modality]
     finally:
@@ -48,26 +50,31 @@ def calibrate_extraction(data, out_emb, scan, spec, modality: str, extract_confi
     rest = len(pending) - res.rows_embedded
     return {"seconds": round(load + rest * per_item, 2), "s_per_item": round(per_item, 5), "load_s": round(load, 2),
             "pending": rest, "dim": res.provenance.get("dim") or spec.dim, "embedded": res.rows_embedded,
-            "busy_s": round(busy, 3)}
+            "busy_s": round(busy, 3), "peak_rss_mb": res.costs.get("peak_rss_mb")}
 
 
 def fit_seconds(train_cfg, dims: list[int], n_train: int, n_val: int, n_classes: int) -> float:
-    """Seconds one run of this head takes on rows of this size: two epochs on random rows, scaled."""
+    """Seconds one run of this head takes on rows of this size: fits of 1 and 3 epochs on random rows give the
+    fixed cost and the cost per epoch (the first fit, which pays for imports and warm-up, is not timed)."""
     from embedkit.train import make_estimator
 
     rng = np.random.default_rng(0)
-    width = int(sum(dims))
-    x = rng.standard_normal((max(n_train, 2 * n_classes), width)).astype(np.float32)
+    x = rng.standard_normal((max(n_train, 2 * n_classes), int(sum(dims)))).astype(np.float32)
     y = np.arange(len(x)) % n_classes
     xv, yv = x[:max(n_val, n_classes)], y[:max(n_val, n_classes)]
-    short = replace(train_cfg, epochs=min(CALIBRATION_EPOCHS, train_cfg.epochs))
-    est = make_estimator(short, dims, 0, "standard")
-    t0 = time.perf_counter()
-    if train_cfg.fusion == "logistic":
-        est.fit(x, y)
+
+    def fit(epochs: int) -> float:
+        est = make_estimator(replace(train_cfg, epochs=epochs), dims, 0, "standard")
+        t0 = time.perf_counter()
+        est.fit(x, y) if train_cfg.fusion == "logistic" else est.fit(x, y, eval_set=(xv, yv))
         return time.perf_counter() - t0
-    est.fit(x, y, eval_set=(xv, yv))
-    return (time.perf_counter() - t0) * train_cfg.epochs / short.epochs
+
+    fit(1)  # warm-up
+    if train_cfg.fusion == "logistic":
+        return fit(1)
+    one, three = fit(1), fit(3)
+    per_epoch = max((three - one) / 2, 0.0)
+    return max(one - per_epoch, 0.0) + per_epoch * train_cfg.epochs
 
 
 def drop_to_budget(train_seconds: dict, extract_seconds: dict, encoders_of, fixed_seconds: float,

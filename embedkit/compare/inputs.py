@@ -70,12 +70,12 @@ def extract_all(data: Path, out_emb: Path, scan, specs: dict, extract_config, ca
         key = f"{modality}:{name}"
         cal = calibrated.get((modality, name)) or {}
         embedded = res.rows_embedded + cal.get("embedded", 0)
-        if res.rows_embedded:
-            load = res.costs.get("stage_seconds", {}).get("load_model", 0.0)
-            busy = res.costs.get("wall_seconds", 0.0) - load + cal.get("busy_s", 0.0)
-            costs[key] = {"s_per_item": round(busy / max(embedded, 1), 5), "load_s": round(load, 2),
+        if embedded:  # what this comparison embedded, calibration included
+            load = res.costs.get("stage_seconds", {}).get("load_model", 0.0) if res.rows_embedded else 0.0
+            busy = (res.costs.get("wall_seconds", 0.0) - load if res.rows_embedded else 0.0) + cal.get("busy_s", 0.0)
+            costs[key] = {"s_per_item": round(busy / embedded, 5), "load_s": round(load or cal.get("load_s", 0.0), 2),
                           "seconds": round(busy + load, 2), "items": embedded,
-                          "peak_rss_mb": res.costs.get("peak_rss_mb"),
+                          "peak_rss_mb": max(res.costs.get("peak_rss_mb") or 0.0, cal.get("peak_rss_mb") or 0.0),
                           "fingerprint": res.provenance.get("encoder_fingerprint")}
         elif key in known and known[key].get("fingerprint") == res.provenance.get("encoder_fingerprint"):
             costs[key] = known[key]  # measured by the run that embedded these rows

@@ -54,7 +54,7 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     estimate = inputs.estimate(grid)
     say(f"estimated time: {minutes(estimate['total_s'])} (" + ", ".join(
         f"{k.replace('_s', '')} {minutes(v)}" for k, v in estimate["parts"].items() if v) +
-        "; measured on this machine from a few items per encoder and two epochs per head)")
+        "; measured on this machine from a few items per encoder and a few epochs per head)")
     dropped = _apply_budget(cfg, grid, estimate, inputs)
     cfg = estimate.get("config", cfg)
     encoders_needed = {e for c in grid if c.reason is None and c not in dropped for e in (c.image, c.text) if e}

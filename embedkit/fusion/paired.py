@@ -28,19 +28,17 @@ def rows_key(test_ids) -> str:
 
 
 def resample_weights(groups, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, rows) weights of a bootstrap that draws whole groups (rows when groups is None)
-    with replacement; a row's weight is how often its group was drawn."""
+    """(n_resamples, rows) weights of a bootstrap that draws whole groups with replacement; a row's weight is
+    how often its group was drawn. `groups` has one value per row; a row whose group is None is its own
+    group (rows assumed independent: pass all None)."""
     if n_resamples < 1:
         raise InvalidInputError("a paired bootstrap needs at least one resample")
-    groups = None if groups is None else np.asarray(groups, dtype=object)
-    if groups is None or all(g is None for g in groups):
-        of_row = np.arange(len(groups) if groups is not None else 0)
-    else:  # a row without a group is its own group
-        keys = np.array([f"g:{g}" if g is not None else f"r:{i}" for i, g in enumerate(groups)], dtype=object)
-        of_row = np.unique(keys, return_inverse=True)[1].ravel()
-    n_units = int(of_row.max()) + 1 if len(of_row) else 0
-    if n_units == 0:
+    groups = np.asarray(groups, dtype=object)
+    if len(groups) == 0:
         raise InvalidInputError("a paired bootstrap needs at least one test row")
+    keys = np.array([f"g:{g}" if g is not None else f"r:{i}" for i, g in enumerate(groups)], dtype=object)
+    of_row = np.unique(keys, return_inverse=True)[1].ravel()
+    n_units = int(of_row.max()) + 1
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples)
     return counts[:, of_row].astype(np.float64)
