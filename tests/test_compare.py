@@ -195,6 +195,9 @@ def test_paired_difference_verdicts_and_holm():
     assert d["verdict"] == "indistinguishable" and d["low"] < 0 < d["high"]
     # Holm by hand: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(.., 2*0.02), max(.., 1*0.04)
     assert holm([0.04, 0.01, 0.02, np.nan]).tolist()[:3] == pytest.approx([0.04, 0.03, 0.04])
+    # step-down: an adjusted p-value never falls below a smaller raw p-value's (3*0.01 > 2*0.011 > 1*0.012)
+    assert holm([0.012, 0.011, 0.01]) == pytest.approx([0.03, 0.03, 0.03])
+    assert np.isnan(holm([0.04, 0.01, 0.02, np.nan])[3])
 
 
 def test_baselines_and_the_answer_in_words(run):
@@ -339,7 +342,8 @@ def test_cli_from_a_data_folder_with_the_offline_encoders(tmp_path):
     rows = ["id,image,note,dx"]
     for i in range(24):
         make_image(data / f"c{i}.png", seed=i, size=(48, 48))
-        rows.append(f"c{i},c{i}.png,routine review {i},{'yes' if i % 2 else 'no'}")
+        # the note gives the label away on odd rows: the scan must say so before any training
+        rows.append(f"c{i},c{i}.png,routine review {i}{' positive' if i % 2 else ''},{'yes' if i % 2 else 'no'}")
     (data / "t.csv").write_text("\n".join(rows) + "\n")
     base = [sys.executable, "-m", "embedkit.cli", "compare", str(data), "--metadata", str(data / "t.csv"),
             "--id-col", "id", "--image-col", "image", "--text-col", "note", "--label", "dx"]
@@ -352,6 +356,7 @@ def test_cli_from_a_data_folder_with_the_offline_encoders(tmp_path):
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert "estimated time" in r.stderr and "best:" in r.stderr and r.stdout == ""
+    assert "leakage? token 'positive' -> class yes" in r.stderr
     board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     ok = board[board["status"] == "ok"]
     assert set(ok["fusion"]) == {"image", "early", "majority", "chance"}
@@ -395,3 +400,30 @@ def test_report_in_a_real_browser(tmp_path):
         assert width[0] <= width[1] == 390
     finally:
         dt.close()
+
+
+def test_a_rerun_reuses_only_results_made_from_the_same_inputs(tmp_path):
+    emb = clinic_folder(tmp_path / "emb", n=80)
+    cfg = quick(image_models=["img-good"], fusions=["image"], seeds=1)
+    out = tmp_path / "out"
+    compare(emb, out, cfg)
+    stamp = lambda: {p.parent.name: p.stat().st_mtime_ns for p in out.glob("configs/*/result.json")}  # noqa: E731
+    first = stamp()
+    compare(emb, out, cfg)
+    assert stamp() == first  # nothing changed: everything reused
+    compare(emb, out, quick(image_models=["img-good"], fusions=["image"], seeds=1, epochs=9))
+    second = stamp()
+    assert second["img-good__-__image__none"] != first["img-good__-__image__none"]  # another recipe: retrained
+    # the same recipe on relabelled rows: a stored result would be stale
+    from embedkit.store import read_embedding_table
+
+    t = read_embedding_table(emb / "image__img-good")
+    ids = np.array(t.ids, dtype=object)
+    flipped = np.array(["yes" if v == "no" else "no" for v in t.columns["dx"]], dtype=object)
+    import shutil
+
+    shutil.rmtree(emb / "image__img-good")
+    write_embeddings(emb, "image", "img-good", ids, t.embeddings, {"dx": flipped, "group": np.array(t.columns["group"],
+                                                                                                  dtype=object)})
+    compare(emb, out, quick(image_models=["img-good"], fusions=["image"], seeds=1, epochs=9))
+    assert stamp()["img-good__-__image__none"] != second["img-good__-__image__none"]

@@ -28,6 +28,8 @@ def calibrate_extraction(data, out_emb, scan, spec, modality: str, extract_confi
     folder = dataset_dir(out_emb, modality, spec.name)
     stored = set(existing_hashes(folder)) if folder.exists() else set()
     pending = [it for it in items if it.id not in stored]
+    if modality == "image":  # an image file shared by several rows is embedded once (plan.make_plan)
+        pending = list({it.image_path.resolve(): it for it in reversed(pending)}.values())[::-1]
     if not pending:
         return {"seconds": 0.0, "s_per_item": 0.0, "load_s": 0.0, "pending": 0, "dim": spec.dim}
     step = max(1, len(pending) // CALIBRATION_ITEMS)
@@ -46,10 +48,10 @@ def calibrate_extraction(data, out_emb, scan, spec, modality: str, extract_confi
     stages = res.costs.get("stage_seconds", {})
     load = stages.get("load_model", 0.0)
     busy = max(res.costs.get("wall_seconds", 0.0) - load, 1e-6)
-    per_item = busy / max(res.rows_embedded, 1)
-    rest = len(pending) - res.rows_embedded
+    per_item = busy / max(res.unique_inputs_embedded, 1)
+    rest = len(pending) - res.unique_inputs_embedded
     return {"seconds": round(load + rest * per_item, 2), "s_per_item": round(per_item, 5), "load_s": round(load, 2),
-            "pending": rest, "dim": res.provenance.get("dim") or spec.dim, "embedded": res.rows_embedded,
+            "pending": rest, "dim": res.provenance.get("dim") or spec.dim, "embedded": res.unique_inputs_embedded,
             "busy_s": round(busy, 3), "peak_rss_mb": res.costs.get("peak_rss_mb")}
 
 

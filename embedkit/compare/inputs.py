@@ -69,7 +69,7 @@ def extract_all(data: Path, out_emb: Path, scan, specs: dict, extract_config, ca
         res = extract(data, out_emb, config, scan=scan).modalities[modality]
         key = f"{modality}:{name}"
         cal = calibrated.get((modality, name)) or {}
-        embedded = res.rows_embedded + cal.get("embedded", 0)
+        embedded = res.unique_inputs_embedded + cal.get("embedded", 0)  # per input embedded (shared files once)
         if embedded:  # what this comparison embedded, calibration included
             load = res.costs.get("stage_seconds", {}).get("load_model", 0.0) if res.rows_embedded else 0.0
             busy = (res.costs.get("wall_seconds", 0.0) - load if res.rows_embedded else 0.0) + cal.get("busy_s", 0.0)

@@ -216,8 +216,8 @@ def _pareto(rows: list[dict], metric: str, name: str):
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     for i, r in enumerate(pts):
-        ax.errorbar(cost[i], score[i], yerr=[[score[i] - r[f"{metric}_low"]], [r[f"{metric}_high"] - score[i]]]
-                    if np.isfinite(r.get(f"{metric}_low", np.nan)) else None, fmt="o",
+        ax.errorbar(cost[i], score[i], yerr=_yerr([score[i]], [r.get(f"{metric}_low")], [r.get(f"{metric}_high")]),
+                    fmt="o",
                     color="#1b5e20" if i in front else "#5f6368", ms=6 if i in front else 4, capsize=2)
         if i in front:
             ax.annotate(_short(r["config"]), (cost[i], score[i]), fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -228,6 +228,16 @@ def _pareto(rows: list[dict], metric: str, name: str):
     ax.set_ylabel(f"{name} (95% interval)")
     ax.legend(fontsize=8)
     return fig
+
+
+def _yerr(points, lows, highs):
+    """Error-bar lengths below and above each point; 0 where the interval is undefined or (a mean over runs
+    against a percentile interval) does not straddle the point."""
+    def gap(a, b):  # b - a, never negative
+        ok = a is not None and b is not None and np.isfinite(a) and np.isfinite(b)
+        return max(float(b) - float(a), 0.0) if ok else 0.0
+
+    return [[gap(lo, p) for p, lo in zip(points, lows)], [gap(p, hi) for p, hi in zip(points, highs)]]
 
 
 def pareto_front(cost: list[float], score: list[float]) -> set[int]:
@@ -254,7 +264,7 @@ def _curve_figure(curve: dict, name: str):
         col = colours[k % len(colours)]
         n = [p["groups"] for p in c["points"]]
         m = [p["mean"] for p in c["points"]]
-        err = [[p["mean"] - p["low"] for p in c["points"]], [p["high"] - p["mean"] for p in c["points"]]]
+        err = _yerr(m, [p["low"] for p in c["points"]], [p["high"] for p in c["points"]])
         ax.errorbar(n, m, yerr=err, fmt="o-", color=col, capsize=3, label=_short(c["config"], 40))
         fit = c.get("fit") or {}
         if fit.get("ok"):

@@ -236,6 +236,7 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
     if any(purged.values()):
         say(f"note: left out of the data's split so that no group crosses it: {purged['train']} train and "
             f"{purged['val']} validation rows")
+    leakage = _leakage_scan(shared, splits[0], cfg.label)
     scored, reused = [], 0
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("configurations", total=len(grid), rate="")
@@ -263,7 +264,7 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
                        "splits": [{k: int(len(v)) for k, v in s.items()} for s in splits],
                        "test_groups": [int(len(set(shared.groups[s["test"]].tolist()))) if shared.groups is not None
                                        else int(len(s["test"])) for s in splits],
-                       "splits_file": "splits.parquet"},
+                       "splits_file": "splits.parquet", "leakage": leakage},
               "extraction": {f"{m}:{n}": v for (m, n), v in inputs.costs.items()},
               "configs": {r["config"]: s.result for r, s in zip(rows, _in_order(rows, scored))}}
     if cfg.curve and summary.get("best"):
@@ -274,6 +275,23 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
         from embedkit.compare.raw import raw_rows
 
         result["raw"] = raw_rows(cfg, inputs, shared, splits, seeds, weights, scored, rows)
+    return result
+
+
+def _leakage_scan(shared, idx: dict, label: str) -> dict | None:
+    """Run 0's training texts scanned for words that give the label away (said once, before any training)."""
+    if "text" not in shared.ref.columns:
+        return None
+    from embedkit.console import say
+    from embedkit.fusion.evaluate import detect_task
+    from embedkit.leakage import format_leakage, scan_text_leakage
+
+    tr = idx["train"]
+    y = shared.ref.y[tr]
+    result = scan_text_leakage(shared.ref.columns["text"][tr].tolist(), y, detect_task(y), sorted(set(y.tolist())),
+                               label_names=[label])
+    for line in format_leakage(result, label):
+        say(f"[yellow]{line}[/]")
     return result
 
 
