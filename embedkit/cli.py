@@ -251,13 +251,19 @@ def _bench_markdown(results: Path, files: List[Path], update: bool) -> None:
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="A model folder (embedkit train) or a bench folder (embedkit bench)."),
+    run_dir: Path = typer.Argument(..., help="A model (train), bench (bench) or comparison (compare) folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
     emb: Optional[Path] = typer.Option(None, help="Model folders: the labelled embeddings, for the reliability "
                                                   "diagram (the model's test rows if they are its training data)."),
 ):
     """One self-contained HTML page (plots inline, no scripts) to read or attach to an email."""
     from embedkit.console import say
+
+    if (run_dir / "compare.json").is_file():  # an `embedkit compare` folder
+        from embedkit.comparison.report import rewrite_report
+
+        say(f"report -> {rewrite_report(run_dir, out)}")
+        return
     from embedkit.report import build_report
 
     say(f"report -> {build_report(run_dir, out, emb)}")

@@ -1,4 +1,4 @@
-"""`embedkit compare`: parse, call embedkit.compare.compare, print the leaderboard and the answer in words.
+"""`embedkit compare`: parse, call embedkit.comparison.compare, print the leaderboard and the answer in words.
 cli.py registers it (this module does not import cli.py). No torch at import time."""
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def compare(
 ):
     """Which encoder and fusion work on your data, at what cost, better than what: a leaderboard with paired
     intervals, baselines, label efficiency and costs, all on the same test rows."""
-    from embedkit.compare import CompareConfig
-    from embedkit.compare import compare as run
+    from embedkit.comparison import CompareConfig
+    from embedkit.comparison import compare as run
     from embedkit.extract import ExtractConfig
     from embedkit.store import find_datasets
 
@@ -104,7 +104,7 @@ def compare(
 def print_leaderboard(board, out: Path) -> None:
     from rich.table import Table
 
-    from embedkit.compare.report import NAMES
+    from embedkit.comparison.report import NAMES
     from embedkit.console import console
 
     metric = board.attrs["summary"]["metric"]

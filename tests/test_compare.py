@@ -21,9 +21,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 from conftest import REPO, make_image
-from embedkit.compare import CompareConfig, compare
-from embedkit.compare.curve import fit_power_law, groups_for_error, nested_subsets, summarise_curve
-from embedkit.compare.estimate import drop_to_budget
+from embedkit.comparison import CompareConfig, compare
+from embedkit.comparison.curve import fit_power_law, groups_for_error, nested_subsets, summarise_curve
+from embedkit.comparison.estimate import drop_to_budget
 from embedkit.errors import EmbedkitError
 from embedkit.fusion.paired import holm, paired_difference, resample_weights
 from test_train import write_embeddings
@@ -114,7 +114,7 @@ def test_scores_recomputed_from_the_saved_predictions(run):
 
 
 def _slug(row):
-    from embedkit.compare.grid import Configuration, Encoder
+    from embedkit.comparison.grid import Configuration, Encoder
     from pathlib import Path
 
     enc = lambda m, name: Encoder(m, name, Path("."), 0, "") if isinstance(name, str) else None  # noqa: E731
@@ -210,6 +210,10 @@ def test_baselines_and_the_answer_in_words(run):
     assert result["summary"]["comparisons_with_best"] == int(board["verdict"].isin(["worse", "indistinguishable"])
                                                               .sum() - board["fusion"].isin(["majority", "chance"])
                                                               .sum())
+    from embedkit.comparison.report import rewrite_report  # `embedkit report CMP` renders it again
+
+    again = rewrite_report(out, out / "again.html").read_text()
+    assert "Leaderboard" in again and "img-good · image" in again
     for col in ("config", "image_model", "text_model", "fusion", "align", "macro_f1", "macro_f1_low", "macro_f1_high",
                 "delta_vs_best", "delta_low", "delta_high", "verdict", "train_s", "extract_s_per_item",
                 "peak_rss_mb"):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.compare.config import CompareConfig
-from embedkit.compare.grid import Configuration
+from embedkit.comparison.config import CompareConfig
+from embedkit.comparison.grid import Configuration
 from embedkit.costs import current_rss_mb, peak_rss_mb, reset_peak_rss
 from embedkit.errors import EmbedkitError
 from embedkit.store import write_json_atomic

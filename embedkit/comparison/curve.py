@@ -90,8 +90,8 @@ def groups_for_error(fit: dict, err_target: float) -> float:
 
 def label_efficiency(cfg, rows: list[dict], grid, shared, splits: list[dict], seeds: list[int], weights, out: Path) -> dict:
     """The curve of the best `cfg.curve_top` configurations on run 0's split; their points, fits and verdicts."""
-    from embedkit.compare.data import dataset_for
-    from embedkit.compare.runner import train_config
+    from embedkit.comparison.data import dataset_for
+    from embedkit.comparison.runner import train_config
     from embedkit.console import progress_bar
 
     metric = cfg.metric
@@ -163,7 +163,7 @@ def _read(path: Path, key: str) -> list | None:
 def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_groups, n_seeds: int, target: float,
                metric: str) -> dict:
     """Per size: mean over seeds with its interval; the fit, its bootstrap and the verdict in words."""
-    from embedkit.compare.report import NAMES
+    from embedkit.comparison.report import NAMES
 
     label = NAMES.get(metric, metric)
     summary, mean_reps = [], {}

@@ -54,7 +54,7 @@ def raw_rows(cfg, inputs, shared, splits, seeds, weights, scored, rows) -> dict:
         name = f"{pair['image_model']} + {pair['text_model']} · raw, {'fine-tuned' if finetune else 'frozen'}"
         say(f"raw: {name}, {cfg.raw_epochs} epochs on {len(idx['train'])} training rows")
         out.append(_train_raw(name, specs, items, shared, idx, seeds[0], cfg, finetune))
-    from embedkit.compare.board import point
+    from embedkit.comparison.board import point
     from embedkit.fusion.paired import interval, paired_difference, replicates
 
     y_test = shared.ref.y[idx["test"]]

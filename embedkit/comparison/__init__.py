@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from embedkit.compare.config import METRICS, CompareConfig
-from embedkit.compare.run import compare
+from embedkit.comparison.config import METRICS, CompareConfig
+from embedkit.comparison.run import compare
 
 __all__ = ["CompareConfig", "METRICS", "compare"]

@@ -50,6 +50,28 @@ def write_outputs(out: Path, result: dict):
     return df
 
 
+def rewrite_report(folder: Path, out: Path | None = None) -> Path:
+    """report.html of a finished comparison again, from its compare.json (`embedkit report CMP`)."""
+    from embedkit.errors import EmbedkitError
+
+    try:
+        result = json.loads((Path(folder) / "compare.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EmbedkitError(f"cannot read {Path(folder) / 'compare.json'} ({type(e).__name__})") from None
+    out = Path(out) if out else Path(folder) / "report.html"
+    out.write_text(compare_html(_nan(result)), encoding="utf-8")
+    return out
+
+
+def _nan(obj):
+    """compare.json's nulls back to NaN where the page expects numbers."""
+    if isinstance(obj, dict):
+        return {k: (float("nan") if v is None and k.endswith(("_low", "_high")) else _nan(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
+
+
 def _finite(obj):
     """JSON has no NaN: undefined numbers are written as null."""
     if isinstance(obj, float):

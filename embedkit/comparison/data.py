@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from embedkit.compare.grid import Configuration, Encoder
+from embedkit.comparison.grid import Configuration, Encoder
 from embedkit.dataset import (Dataset, cv_runs, groups_for, labelled_dataset, purge_shared_groups, split_for_run)
 from embedkit.errors import EmbedkitError
 from embedkit.store import EmbeddingTable, join_tables, read_embedding_table

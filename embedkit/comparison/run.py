@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.compare.config import METRICS, CompareConfig
-from embedkit.compare.grid import (BASELINES, Configuration, Encoder, check_alignments, check_fusions, configurations,
+from embedkit.comparison.config import METRICS, CompareConfig
+from embedkit.comparison.grid import (BASELINES, Configuration, Encoder, check_alignments, check_fusions, configurations,
                                    find_encoders, pick)
 from embedkit.errors import EmbedkitError
 
@@ -38,7 +38,7 @@ def compare(data, out, config: CompareConfig, source=None, rows=None, extract_co
 
 
 def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
-    from embedkit.compare.estimate import minutes
+    from embedkit.comparison.estimate import minutes
     from embedkit.console import say
 
     t_start = time.perf_counter()
@@ -63,7 +63,7 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     result = _run_grid(out, cfg, grid, inputs)
     result["estimate"] = {k: v for k, v in estimate.items() if k != "config"}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    from embedkit.compare.report import write_outputs
+    from embedkit.comparison.report import write_outputs
 
     return write_outputs(out, result)
 
@@ -85,7 +85,7 @@ class _Inputs:
             return
         if len(paths) != 1 or folders:
             raise EmbedkitError("give one data folder, or one or more `embedkit extract` folders (not a mix)")
-        from embedkit.compare.inputs import wanted_encoders
+        from embedkit.comparison.inputs import wanted_encoders
         from embedkit.extract import ExtractConfig
         from embedkit.sources import scan_source
 
@@ -107,8 +107,8 @@ class _Inputs:
 
     def estimate(self, grid: list[Configuration]) -> dict:
         """Seconds per part and per configuration, measured here before the run."""
-        from embedkit.compare.estimate import calibrate_extraction, fit_seconds
-        from embedkit.compare.runner import SHIFT_SWEEP, train_config
+        from embedkit.comparison.estimate import calibrate_extraction, fit_seconds
+        from embedkit.comparison.runner import SHIFT_SWEEP, train_config
         from embedkit.train import parse_sweep
 
         extract_s = {}
@@ -139,7 +139,7 @@ class _Inputs:
                    if self.cfg.curve else 0.0)
         parts = {"extraction_s": sum(extract_s.values()), "training_s": sum(train_s.values()), "curve_s": curve_s}
         if self.cfg.raw:
-            from embedkit.compare.raw import estimate_raw
+            from embedkit.comparison.raw import estimate_raw
 
             parts["raw_s"] = estimate_raw(self.cfg, n, self.calibrated)
         return {"total_s": sum(parts.values()), "parts": parts, "per_config_s": train_s, "extract_s": extract_s}
@@ -162,7 +162,7 @@ class _Inputs:
 
     def extract(self, needed: set[Encoder]) -> None:
         """Extract the encoders still needed, then read every encoder back from its table."""
-        from embedkit.compare.inputs import extract_all, folder_costs
+        from embedkit.comparison.inputs import extract_all, folder_costs
 
         if self.extracting:
             specs = {(e.modality, e.name): self.specs[(e.modality, e.name)] for e in self.encoders if e in needed}
@@ -185,7 +185,7 @@ class _Inputs:
 def _apply_budget(cfg: CompareConfig, grid: list[Configuration], estimate: dict, inputs: _Inputs) -> list:
     """Fit the estimate into --budget-minutes: raw first, then label efficiency, then configurations,
     the most expensive first. Says what was dropped."""
-    from embedkit.compare.estimate import drop_to_budget, minutes
+    from embedkit.comparison.estimate import drop_to_budget, minutes
     from embedkit.console import say
 
     if not cfg.budget_minutes:
@@ -216,9 +216,9 @@ def _apply_budget(cfg: CompareConfig, grid: list[Configuration], estimate: dict,
 
 def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: _Inputs) -> dict:
     """Every configuration on the shared splits (finished ones reused), then the leaderboard."""
-    from embedkit.compare.board import Scored, leaderboard, shared_resamples
-    from embedkit.compare.data import dataset_for, make_splits, shared_rows
-    from embedkit.compare.runner import (config_key, data_key, finished, not_run, read_predictions,
+    from embedkit.comparison.board import Scored, leaderboard, shared_resamples
+    from embedkit.comparison.data import dataset_for, make_splits, shared_rows
+    from embedkit.comparison.runner import (config_key, data_key, finished, not_run, read_predictions,
                                          run_configuration, train_config)
     from embedkit.console import progress_bar, say
 
@@ -268,11 +268,11 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
               "extraction": {f"{m}:{n}": v for (m, n), v in inputs.costs.items()},
               "configs": {r["config"]: s.result for r, s in zip(rows, _in_order(rows, scored))}}
     if cfg.curve and summary.get("best"):
-        from embedkit.compare.curve import label_efficiency
+        from embedkit.comparison.curve import label_efficiency
 
         result["curve"] = label_efficiency(cfg, rows, grid, shared, splits, seeds, weights, out)
     if cfg.raw:
-        from embedkit.compare.raw import raw_rows
+        from embedkit.comparison.raw import raw_rows
 
         result["raw"] = raw_rows(cfg, inputs, shared, splits, seeds, weights, scored, rows)
     return result
