@@ -431,3 +431,11 @@ def test_a_rerun_reuses_only_results_made_from_the_same_inputs(tmp_path):
                                                                                                   dtype=object)})
     compare(emb, out, quick(image_models=["img-good"], fusions=["image"], seeds=1, epochs=9))
     assert stamp()["img-good__-__image__none"] != second["img-good__-__image__none"]
+
+
+def test_a_budget_drops_configurations_and_says_which(tmp_path, capsys):
+    emb = clinic_folder(tmp_path / "emb", n=80)
+    with pytest.raises(EmbedkitError, match="nothing to compare: every configuration was dropped"):
+        compare(emb, tmp_path / "none", quick(curve=True, budget_minutes=1e-6))
+    err = capsys.readouterr().err
+    assert "budget: curve step dropped" in err and "budget: dropped img-good · image" in err

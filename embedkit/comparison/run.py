@@ -58,6 +58,11 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     dropped = _apply_budget(cfg, grid, estimate, inputs)
     cfg = estimate.get("config", cfg)
     encoders_needed = {e for c in grid if c.reason is None and c not in dropped for e in (c.image, c.text) if e}
+    if not encoders_needed:
+        reasons = sorted({"dropped to fit --budget-minutes" if c in dropped else c.reason for c in grid
+                          if c.fusion not in BASELINES})
+        raise EmbedkitError(f"nothing to compare: every configuration was dropped or cannot run here "
+                            f"({'; '.join(reasons)})")
     inputs.extract(encoders_needed)
     grid = [inputs.final(c, dropped) for c in grid]
     result = _run_grid(out, cfg, grid, inputs)
@@ -65,7 +70,11 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     from embedkit.comparison.report import write_outputs
 
-    return write_outputs(out, result)
+    board = write_outputs(out, result)
+    if not result["summary"].get("best"):  # only the baselines scored: nothing useful was learned
+        raise EmbedkitError(f"no configuration could be trained on this data; the reasons are in "
+                            f"{out / 'leaderboard.csv'} (column reason)")
+    return board
 
 
 class _Inputs:

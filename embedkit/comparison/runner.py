@@ -23,6 +23,7 @@ from embedkit.comparison.config import CompareConfig
 from embedkit.comparison.grid import Configuration
 from embedkit.costs import current_rss_mb, peak_rss_mb, reset_peak_rss
 from embedkit.errors import EmbedkitError
+from embedkit.predict import jsonable
 from embedkit.store import write_json_atomic
 
 RESULT, PREDICTIONS = "result.json", "predictions.parquet"
@@ -109,7 +110,7 @@ def _fusion_runs(conf: Configuration, ds, splits, seeds, train_cfg) -> tuple[lis
     for idx, seed in zip(splits, seeds):
         r = run_once(ds, train_cfg, conf.modalities, idx, seed)
         c = r.metrics["costs"]
-        runs.append({"seed": seed, "task": r.est.task_, "classes": [_plain(v) for v in r.est.classes_],
+        runs.append({"seed": seed, "task": r.est.task_, "classes": [jsonable(v) for v in r.est.classes_],
                      "threshold": float(r.calibration["threshold"]), "temperature": float(r.calibration["temperature"]),
                      "alignment": r.metrics.get("alignment"), "best_epoch": r.metrics.get("best_epoch"),
                      "val": _scalars(r.metrics["val"]), "test": _scalars(r.metrics["test"]),
@@ -138,7 +139,7 @@ def _baseline_runs(conf: Configuration, ds, splits, seeds) -> tuple[list[dict], 
         proba = est.predict_proba(np.zeros((len(te), 1)))
         predict_s = time.perf_counter() - t1
         val = compute_metrics(ds.y[va], est.predict_proba(np.zeros((len(va), 1))), est.classes_, task) if len(va) else {}
-        runs.append({"seed": seed, "task": task, "classes": [_plain(v) for v in est.classes_], "threshold": 0.5,
+        runs.append({"seed": seed, "task": task, "classes": [jsonable(v) for v in est.classes_], "threshold": 0.5,
                      "temperature": 1.0, "alignment": None, "best_epoch": None, "val": _scalars(val),
                      "test": _scalars(compute_metrics(ds.y[te], proba, est.classes_, task)), "n_test": int(len(te)),
                      "train_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4), "model_bytes": 0})
@@ -188,10 +189,6 @@ def read_predictions(folder: Path, n_runs: int) -> list[np.ndarray]:
 
 def _scalars(m: dict) -> dict:
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") else v
 
 
 def _model_bytes(est) -> int:
