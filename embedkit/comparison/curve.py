@@ -193,7 +193,8 @@ def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_grou
     err_target = 1 - target
     n_point = groups_for_error(fit, err_target)
     boot = _bootstrap_fit(points, reps, err_target, n_seeds)
-    lo, hi = (np.quantile(boot, [0.025, 0.975]) if len(boot) else (math.nan, math.nan))
+    # no interpolation between order statistics: an unbounded refit (inf) must stay inf, never inf - inf
+    lo, hi = (np.quantile(boot, [0.025, 0.975], method="inverted_cdf") if len(boot) else (math.nan, math.nan))
     fit.update(n_target=n_point if math.isfinite(n_point) else None, n_target_low=float(lo),
                n_target_high=float(hi) if math.isfinite(hi) else None, refits=len(boot),
                plateau=1 - fit["c"], at_double=float(1 - power_law(2 * full["groups"], fit["a"], fit["b"], fit["c"])))
