@@ -204,4 +204,4 @@ def _html_text(raw: bytes) -> tuple[str | None, str | None]:
     parser = _HTMLText()
     parser.feed(source)
     parser.close()
-    return "".join(parser.parts), None
+    return re.sub(r"\n[ \t]*(\n[ \t]*)+", "\n", "".join(parser.parts)), None  # a block's start and end: one break
