@@ -36,9 +36,8 @@ WINDOW_HELP = "auto (the file's first VOI LUT or window, else its full range), m
 PER_CHOICES = ("study", "series", "image")
 FRAME_CHOICES = ("middle", "all")
 MAX_AGE = 90  # ages above 89 identify people (HIPAA Safe Harbor): stored as 90
-# pydicom decoding plugins -> what to pip install for them
-_PLUGIN_PACKAGES = {"gdcm": "python-gdcm", "pylibjpeg": "pylibjpeg + pylibjpeg-libjpeg", "pyjpegls": "pyjpegls",
-                    "pillow": "pillow"}
+_PIP_NAMES = {"gdcm": "python-gdcm"}  # import names pydicom reports -> pip names
+_DICOM_EXTRA = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm"}  # pyproject's dicom extra
 
 # The allowlist: (column, DICOM keyword). Nothing else is read from a file but the pseudonymised ids below and
 # what decoding needs; values are parsed by `_column_value`.
@@ -222,9 +221,17 @@ def _syntax(uid) -> str:
 
 
 def _packages(missing: list[str]) -> list[str]:
-    """pydicom's 'gdcm - requires gdcm>=3.0.10' lines as pip package names."""
-    names = [line.split(" - ", 1)[0].strip() for line in missing]
-    return [_PLUGIN_PACKAGES.get(n, n) for n in names] or ["a pydicom decoding plugin"]
+    """pydicom's 'pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0' lines as pip names
+    ('pylibjpeg + pylibjpeg-openjpeg'); the ones embedkit's dicom extra brings say so."""
+    out = []
+    for line in missing:
+        needs = line.split("requires", 1)[-1]
+        names = [re.split(r"[<>=!~ ]", n.strip(), maxsplit=1)[0] for n in needs.split(" and ")]
+        names = [_PIP_NAMES.get(n, n) for n in names if n and n != "numpy"]
+        if names:
+            extra = " (pip install 'embedkit[dicom]')" if all(n in _DICOM_EXTRA for n in names) else ""
+            out.append(" + ".join(names) + extra)
+    return out or ["a pydicom decoding plugin"]
 
 
 def _column_value(col: str, ds):
