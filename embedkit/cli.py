@@ -382,6 +382,11 @@ def pretrain(
     for name, value in (("split_col", split_col), ("group_col", group_col)):
         if value:  # the flags win over a data manifest's own columns
             setattr(source, name, value)
+    from embedkit.dicom import SALT_FILE
+
+    # beside OUT (which is replaced whole on export): DICOM patient groups, and so the held-out split, stay the
+    # same when the run resumes
+    source.dicom_salt_file = out.with_name(f".{out.name}.{SALT_FILE}")
     scan = scan_source(data, source, rows=rows)
     pairs, note = select_pairs(scan.items, only_split)
     print(note, file=sys.stderr)

@@ -292,6 +292,7 @@ class DicomReader:
     def __init__(self, salt_file: Path | None):
         self.salt_file = salt_file
         self._salt: bytes | None = None
+        self.ephemeral = False  # pseudonyms keyed by a salt no file keeps: they change with every scan
         self.headers: dict[Path, DicomHeader | str] = {}
 
     @property
@@ -299,6 +300,7 @@ class DicomReader:
         if self._salt is None:
             # no folder to keep it in (a library call without one): pseudonyms valid for this scan only
             self._salt = load_salt(self.salt_file) if self.salt_file is not None else secrets.token_bytes(32)
+            self.ephemeral = self.salt_file is None
         return self._salt
 
     def header(self, path: Path) -> DicomHeader | str:
@@ -380,6 +382,9 @@ def select_and_expand(items: list[Item], root: Path, reader: DicomReader, per: s
             it.dicom = DicomFrame(h.frames // 2, window)
             result.items.append(it)
     result.notes = _notes(dicom_items, result, per, frames, no_patient)
+    if reader.ephemeral and dicom_items:
+        result.notes.append("DICOM: no salt file given (SourceOptions.dicom_salt_file): the patient, study and "
+                            "series pseudonyms hold for this scan only")
     return result
 
 

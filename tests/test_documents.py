@@ -171,3 +171,21 @@ def test_row_ids_for_a_table_without_an_id_column(tmp_path):
         scan_source(tmp_path, SourceOptions(metadata=tmp_path / "copies.csv", image_col="image", text_col="note"))
     assert "@row" not in str(e.value)
     np.testing.assert_equal(len({it.id for it in scan.items}), 60)
+
+
+def test_pretrain_pairs_read_document_reports_and_dicom_frames(tmp_path):
+    # the shared encoder reads inputs as extract does: a PDF report, each DICOM frame its own image
+    from embedkit.bench.dicom_data import write_dicom
+    from embedkit.shared_encoder.config import SharedEncoderConfig
+    from embedkit.shared_encoder.runner import load_tokenizer
+    from embedkit.shared_encoder.train import prepare_pairs
+
+    rng = np.random.default_rng(0)
+    write_dicom(tmp_path / "mf.dcm", rng.integers(0, 255, (3, 40, 40)).astype(np.uint8))
+    write_pdf(tmp_path / "mf.pdf", [FINDING])
+    (tmp_path / "t.csv").write_text("image,report\n" + "mf.dcm,mf.pdf\n")
+    scan = scan_source(tmp_path, SourceOptions(metadata=tmp_path / "t.csv", image_col="image", text_file_col="report",
+                                               dicom_frames="all", dicom_salt_file=tmp_path / "k"))
+    data = prepare_pairs(scan.items, SharedEncoderConfig(image_size=32), load_tokenizer("minilm"))
+    assert data["ids"] == ["mf#frame0", "mf#frame1", "mf#frame2"] and data["texts"] == [FINDING] * 3
+    assert len({im.tobytes() for im in data["images"]}) == 3  # three frames, three images
