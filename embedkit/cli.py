@@ -9,8 +9,9 @@ from typing import List, Optional, Tuple
 import typer
 
 from embedkit import cli_compare, cli_train
-from embedkit.cli_common import (GroupCol, IdCol, ImageCol, Manifest, MaxReportMb, Metadata, SplitCol, TextCol,
-                                 TextFileCol, TextTemplate, none_word, source_options, switch)
+from embedkit.cli_common import (DICOM, GroupCol, IdCol, ImageCol, Manifest, MaxReportMb, Metadata, SplitCol,
+                                 TextCol, TextFileCol, TextTemplate, dicom_source_fields, none_word,
+                                 source_options, switch)
 from embedkit.cli_models import models_app
 from embedkit.errors import EmbedkitError
 
@@ -40,6 +41,10 @@ def extract(
     split_col: SplitCol = None,
     group_col: GroupCol = None,
     max_report_mb: MaxReportMb = 5.0,
+    dicom_window: str = DICOM["dicom_window"],
+    dicom_frames: str = DICOM["dicom_frames"],
+    dicom_per: Optional[str] = DICOM["dicom_per"],
+    dicom_salt_file: Optional[Path] = DICOM["dicom_salt_file"],
     image_model: str = typer.Option("efficientnet-lite0", rich_help_panel=_ENC,
                                     help="Registry name, hf:ID, a local folder, shared:PATH, or 'none'."),
     text_model: str = typer.Option("minilm", rich_help_panel=_ENC,
@@ -98,7 +103,8 @@ def extract(
     from embedkit.extract import extract as run
 
     rows, source = source_options(data, manifest, metadata, id_col, image_col, text_col, text_file_col, text_template,
-                                  label_col, split_col, group_col, allow_leakage)
+                                  label_col, split_col, group_col, allow_leakage,
+                                  dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file))
     config = ExtractConfig(image_model=none_word(image_model), text_model=none_word(text_model),
                            image_pooling=image_pooling, text_pooling=text_pooling, max_length=max_length,
                            text_normalize=normalize, device=device, dtype=dtype,
@@ -345,6 +351,11 @@ def pretrain(
                                   [], split_col, group_col, False)
     if split_col:  # the flag wins over a data manifest's own split column
         source.split_col = split_col
+    from embedkit.dicom import SALT_FILE
+
+    # beside OUT (which is replaced whole on export): DICOM patient groups, and so the held-out split, stay the
+    # same when the run resumes
+    source.dicom_salt_file = out.with_name(f".{out.name}.{SALT_FILE}")
     scan = scan_source(data, source, rows=rows)
     pairs, note = select_pairs(scan.items, only_split)
     print(note, file=sys.stderr)

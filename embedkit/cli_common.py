@@ -28,12 +28,13 @@ def switch(default: bool | None, name: str, help: str) -> typer.models.OptionInf
 # `extract` and `compare` read a data folder the same way: the same options, the same panel, one builder.
 
 INPUT_PANEL = "Input"
+ID_COL_HELP = "Column with a stable id; @row: the row number (a table without an id column)."
 Metadata = Annotated[Optional[Path], typer.Option(rich_help_panel=INPUT_PANEL,
                                                   help="CSV/TSV/JSONL/JSON table describing the items.")]
 Manifest = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
                                                  help="A data manifest: NAME (see `embedkit datasets`) or a .toml "
                                                       "path.")]
-IdCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help="Column with a stable id.")]
+IdCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help=ID_COL_HELP)]
 ImageCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
                                                  help="Column with image paths relative to DATA.")]
 TextCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help="Column with report text.")]
@@ -51,16 +52,19 @@ MaxReportMb = Annotated[float, typer.Option(min=0.001, rich_help_panel=INPUT_PAN
 
 
 def source_options(data: Path, manifest: str | None, metadata, id_col, image_col, text_col, text_file_col,
-                   text_template, label_cols: list[str], split_col, group_col, allow_leakage: bool):
+                   text_template, label_cols: list[str], split_col, group_col, allow_leakage: bool,
+                   dicom: dict | None = None):
     """(rows, SourceOptions) from the input options: a data manifest's, refined by the flags that may refine
-    one (another sentence, another group column or none, leave to name leaking fields), or the flags' own."""
+    one (another sentence, still checked against the manifest's leakage fields; another group column or none;
+    leave to name leaking fields; how DICOM files are read), or the flags' own."""
     from dataclasses import replace
 
     from embedkit.items import SourceOptions
 
+    dicom = dicom or {}
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, label_cols=list(label_cols),
-                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage)
+                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage, **dicom)
     if not manifest:
         return None, source
     from embedkit.manifests import find_manifest
@@ -69,4 +73,39 @@ def source_options(data: Path, manifest: str | None, metadata, id_col, image_col
     rows, source = m.load_rows(data), m.source_options()
     return rows, replace(source, text_template=text_template or source.text_template,
                          group_col=source.group_col if group_col is None else none_word(group_col),
-                         allow_leakage=allow_leakage)
+                         allow_leakage=allow_leakage, **dicom)
+
+
+# ---------------------------------------------------------------- input options shared by commands that read DATA
+
+DICOM_PANEL = "DICOM"
+
+
+def dicom_options() -> dict[str, typer.models.OptionInfo]:
+    """The DICOM flags of every command that reads a data folder (extract, and any command taking its inputs):
+    declare them as `dicom_window: str = DICOM["dicom_window"]` and pass `dicom_source_fields(...)` on."""
+    return {
+        "dicom_window": typer.Option("auto", rich_help_panel=DICOM_PANEL, metavar="WINDOW",
+                                     help="auto (the file's first VOI LUT or window, else its full range), minmax, "
+                                          "N (the file's N-th window) or C,W (e.g. 40,400)."),
+        "dicom_frames": typer.Option("middle", rich_help_panel=DICOM_PANEL, metavar="middle|all",
+                                     help="Multi-frame files: the middle frame, or every frame as its own row."),
+        "dicom_per": typer.Option(None, rich_help_panel=DICOM_PANEL, metavar="study|series|image",
+                                  help="Images embedded per study, per series or every file (default: series in "
+                                       "a folder, every row of a table)."),
+        "dicom_salt_file": typer.Option(None, rich_help_panel=DICOM_PANEL, metavar="PATH",
+                                        help="Secret keying the patient/study/series pseudonyms (default: "
+                                             "OUT/dicom_salt.key, created once; share it only to link folders)."),
+    }
+
+
+DICOM = dicom_options()
+
+
+def dicom_source_fields(dicom_window: str, dicom_frames: str, dicom_per, dicom_salt_file) -> dict:
+    """SourceOptions fields from the DICOM flags, checked (one error line on a bad value)."""
+    from embedkit.dicom import FRAME_CHOICES, PER_CHOICES, check_choice, check_window
+
+    return {"dicom_window": check_window(dicom_window),
+            "dicom_frames": check_choice(dicom_frames, FRAME_CHOICES, "--dicom-frames"),
+            "dicom_per": check_choice(dicom_per, PER_CHOICES, "--dicom-per"), "dicom_salt_file": dicom_salt_file}

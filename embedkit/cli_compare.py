@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.cli_common import (GroupCol, IdCol, ImageCol, Manifest, MaxReportMb, Metadata, SplitCol, TextCol,
-                                 TextFileCol, TextTemplate, source_options, switch)
+from embedkit.cli_common import (DICOM, GroupCol, IdCol, ImageCol, Manifest, MaxReportMb, Metadata, SplitCol, TextCol,
+                                 TextFileCol, TextTemplate, dicom_source_fields, source_options, switch)
 
 _GRID, _SCORE, _CURVE, _RUN = "What to compare", "Splits and scoring", "Label efficiency", "Extraction and time"
 
@@ -38,6 +38,10 @@ def compare(
     split_col: SplitCol = None,
     group_col: GroupCol = None,
     max_report_mb: MaxReportMb = 5.0,
+    dicom_window: str = DICOM["dicom_window"],
+    dicom_frames: str = DICOM["dicom_frames"],
+    dicom_per: Optional[str] = DICOM["dicom_per"],
+    dicom_salt_file: Optional[Path] = DICOM["dicom_salt_file"],
     image_models: Optional[str] = typer.Option(None, rich_help_panel=_GRID, help="Comma list (default: every "
                                                "image encoder available offline here, or in the folders)."),
     text_models: Optional[str] = typer.Option(None, rich_help_panel=_GRID, help="Comma list (default: every "
@@ -87,7 +91,8 @@ def compare(
     rows, source = None, None
     if extracting:
         rows, source = source_options(data[0], manifest, metadata, id_col, image_col, text_col, text_file_col,
-                                      text_template, [label], split_col, group_col, allow_leakage)
+                                      text_template, [label], split_col, group_col, allow_leakage,
+                                      dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file))
     cfg = CompareConfig(label=label, image_models=_names(image_models), text_models=_names(text_models),
                         fusions=_names(fusion), align=_names(align) or ["none"], seeds=seeds, cv=cv, seed=seed,
                         metric=metric, bootstrap=bootstrap, epochs=epochs, curve=curve, curve_top=curve_top,

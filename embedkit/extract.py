@@ -22,12 +22,13 @@ import hashlib
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
+from embedkit.dicom import SALT_FILE
 from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
 from embedkit.engines import get_engine
 from embedkit.engines.base import backend_checked_on_inputs
@@ -126,6 +127,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     get_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
     costs = Costs()
     data, out = Path(data), Path(out)
+    source = source or SourceOptions()
+    if source.dicom_salt_file is None:  # DICOM pseudonyms are keyed by a salt kept in --out
+        source = replace(source, dicom_salt_file=out / SALT_FILE)
     with costs.stage("scan"):
         scan = scan or scan_source(data, source, rows=rows)
     counts = scan.counts()
@@ -134,6 +138,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     if scan.duplicate_ids:
         say(f"note: {scan.duplicate_ids} table rows dropped because their id repeats an earlier row's "
             f"(listed in errors.parquet)")
+    for note in scan.notes:
+        say(f"note: {note}")
     if scan.not_carried:
         say(f"note: column(s) {', '.join(scan.not_carried)} not carried through: embedkit's own columns have these "
             f"names (name such a column with --split-col or --group-col if that is what it holds)")
@@ -375,6 +381,8 @@ def _sha256(it: Item, modality: str) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    if modality == "image" and it.dicom is not None:  # a DICOM frame and window are pixels of their own
+        h.update(f"\0dicom frame={it.dicom.frame} window={it.dicom.window}".encode())
     return h.hexdigest()
 
 

@@ -96,10 +96,17 @@ class _Inputs:
             raise EmbedkitError("give one data folder, or one or more `embedkit extract` folders (not a mix)")
         from embedkit.comparison.inputs import wanted_encoders
         from embedkit.extract import ExtractConfig
+        from embedkit.items import SourceOptions
         from embedkit.sources import scan_source
 
         self.extracting, self.data = True, paths[0]
         self.extract_config = extract_config or ExtractConfig()
+        source = source or SourceOptions()
+        if source.dicom_salt_file is None:  # as extract keys DICOM pseudonyms: a salt kept in its --out
+            from embedkit.dicom import SALT_FILE
+
+            self.out_emb.mkdir(parents=True, exist_ok=True)
+            source = replace(source, dicom_salt_file=self.out_emb / SALT_FILE)
         self.scan = scan_source(paths[0], source, rows=rows)
         self.specs = wanted_encoders(self.scan, cfg.image_models, cfg.text_models, self.extract_config)
         from embedkit.guards import encoder_identity, fingerprint
