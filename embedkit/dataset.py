@@ -158,6 +158,15 @@ def split_for_run(ds: Dataset, cfg, seed: int, groups=None) -> dict[str, np.ndar
     return idx
 
 
+def run_splits(ds: Dataset, cfg, groups) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """(train/val/test rows, seed) of every run: one per fold with cfg.cv, else one per seed."""
+    if cfg.cv:
+        splits = cv_runs(ds, cfg, groups)
+        return splits, [cfg.seed + k for k in range(len(splits))]
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    return [split_for_run(ds, cfg, s, groups) for s in seeds], seeds
+
+
 def purge_shared_groups(idx: dict[str, np.ndarray], groups) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Drop validation rows whose group has test rows, and train rows whose group has validation or
     test rows: the data's own split is kept, minus what would put a group on both sides."""

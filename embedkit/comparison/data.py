@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from embedkit.comparison.grid import Configuration, Encoder
-from embedkit.dataset import (Dataset, cv_runs, groups_for, labelled_dataset, purge_shared_groups, split_for_run)
+from embedkit.dataset import Dataset, groups_for, labelled_dataset, purge_shared_groups, run_splits
 from embedkit.errors import EmbedkitError
 from embedkit.store import EmbeddingTable, join_tables, read_embedding_table
 
@@ -90,10 +90,5 @@ def make_splits(shared: SharedRows, train_cfg) -> tuple[list[dict], list[int], d
     purged = {"train": 0, "val": 0}
     if ref.split is not None and train_cfg.data_split:
         _, purged = purge_shared_groups({k: np.flatnonzero(ref.split == k) for k in ("train", "val", "test")}, groups)
-    if train_cfg.cv:
-        splits = cv_runs(ref, train_cfg, groups)
-        seeds = [train_cfg.seed + k for k in range(len(splits))]
-    else:
-        seeds = [train_cfg.seed + s for s in range(train_cfg.seeds)]
-        splits = [split_for_run(ref, train_cfg, s, groups) for s in seeds]
+    splits, seeds = run_splits(ref, train_cfg, groups)
     return splits, seeds, purged
