@@ -61,14 +61,22 @@ def train(
     cv: Optional[int] = typer.Option(None, min=2, rich_help_panel=_SCORE,
                                      help="k-fold cross-validation instead of one split."),
     seed: int = typer.Option(0, rich_help_panel=_SCORE),
+    calibrate_on: str = typer.Option("auto", rich_help_panel=_SCORE,
+                                     help="Rows the temperature is fitted on: auto (validation if >= 200 rows, else "
+                                          "out-of-fold training rows, else none), val or oof."),
+    class_names: Optional[str] = typer.Option(None, help="What each class means, e.g. 0=no,1=yes (model card, "
+                                                         "report)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="card.toml: intended use, out-of-scope use, outcome, "
+                                                             "setting, authors, licence, citation (model card)."),
     class_weights: bool = switch(True, "class-weights", "Re-weight classes (balanced)."),
     learned_lambda: bool = switch(False, "learned-lambda", "Learn the shift's lambda jointly with the classifier."),
-    calibrate: bool = switch(True, "calibrate", "Temperature scaling on validation rows."),
+    calibrate: bool = switch(True, "calibrate", "Temperature scaling where there are enough rows (--calibrate-on)."),
     groups: bool = switch(True, "groups", "Keep a group's rows on one side of every split (--no-groups: rows are "
                                           "independent)."),
     data_split: bool = switch(True, "data-split", "Use the data's split column."),
 ):
     """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
+    from embedkit.modelcard import parse_class_names
     from embedkit.train import TrainConfig
     from embedkit.train import train as run
 
@@ -80,7 +88,8 @@ def train(
                       modality_dropout=modality_dropout, threshold=threshold, calibrate=calibrate,
                       group_col=group_col, groups=groups, data_split=data_split,
                       subgroups=list(subgroup_col), bootstrap=bootstrap, seeds=seeds, cv=cv, seed=seed,
-                      models=chosen_models(image_model, text_model))
+                      models=chosen_models(image_model, text_model), calibrate_on=calibrate_on,
+                      class_names=parse_class_names(class_names), card=str(card) if card else None)
     metrics = run(emb, out, cfg)
     _print_metrics(metrics, out)
 

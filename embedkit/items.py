@@ -48,6 +48,7 @@ class SourceOptions:
     meta_cols: list[str] | None = None  # None: carry every other column through
     allow_leakage: bool = False  # a template naming a label column or a leakage field is refused unless this is set
     leakage_fields: list[str] = field(default_factory=list)  # columns known to leak (a data manifest's)
+    dataset: dict | None = None  # what a data manifest says of the data (source, licence, labels): for model cards
 
 
 @dataclass
