@@ -457,6 +457,8 @@ def project(
     what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
             if "added" in r else f"{r['rows']} rows")
     console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
+    if fit.get("fitted_on"):
+        console.print(f"fitted on {fit['fitted_on']}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}

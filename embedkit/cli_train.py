@@ -112,19 +112,36 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         if s is None:
             continue
         one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
+        defined = "" if s["n_runs"] == spread["n_runs"] else f" ({s['n_runs']} of {spread['n_runs']} runs)"
         t.add_row(k, f"{metrics['test'][k]:.3f}", f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-",
-                  "use --seeds or --cv" if one else f"{s['mean']:.3f} ± {s['std']:.3f} "
-                                                    f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
+                  "use --seeds or --cv" if one else (f"defined in {s['n_runs']} of {spread['n_runs']} runs" if
+                                                     s["n_runs"] < 2 else f"{s['mean']:.3f} ± {s['std']:.3f} "
+                                                     f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]{defined}"),
                   f"{v['mean']:.3f}" if v else "-")
     console.print(t)
+    from embedkit.fusion.clinical import banners
+
+    for b in banners(metrics):  # said before any other line: a reader must not miss them
+        console.print(f"[bold yellow]{b['title']}:[/] " + b["message"].replace("[", "\\["), soft_wrap=True)
     if metrics["test"].get("absent_classes"):
         console.print(f"note: classes absent from the test rows (not averaged into macro-F1): "
                       f"{', '.join(map(str, metrics['test']['absent_classes']))}", markup=False)
     cal = metrics.get("calibration") or {}
     if cal:
-        console.print(f"calibration on validation: temperature {cal['temperature']:.3f}, threshold "
-                      f"{cal['threshold']:.3f} ({cal['threshold_rule']}); test ECE {cal['ece_before']['test']:.3f} "
-                      f"-> {cal['ece_after']['test']:.3f}")
+        iv = cal.get("ece_interval") or {}
+        span = {k: f" [{v['low']:.3f}, {v['high']:.3f}]" if v and v.get("low") == v.get("low") else ""
+                for k, v in (("before", iv.get("test_before")), ("after", iv.get("test_after")))}
+        console.print(f"calibration: temperature {cal['temperature']:.3f} "
+                      f"({(cal.get('calibrated_on') or {}).get('note', 'not fitted')}), threshold "
+                      f"{cal['threshold']:.3f} ({cal['threshold_rule']}, on validation); test ECE "
+                      f"{cal['ece_before']['test']:.3f}{span['before']} -> {cal['ece_after']['test']:.3f}{span['after']}",
+                      markup=False, soft_wrap=True)
+    op = (metrics.get("clinical") or {}).get("operating_point") or {}
+    for c, v in (op.get("classes") or {}).items() if len(op.get("classes") or {}) == 1 else ():
+        iv = v.get("intervals") or {}
+        console.print(f"operating point ({op['rule']}): " + ", ".join(
+            f"{r} {v[r]:.3f}" + (f" [{iv[r]['low']:.3f}, {iv[r]['high']:.3f}]" if r in iv else "")
+            for r in ("sensitivity", "specificity", "ppv", "npv")), markup=False, soft_wrap=True)
     for col, values in (metrics.get("subgroups") or {}).items():
         for value, e in values.items():
             b = e["bootstrap"]["macro_f1"]

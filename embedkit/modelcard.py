@@ -22,8 +22,9 @@ import math
 from pathlib import Path
 
 from embedkit.errors import EmbedkitError
+from embedkit.modelcard_checks import limitations, tripod_checklist
+from embedkit.modelcard_sections import TO_BE_FILLED, named, sections
 
-TO_BE_FILLED = "to be filled"
 PERSON_FIELDS = {
     "title": "the model's name as it should be cited",
     "intended_use": "what the model is for: the decision it supports, for whom, where",
@@ -38,7 +39,6 @@ PERSON_FIELDS = {
     "funding": "funding and conflicts of interest",
     "ethics": "ethical approval (committee, reference)",
 }
-BANNER_TITLES = {"chance": "Cannot tell", "disagree": "Validation and test disagree", "resamples": "Few cases"}
 CARD_METRICS = (("accuracy", "accuracy"), ("macro_f1", "f1"), ("weighted_f1", "f1"), ("auroc", "roc_auc"),
                 ("ece", "expected_calibration_error"))
 
@@ -110,12 +110,6 @@ def class_names_for(info: dict, dataset: dict | None, given: dict | None = None)
     return {k: v for k, v in names.items() if k in known}
 
 
-def named(c, names: dict) -> str:
-    """A class as a reader sees it: '1 (yes)', or the class itself when it has no other name."""
-    name = names.get(str(c))
-    return f"{c} ({name})" if name and name != str(c) else str(c)
-
-
 # ---------------------------------------------------------------- the card as blocks
 
 
@@ -156,12 +150,8 @@ class Card:
         return banners(self.metrics)
 
     def blocks(self) -> list[tuple]:
-        from embedkit.modelcard_checks import limitations, tripod_checklist
-
-        from embedkit.modelcard_sections import sections
-
         out = [("h1", f"Model card: {self.person.get('title') or self.name}")]
-        out += [("banner", b["kind"], b["message"]) for b in self.banners()]
+        out += [("banner", b["kind"], b["message"], b["title"]) for b in self.banners()]
         out += sections(self)
         out += [("h2", "Limitations (written from this run; a person should add what the run cannot see)"),
                 ("list", limitations(self) or ["none detected from the run"])]
@@ -265,7 +255,7 @@ def card_markdown(card: Card) -> str:
         elif kind == "p":
             lines += [block[1], ""]
         elif kind == "banner":
-            lines += [f"> **{BANNER_TITLES.get(block[1], 'Warning')}:** {block[2]}", ""]
+            lines += [f"> **{block[3]}:** {block[2]}", ""]
         elif kind == "list":
             lines += [f"- {item}" for item in block[1]] + [""]
         elif kind == "table":
@@ -288,7 +278,7 @@ def card_html(card: Card) -> str:
             parts.append(f"<p>{e(block[1])}</p>")
         elif kind == "banner":
             parts.append(f'<p class="banner banner-{e(block[1])}"><strong>'
-                         f"{BANNER_TITLES.get(block[1], 'Warning')}:</strong> {e(block[2])}</p>")
+                         f"{e(block[3])}:</strong> {e(block[2])}</p>")
         elif kind == "list":
             parts.append("<ul>" + "".join(f"<li>{e(str(i))}</li>" for i in block[1]) + "</ul>")
         elif kind == "table":

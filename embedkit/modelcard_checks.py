@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from embedkit.modelcard_sections import named
+
 SMALL_TEST_ROWS = 100
 SMALL_TEST_GROUPS = 30
 WIDE_INTERVAL = 0.2
@@ -25,8 +27,6 @@ def _finite(v) -> bool:
 
 
 def limitations(card) -> list[str]:
-    from embedkit.modelcard import named
-
     m, info = card.metrics, card.info
     data = m.get("data") or {}
     n_test, g_test = (data.get("n") or {}).get("test", 0), (data.get("groups_per_split") or {}).get("test", 0)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import math
 
 TEST_ROWS = "test rows of the saved model (run 0), scored once"
+TO_BE_FILLED = "to be filled"
+
+
+def named(c, names: dict) -> str:
+    """A class as a reader sees it: '1 (yes)', or the class itself when it has no other name."""
+    name = names.get(str(c))
+    return f"{c} ({name})" if name and name != str(c) else str(c)
 
 
 def num(v, digits: int = 3) -> str:
@@ -37,8 +44,6 @@ def sections(card) -> list[tuple]:
 
 
 def _details(card) -> list[tuple]:
-    from embedkit.modelcard import named
-
     info, m = card.info, card.metrics
     cfg = m.get("config") or {}
     classes = ", ".join(named(c, card.names) for c in info.get("classes", []))
@@ -121,8 +126,6 @@ def _split_use(k: str) -> str:
 
 
 def _prevalence(card) -> list[tuple]:
-    from embedkit.modelcard import named
-
     prev = (card.metrics.get("clinical") or {}).get("prevalence") or {}
     if not prev:
         return []
@@ -187,8 +190,6 @@ def _evaluation(card) -> list[tuple]:
 
 def _operating_point(card) -> list[tuple]:
     from embedkit.fusion.clinical import RATES, useful_range
-    from embedkit.modelcard import named
-
     clin = card.metrics.get("clinical") or {}
     op = clin.get("operating_point")
     if not op:
@@ -272,5 +273,3 @@ def _licence(card) -> list[tuple]:
         ["funding, conflicts", card.person_field("funding")],
         ["ethical approval", card.person_field("ethics")]], "")]
 
-
-TO_BE_FILLED = "to be filled"

@@ -243,7 +243,8 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     val_targets = _targets(ds.y[va], classes, task)
     if cfg.calibrate:
         fitted = choose_calibration_rows(task, val_proba, val_targets, _targets(ds.y[idx["train"]], classes, task),
-                                         lambda: _out_of_fold(ds, cfg, modalities, idx, seed, chosen, classes, task),
+                                         lambda: _out_of_fold(ds, cfg, modalities, idx, seed, chosen, classes, task,
+                                                              getattr(est, "best_epoch_", None)),
                                          cfg.calibrate_on)
         calibration["temperature"] = fitted.pop("temperature")
         calibration["calibrated_on"] = fitted
@@ -281,7 +282,7 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     return Run(est, info, metrics, calibration, idx, test_cal, val_cal, raw_test)
 
 
-def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task):
+def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task, best_epoch=None):
     """Each training row predicted by the chosen candidate fitted without its fold (grouped, stratified folds of
     the training rows; each fold model picks its epoch on the run's validation rows): the rows a temperature
     is fitted on when validation is small. None when the rows cannot be cut into folds."""
@@ -295,6 +296,10 @@ def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task):
     except (EmbedkitError, ValueError):
         return None
     parts, rows = [], []
+    if best_epoch:  # each fold model trains as long as the chosen one did
+        from dataclasses import replace
+
+        cfg = replace(cfg, epochs=best_epoch, patience=None)
     for fit_rows, held in folds:
         est, info, _ = fit_candidate(ds, cfg, modalities, {"train": tr[fit_rows], "val": idx["val"]}, seed, cand)
         if [str(c) for c in est.classes_] != [str(c) for c in classes]:  # a fold without a class

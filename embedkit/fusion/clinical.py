@@ -212,7 +212,7 @@ def banners(metrics: dict) -> list[dict]:
     - kind "disagree": validation and test differ beyond their intervals (intervals_disagree: the split,
       the choices made on validation, or a shift between the two);
     - kind "resamples": intervals from resamples that lacked a class.
-    Each: {"kind", "metric", "message"}. [] when none applies or there are no intervals.
+    Each: {"kind", "title", "metric", "message"}. [] when none applies or there are no intervals.
     """
     out = []
     boot = (metrics.get("bootstrap") or {}).get("metrics") or {}
@@ -227,7 +227,7 @@ def banners(metrics: dict) -> list[dict]:
             at_chance.append(f"{k} {_f(test.get(k))} [{_f(b['low'])}, {_f(b['high'])}] "
                              f"{'includes' if verdict == 'covers' else 'is below'} {_f(chance[k])}")
     if at_chance:
-        out.append({"kind": "chance", "metric": ", ".join(a.split(" ")[0] for a in at_chance),
+        out.append({"kind": "chance", "title": "Cannot tell", "metric": ", ".join(a.split(" ")[0] for a in at_chance),
                     "message": "the test intervals include what a model that learnt nothing scores, so whether "
                                "this model beats chance is unknown: " + "; ".join(at_chance)
                                + " (" + chance.get("note", "chance level") + ")."})
@@ -235,7 +235,7 @@ def banners(metrics: dict) -> list[dict]:
     val = metrics.get("val") or {}
     for k in ("macro_f1", "auroc"):
         if intervals_disagree(boot.get(k), val_boot.get(k)):
-            out.append({"kind": "disagree", "metric": k,
+            out.append({"kind": "disagree", "title": "Validation and test disagree", "metric": k,
                         "message": f"the difference is beyond their intervals: {k} validation "
                                    f"{_f(val.get(k))} [{_f(val_boot[k]['low'])}, {_f(val_boot[k]['high'])}] vs test "
                                    f"{_f(test.get(k))} [{_f(boot[k]['low'])}, {_f(boot[k]['high'])}]. Choices made on "
@@ -243,7 +243,7 @@ def banners(metrics: dict) -> list[dict]:
     lacking = (metrics.get("bootstrap") or {}).get("resamples_lacking_a_class")
     if lacking:
         n = (metrics.get("bootstrap") or {}).get("n_resamples")
-        out.append({"kind": "resamples", "metric": "macro_f1",
+        out.append({"kind": "resamples", "title": "Few cases", "metric": "macro_f1",
                     "message": f"{lacking} of {n} bootstrap resamples of the test {unit}s lacked a class "
                                f"(scored 0 for it): the test set holds very few of that class."})
     return out
