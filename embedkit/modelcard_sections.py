@@ -76,13 +76,13 @@ TO_BE_FILLED_SENTENCE = "To be filled by the authors (card.toml: out_of_scope_us
 def _data(card) -> list[tuple]:
     d, info = card.dataset, card.info
     label_info = [(lab, (d.get("labels") or {}).get(lab) or {}) for lab in info.get("labels", [])]
-    outcome = card.person.get("outcome") or "; ".join(
-        f"{lab}: {li['description']}" for lab, li in label_info if li.get("description")) or "to be filled"
+    described = "; ".join(f"{lab}: {li['description']}" for lab, li in label_info if li.get("description"))
+    outcome = card.person.get("outcome") or (f"{described} (from the data manifest; card.toml: outcome)" if described
+                                             else f"{TO_BE_FILLED} (card.toml: outcome)")
     rows = [["source", (f"data manifest '{d['manifest']}': {d.get('description', '')}" if d.get("manifest")
                         else "a local folder (no data manifest recorded; describe it in card.toml: setting)")],
             ["setting and population", card.person_field("setting")],
-            ["outcome (label) definition", outcome + ("" if card.person.get("outcome") else
-                                                      " (from the data manifest; card.toml: outcome)")]]
+            ["outcome (label) definition", outcome]]
     if d.get("license"):
         rows.append(["data licence", f"{d['license']} (access: {d.get('access', '-')})"])
     if d.get("citation"):
@@ -210,7 +210,9 @@ def _operating_point(card) -> list[tuple]:
         span = useful_range(dc)
         out += [("h3", "Net benefit (decision curve)"),
                 ("p", "On the test rows, the model's net benefit is above both treat-all and treat-none for threshold "
-                      f"probabilities {num(span[0], 2)} to {num(span[1], 2)} (not necessarily at every one between)."
+                      f"probabilities {num(span[0], 2)} to {num(span[1], 2)} (not necessarily at every one between)"
+                      + ("; with its test intervals covering chance, this is no evidence of benefit."
+                         if any(b["kind"] == "chance" for b in card.banners()) else ".")
                  if span else "On the test rows, the model's net benefit is above treat-all and treat-none at no "
                               "threshold probability: acting on it would do no better than treating everyone or no one.")]
     return out

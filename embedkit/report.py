@@ -290,16 +290,11 @@ def text_color_on(rgb) -> str:
     return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
 
 
-def _confusion_section(cm, classes: list, task: str | None, n_test=None) -> str:
-    if not cm:
-        return ""
+def confusion_figure(cm, classes: list):
+    """The confusion matrix as a heatmap; each count in black or white, whichever reads on its cell."""
     from matplotlib.figure import Figure
 
-    if task == "multilabel":
-        rows = [[c, *np.asarray(m).ravel().tolist()] for c, m in zip(classes, cm)]
-        return "<h2>Confusion (per label, test)</h2>" + html_table(["label", "TN", "FP", "FN", "TP"], rows)
     cm = np.asarray(cm)
-    table = html_table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, cm.tolist())])
     fig = Figure(figsize=(1.6 + 0.7 * len(classes), 1.2 + 0.6 * len(classes)))
     ax = fig.add_subplot()
     image = ax.imshow(cm, cmap="Blues")
@@ -312,6 +307,20 @@ def _confusion_section(cm, classes: list, task: str | None, n_test=None) -> str:
     ax.set_yticks(range(len(classes)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    return fig
+
+
+def _confusion_section(cm, classes: list, task: str | None, n_test=None) -> str:
+    if not cm:
+        return ""
+    if task == "multilabel":
+        rows = [[c, *np.asarray(m).ravel().tolist()] for c, m in zip(classes, cm)]
+        return (f"<h2>Confusion (per label, {_e(n_test)} test rows)</h2>"
+                + html_table(["label", "TN", "FP", "FN", "TP"], rows))
+    cm = np.asarray(cm)
+    table = html_table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, cm.tolist())])
+    fig = confusion_figure(cm, classes)
+    ax = fig.axes[0]
     ax.set_title(f"{n_test} test rows of the saved model", fontsize=9)
     return (f"<h2>Confusion matrix ({_e(n_test)} test rows of the saved model)</h2>" + table
             + png_img(figure_png(fig), "confusion matrix"))

@@ -283,31 +283,22 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
 
 
 def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task, best_epoch=None):
-    """Each training row predicted by the chosen candidate fitted without its fold (grouped, stratified folds of
-    the training rows; each fold model picks its epoch on the run's validation rows): the rows a temperature
-    is fitted on when validation is small. None when the rows cannot be cut into folds."""
-    from embedkit.fusion.calibrate import CALIBRATION_FOLDS
-    from embedkit.fusion.evaluate import kfold_indices
+    """The chosen candidate's out-of-fold predictions of the training rows (calibrate.out_of_fold), each fold
+    model trained as long as the chosen one was; -> (proba, targets, how) or None."""
+    from dataclasses import replace
 
-    tr = idx["train"]
-    groups = groups_for(ds, cfg.group_col, cfg.groups)[0]
-    try:
-        folds = kfold_indices(ds.y[tr], CALIBRATION_FOLDS, seed, groups=None if groups is None else groups[tr])
-    except (EmbedkitError, ValueError):
-        return None
-    parts, rows = [], []
-    if best_epoch:  # each fold model trains as long as the chosen one did
-        from dataclasses import replace
+    from embedkit.fusion.calibrate import out_of_fold
 
-        cfg = replace(cfg, epochs=best_epoch, patience=None)
-    for fit_rows, held in folds:
-        est, info, _ = fit_candidate(ds, cfg, modalities, {"train": tr[fit_rows], "val": idx["val"]}, seed, cand)
-        if [str(c) for c in est.classes_] != [str(c) for c in classes]:  # a fold without a class
+    cfg = replace(cfg, epochs=best_epoch, patience=None) if best_epoch else cfg
+
+    def fit_predict(fit_rows, held_rows):
+        est, info, _ = fit_candidate(ds, cfg, modalities, {"train": fit_rows, "val": idx["val"]}, seed, cand)
+        if [str(c) for c in est.classes_] != [str(c) for c in classes]:  # a fold without a class: unusable
             return None
-        parts.append(est.predict_proba(model_features(info, {m: ds.blocks[m][tr[held]] for m in ds.blocks})))
-        rows.append(tr[held])
-    return (np.concatenate(parts), _targets(ds.y[np.concatenate(rows)], classes, task),
-            f"{len(folds)} {'grouped ' if groups is not None else ''}folds")
+        return est.predict_proba(model_features(info, {m: ds.blocks[m][held_rows] for m in ds.blocks}))
+
+    made = out_of_fold(ds.y, idx["train"], groups_for(ds, cfg.group_col, cfg.groups)[0], fit_predict, seed)
+    return None if made is None else (made[0], _targets(ds.y[made[1]], classes, task), made[2])
 
 
 def _complexity(cand: dict) -> float:
@@ -465,17 +456,13 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
 
 
 def _clinical_metrics(ds: Dataset, run: Run, cfg: TrainConfig, groups, metrics: dict) -> None:
-    """Operating point, net benefit and prevalence (fusion/clinical.py), the validation interval the
-    disagreement banner compares with, and test ECE intervals before and after temperature scaling."""
-    from embedkit.fusion.clinical import clinical_summary
-    from embedkit.fusion.evaluate import bootstrap_metrics
+    """fusion/clinical.py's additions to metrics.json, and the mean cosine of a shared or projected space."""
+    from embedkit.fusion.clinical import add_clinical_metrics
 
-    task, classes, thr = run.est.task_, run.est.classes_, run.calibration["threshold"]
-    va, te = run.idx["val"], run.idx["test"]
-    g = (lambda rows: None) if groups is None else (lambda rows: groups[rows])  # noqa: E731
-    n = cfg.bootstrap
-    metrics["clinical"] = clinical_summary({k: ds.y[run.idx[k]] for k in ("train", "val", "test")}, run.test_proba,
-                                           classes, task, thr, g(te), n_resamples=n, seed=cfg.seed)
+    add_clinical_metrics(metrics, {k: ds.y[run.idx[k]] for k in ("train", "val", "test")}, run.val_proba,
+                         run.test_proba, run.raw_test_proba, run.est.classes_, run.est.task_,
+                         run.calibration["threshold"], None if groups is None else
+                         {k: groups[run.idx[k]] for k in ("val", "test")}, cfg.bootstrap, cfg.seed)
     shared = [m for m in run.info["modalities"] if ds.provenance[m].get("family") == "shared"
               or "projection" in ds.provenance[m]]
     if shared:  # a shared or projected space can collapse: the card says so
@@ -483,12 +470,6 @@ def _clinical_metrics(ds: Dataset, run: Run, cfg: TrainConfig, groups, metrics: 
 
         metrics["data"]["mean_within_cosine"] = {m: round(mean_pairwise_cosine(ds.blocks[m][run.idx["train"][:500]]),
                                                           4) for m in shared}
-    if not n:
-        return
-    metrics["bootstrap_val"] = bootstrap_metrics(ds.y[va], run.val_proba, classes, task, thr, g(va), n, cfg.seed)
-    before = bootstrap_metrics(ds.y[te], run.raw_test_proba, classes, task, thr, g(te), n, cfg.seed)
-    metrics["calibration"]["ece_interval"] = {"test_before": before["metrics"]["ece"],
-                                              "test_after": metrics["bootstrap"]["metrics"]["ece"]}
 
 
 def _warn_small_validation(ds: Dataset, idx: dict) -> None:

@@ -237,3 +237,27 @@ def test_warnings_fire_for_shared_images_small_validation_classes_and_no_groups(
     crossing = sum(g in others for g in rows["group"])
     assert m["data"]["ungrouped"]["test_rows_in_groups_seen_in_training"] == crossing > 0
     assert any("--no-groups" in w and f"{crossing} of" in w for w in m["warnings"])
+
+
+def contrast(a, b) -> float:
+    def lum(rgb):
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_every_count_in_the_confusion_matrix_reads_on_its_cell():
+    """WCAG contrast >= 4.5 between each count and its cell, for counts spread over the whole colour map (the
+    old rule switched colour at half the largest count, leaving white on near-white cells)."""
+    from matplotlib.colors import to_rgb
+
+    from embedkit.report import confusion_figure
+
+    cm = np.array([[100, 62, 55], [48, 41, 30], [20, 8, 0]])
+    ax = confusion_figure(cm, ["a", "b", "c"]).axes[0]
+    image = ax.images[0]
+    for t in ax.texts:
+        cell = image.cmap(image.norm(int(t.get_text())))
+        assert contrast(to_rgb(t.get_color()), cell) >= 4.5, (t.get_text(), t.get_color())

@@ -183,11 +183,12 @@ def test_out_of_fold_temperature_sees_training_rows_only(tmp_path, calls):
                                      TrainConfig(labels=["dx"]), 0, group)
     train_rows, test = set(idx["train"].tolist()), set(idx["test"].tolist())
     # train, validation, then per fold: fit rows, validation rows, held-out fold; then the test rows, once
-    assert calls[-1] == test and len(calls) == 2 + 3 * 5 + 1
+    k_folds = 3  # calibrate.CALIBRATION_FOLDS
+    assert calls[-1] == test and len(calls) == 2 + 3 * k_folds + 1
     folds = calls[2:-1]
-    held = [folds[3 * k + 2] for k in range(5)]
+    held = [folds[3 * k + 2] for k in range(k_folds)]
     assert set().union(*held) == train_rows and sum(len(h) for h in held) == len(train_rows)  # each once
-    assert all(folds[3 * k] | folds[3 * k + 2] == train_rows for k in range(5))
+    assert all(folds[3 * k] | folds[3 * k + 2] == train_rows for k in range(k_folds))
     assert all(not (c & test) for c in calls[:-1])
     assert m["calibration"]["calibrated_on"]["fitted_on"] == "out-of-fold"
     assert m["calibration"]["calibrated_on"]["rows"] == len(train_rows)

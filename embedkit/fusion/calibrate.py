@@ -23,7 +23,7 @@ THRESHOLD_RULES = ("val-f1", "0.5")
 CALIBRATION_SOURCES = ("auto", "val", "oof")  # auto: validation if it is large enough, else out-of-fold, else none
 MIN_CALIBRATION_ROWS = 200  # rows a temperature is fitted on, at least
 MIN_CALIBRATION_PER_CLASS = 20  # rows of each class (multilabel: positives and negatives of each label)
-CALIBRATION_FOLDS = 5
+CALIBRATION_FOLDS = 3  # as CalibratedClassifierCV before scikit-learn 0.22: each extra fit costs a CPU
 
 
 def logits_from_proba(proba, task: str) -> np.ndarray:
@@ -131,6 +131,27 @@ def enough_rows(targets, task: str) -> str | None:
     return None
 
 
+def out_of_fold(y, rows, groups, fit_predict, seed: int = 0, k: int = CALIBRATION_FOLDS):
+    """Pooled out-of-fold predictions of `rows`: k grouped, stratified folds (evaluate.kfold_indices), each
+    fold predicted by fit_predict(fit_rows, held_rows) -> probabilities (None: unusable, e.g. a fold lacked a
+    class). -> (proba, the rows in the order predicted, how) or None when the rows cannot be cut into folds."""
+    from embedkit.fusion.evaluate import kfold_indices
+
+    rows = np.asarray(rows)
+    try:
+        folds = kfold_indices(np.asarray(y)[rows], k, seed, groups=None if groups is None else groups[rows])
+    except ValueError:  # fewer groups or rows of a class than folds
+        return None
+    parts, order = [], []
+    for fit, held in folds:
+        proba = fit_predict(rows[fit], rows[held])
+        if proba is None:
+            return None
+        parts.append(proba)
+        order.append(rows[held])
+    return np.concatenate(parts), np.concatenate(order), f"{len(folds)} {'grouped ' if groups is not None else ''}folds"
+
+
 def choose_calibration_rows(task: str, val_proba, val_targets, train_targets=None, out_of_fold=None,
                             rule: str = "auto") -> dict:
     """Fit the temperature on the rows `rule` allows and say which.
@@ -156,9 +177,13 @@ def choose_calibration_rows(task: str, val_proba, val_targets, train_targets=Non
         made = out_of_fold() if why is None else None
         if made is not None:
             proba, targets, how = made
-            t = TemperatureScaler().fit(proba, targets, task).temperature_
+            scaler = TemperatureScaler().fit(proba, targets, task)
+            t = scaler.temperature_
             return {"temperature": t, "fitted_on": "out-of-fold", "rows": int(len(targets)),
-                    "note": f"fitted on pooled out-of-fold predictions of {len(targets)} training rows ({how})"}
+                    "note": f"fitted on pooled out-of-fold predictions of {len(targets)} training rows ({how})"
+                    + (f"; at its upper bound {scaler.bounds[1]:g}: the folds' predictions carry almost no "
+                       f"information, so the probabilities are flattened towards the class shares"
+                       if t >= 0.99 * scaler.bounds[1] else "")}
         notes.append(f"training has {why}" if why else "the training rows could not be cut into folds")
     return {"temperature": 1.0, "fitted_on": None, "rows": 0,
             "note": "no temperature scaling: " + "; ".join(notes) + " (too few to fit one number that helps)"}

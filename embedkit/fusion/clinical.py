@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from embedkit.fusion.evaluate import percentile_interval, resample_weights
+from embedkit.fusion.evaluate import bootstrap_metrics, percentile_interval, resample_weights
 
 RATES = ("sensitivity", "specificity", "ppv", "npv")
 RATE_NAMES = {"sensitivity": "sensitivity (recall)", "specificity": "specificity", "ppv": "PPV (precision)",
@@ -270,3 +270,21 @@ def clinical_summary(y_by_split: dict, test_proba, classes, task: str, threshold
         "decision_curve": decision_curve(test_y, test_proba, classes, task),
         "rows": "test rows of the saved model (run 0), scored once",
     }
+
+
+def add_clinical_metrics(metrics: dict, y_by_split: dict, val_proba, test_proba, raw_test_proba, classes, task: str,
+                         threshold: float, groups_by_split: dict | None, n_resamples: int, seed: int) -> None:
+    """Add to a train metrics.json: "clinical" (clinical_summary), "bootstrap_val" (the validation interval
+    the disagreement banner compares with) and test ECE intervals before and after temperature scaling
+    (calibration.ece_interval). Intervals only with n_resamples > 0."""
+    g = groups_by_split or {}
+    metrics["clinical"] = clinical_summary(y_by_split, test_proba, classes, task, threshold, g.get("test"),
+                                           n_resamples=n_resamples, seed=seed)
+    if not n_resamples:
+        return
+    metrics["bootstrap_val"] = bootstrap_metrics(y_by_split["val"], val_proba, classes, task, threshold, g.get("val"),
+                                                 n_resamples, seed)
+    before = bootstrap_metrics(y_by_split["test"], raw_test_proba, classes, task, threshold, g.get("test"),
+                               n_resamples, seed)
+    metrics["calibration"]["ece_interval"] = {"test_before": before["metrics"]["ece"],
+                                              "test_after": metrics["bootstrap"]["metrics"]["ece"]}
