@@ -132,8 +132,10 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         span = {k: f" [{v['low']:.3f}, {v['high']:.3f}]" if v and v.get("low") == v.get("low") else ""
                 for k, v in (("before", iv.get("test_before")), ("after", iv.get("test_after")))}
         console.print(f"calibration: temperature {cal['temperature']:.3f} "
-                      f"({(cal.get('calibrated_on') or {}).get('note', 'not fitted')}), threshold "
-                      f"{cal['threshold']:.3f} ({cal['threshold_rule']}, on validation); test ECE "
+                      f"({(cal.get('calibrated_on') or {}).get('note', 'not fitted')}), "
+                      + ("decision: the most probable class" if metrics["config"].get("labels") and len(
+                          metrics["test"].get("per_class", {})) > 2 and len(metrics["config"]["labels"]) == 1 else
+                         f"threshold {cal['threshold']:.3f} ({cal['threshold_rule']}, on validation)") + "; test ECE "
                       f"{cal['ece_before']['test']:.3f}{span['before']} -> {cal['ece_after']['test']:.3f}{span['after']}",
                       markup=False, soft_wrap=True)
     op = (metrics.get("clinical") or {}).get("operating_point") or {}
