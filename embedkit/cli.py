@@ -259,8 +259,11 @@ def _bench_markdown(results: Path, files: List[Path], update: bool) -> None:
 def report(
     run_dir: Path = typer.Argument(..., help="A model (train), bench (bench) or comparison (compare) folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
-    emb: Optional[Path] = typer.Option(None, help="Model folders: the labelled embeddings, for the reliability "
-                                                  "diagram (the model's test rows if they are its training data)."),
+    emb: Optional[Path] = typer.Option(None, help="Model folders: labelled embeddings for the reliability diagram "
+                                                  "(rows the model was fitted or tuned on are left out and counted)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model folders: a card.toml (intended use, outcome, "
+                                                             "licence, ...) over the one given to train."),
+    class_names: Optional[str] = typer.Option(None, help="Model folders: what each class means, e.g. 0=no,1=yes."),
 ):
     """One self-contained HTML page (plots inline, no scripts) to read or attach to an email."""
     from embedkit.console import say
@@ -270,9 +273,10 @@ def report(
 
         say(f"report -> {rewrite_report(run_dir, out)}")
         return
+    from embedkit.modelcard import parse_class_names
     from embedkit.report import build_report
 
-    say(f"report -> {build_report(run_dir, out, emb)}")
+    say(f"report -> {build_report(run_dir, out, emb, card, parse_class_names(class_names))}")
 
 
 @app.command()
@@ -433,6 +437,8 @@ def project(
     what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
             if "added" in r else f"{r['rows']} rows")
     console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
+    if fit.get("fitted_on"):
+        console.print(f"fitted on {fit['fitted_on']}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}

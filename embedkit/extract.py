@@ -169,10 +169,11 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         check_request(specs[m], m, config.backend, config.precision, config.device)
     check_writable_folder(out, "--out")
     with folder_lock(out / ".embedkit.lock", f"--out '{out}'"):
-        return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs)
+        return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs,
+                               dataset=source.dataset if source is not None else None)
 
 
-def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs) -> ExtractResult:
+def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs, dataset=None) -> ExtractResult:
     results = {}
     for m in todo:
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
@@ -181,7 +182,8 @@ def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs
     result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
     write_json_atomic(out / "manifest.json", {
         "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),
-        **result.to_dict(), "skipped_by_stage": dict(Counter(s.stage for s in skipped))})
+        **result.to_dict(), "skipped_by_stage": dict(Counter(s.stage for s in skipped)),
+        **({"dataset": dataset} if dataset else {})})  # a data manifest's source and label meanings (model cards)
     if not any(r.rows_total for r in results.values()):
         raise EmbedkitError(f"nothing could be embedded: all {len(skipped)} inputs were skipped "
                             f"(reasons in {out / 'errors.parquet'})")

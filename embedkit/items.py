@@ -63,6 +63,7 @@ class SourceOptions:
     dicom_frames: str = "middle"  # middle | all (each frame its own row)
     dicom_per: str | None = None  # study | series | image; None: series for a folder scan, image for a table
     dicom_salt_file: Path | None = None  # None: extract keeps it in --out (dicom.SALT_FILE)
+    dataset: dict | None = None  # what a data manifest says of the data (source, licence, labels): for model cards
 
 
 @dataclass

@@ -25,7 +25,7 @@ from embedkit.comparison import CompareConfig, compare
 from embedkit.comparison.curve import fit_power_law, groups_for_error, nested_subsets, summarise_curve
 from embedkit.comparison.estimate import drop_to_budget
 from embedkit.errors import EmbedkitError
-from embedkit.fusion.paired import holm, paired_difference, resample_weights
+from embedkit.fusion.paired import holm, paired_difference, paired_resamples
 from test_train import write_embeddings
 
 SCORE_COLUMNS = ["config", "status", "macro_f1", "macro_f1_low", "macro_f1_high", "delta_vs_best", "delta_low",
@@ -165,11 +165,12 @@ def test_the_interval_is_the_metric_on_group_resamples(run):
     for k, part in preds.groupby("run"):
         r = result["runs"][k]
         rows = part["row"].to_numpy()
-        w = resample_weights(np.array([group[ids[i]] for i in rows], dtype=object), cfg["bootstrap"],
+        y = np.array([truth[ids[i]] for i in rows], dtype=object)
+        w = paired_resamples(y, np.array([group[ids[i]] for i in rows], dtype=object), cfg["bootstrap"],
                              cfg["seed"] + 1009 * k)
         pred = np.array(r["classes"], dtype=object)[(part["p1"].to_numpy() >= r["threshold"]).astype(int)]
-        y = np.array([truth[ids[i]] for i in rows], dtype=object)
-        per_run.append([f1_score(y, pred, average="macro", sample_weight=wb, labels=sorted(set(y[wb > 0])))
+        # macro-F1 over the classes of the test rows (one a resample lacks scores 0, as scikit-learn counts it)
+        per_run.append([f1_score(y, pred, average="macro", sample_weight=wb, labels=sorted(set(y)), zero_division=0)
                         for wb in w])
     reps = np.mean(per_run, axis=0)
     row = board.set_index("config").loc["img-noise · image"]
@@ -177,13 +178,15 @@ def test_the_interval_is_the_metric_on_group_resamples(run):
     assert row["macro_f1_high"] == pytest.approx(np.quantile(reps, 0.975), abs=1e-9)
 
 
-def test_resamples_draw_whole_groups():
-    groups = np.array(["a", "a", "b", "c", "c", "c", None], dtype=object)
-    w = resample_weights(groups, 500, 0)
+def test_resamples_draw_whole_groups_per_class():
+    y = np.array(["a", "a", "a", "b", "b", "b", "a"], dtype=object)
+    groups = np.array(["g1", "g1", "g2", "g3", "g3", "g4", None], dtype=object)
+    w = paired_resamples(y, groups, 500, 0)
     assert w.shape == (500, 7)
-    assert (w[:, 0] == w[:, 1]).all() and (w[:, 3] == w[:, 4]).all() and (w[:, 4] == w[:, 5]).all()
-    assert (w[:, [0, 2, 3, 6]].sum(1) == 4).all()  # 4 units (a row without a group is its own), drawn 4 times
-    assert not (w[:, 2] == w[:, 6]).all()
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 3] == w[:, 4]).all()  # a group's rows are drawn together
+    assert not (w[:, 2] == w[:, 6]).all()  # a row without a group is a group of its own
+    # stratified: each class keeps its number of groups (a: g1, g2 and the lone row; b: g3, g4)
+    assert (w[:, [0, 2, 6]].sum(1) == 3).all() and (w[:, [3, 5]].sum(1) == 2).all()
 
 
 def test_paired_difference_verdicts_and_holm():

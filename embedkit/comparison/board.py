@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedkit.fusion.paired import holm, interval, paired_difference, replicates, resample_weights, rows_key
+from embedkit.fusion.paired import holm, interval, paired_difference, paired_resamples, replicates, rows_key
 
 SCORED = ("macro_f1", "auroc", "accuracy")  # metrics with intervals in the leaderboard
 
@@ -36,8 +36,8 @@ def shared_resamples(ref, groups, splits: list[dict], n_resamples: int, seed: in
     for k, idx in enumerate(splits):
         key = rows_key(ref.ids[idx["test"]])
         if key not in by_key:
-            g = np.full(len(idx["test"]), None, dtype=object) if groups is None else groups[idx["test"]]
-            by_key[key] = resample_weights(g, n_resamples, seed + 1009 * k)
+            g = None if groups is None else groups[idx["test"]]
+            by_key[key] = paired_resamples(ref.y[idx["test"]], g, n_resamples, seed + 1009 * k)
         out.append(by_key[key])
     return out
 

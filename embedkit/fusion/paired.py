@@ -27,21 +27,19 @@ def rows_key(test_ids) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, test_ids))).encode()).hexdigest()[:16]
 
 
-def resample_weights(groups, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, rows) weights of a bootstrap that draws whole groups with replacement; a row's weight is
-    how often its group was drawn. `groups` has one value per row; a row whose group is None is its own
-    group (rows assumed independent: pass all None)."""
+def paired_resamples(y_true, groups, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, rows) weights of the bootstrap every model on these rows is scored on: whole groups
+    drawn with replacement, stratified by class (evaluate.resample_weights, the bootstrap `train` uses)."""
+    from embedkit.fusion.evaluate import resample_weights
+
+    y = np.asarray(y_true)
+    if len(y) == 0:
+        raise InvalidInputError("a paired bootstrap needs at least one test row")
     if n_resamples < 1:
         raise InvalidInputError("a paired bootstrap needs at least one resample")
-    groups = np.asarray(groups, dtype=object)
-    if len(groups) == 0:
-        raise InvalidInputError("a paired bootstrap needs at least one test row")
-    keys = np.array([f"g:{g}" if g is not None else f"r:{i}" for i, g in enumerate(groups)], dtype=object)
-    of_row = np.unique(keys, return_inverse=True)[1].ravel()
-    n_units = int(of_row.max()) + 1
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples)
-    return counts[:, of_row].astype(np.float64)
+    y_index = y.astype(int) if y.ndim == 2 else np.unique(np.asarray(y, dtype=object).astype(str),
+                                                           return_inverse=True)[1].ravel()
+    return np.concatenate(list(resample_weights(y_index, groups, n_resamples, seed)))
 
 
 def replicates(y_true, proba, classes, task: str, threshold: float, weights, metric: str) -> np.ndarray:
