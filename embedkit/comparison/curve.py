@@ -201,9 +201,12 @@ def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_grou
     if not math.isfinite(n_point):
         out["verdict"] = (f"the fitted curve levels off at {label} {1 - fit['c']:.3f}: {target:.3f} is not reachable "
                           f"with more labels of this kind according to this fit (an extrapolation)")
+    elif not math.isfinite(hi):
+        out["verdict"] = (f"cannot tell how many: the point fit says about {n_point:.0f} labelled groups for {label} "
+                          f"{target:.3f} (against {full['groups']} now), but its 95% interval runs from {lo:.0f} to "
+                          f"unbounded (refits where the curve levels off below {target:.3f}); an extrapolation")
     else:
-        upper = f"{hi:.0f}" if math.isfinite(hi) else "unbounded"
-        out["verdict"] = (f"about {n_point:.0f} labelled groups (95% interval {lo:.0f} to {upper}) for {label} "
+        out["verdict"] = (f"about {n_point:.0f} labelled groups (95% interval {lo:.0f} to {hi:.0f}) for {label} "
                           f"{target:.3f}, against {full['groups']} now: an extrapolation of a power law fitted to "
                           f"{len(fractions)} sizes (R² {fit['r2']:.2f}), not a promise")
     return out
