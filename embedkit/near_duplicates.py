@@ -81,41 +81,64 @@ def nearest_neighbours(query: np.ndarray, base: np.ndarray | None = None, k: int
 
 
 @dataclass
-class Pairs:
-    """Near-duplicate pairs of one modality: row a < row b, their cosine, and whether their content hash is equal."""
+class Duplicates:
+    """Duplicates among the rows of one modality. Rows with equal content (hash) are one unit, searched
+    once (a clique of identical copies would otherwise fill every row's top-k); `a`, `b`, `cosine` are
+    the pairs of distinct units whose cosine reaches the threshold (a < b, unit numbers)."""
 
+    unit: np.ndarray  # unit per row
+    first: np.ndarray  # the first row of each unit
     a: np.ndarray
     b: np.ndarray
     cosine: np.ndarray
-    exact: np.ndarray
+    rows: np.ndarray | None = None  # positions of these rows in a larger table (None: the same)
 
-    def __len__(self) -> int:
-        return len(self.a)
+    def row_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Edges between rows joining every duplicate: each row to its unit's first row, and unit pairs."""
+        r = np.arange(len(self.unit)) if self.rows is None else self.rows
+        copies = np.flatnonzero(self.first[self.unit] != np.arange(len(self.unit)))
+        a = np.concatenate([self.first[self.unit[copies]], self.first[self.a]])
+        b = np.concatenate([copies, self.first[self.b]])
+        return r[a], r[b]
+
+    def members(self) -> list[np.ndarray]:
+        """Rows of each unit (positions in the larger table when `rows` is set)."""
+        r = np.arange(len(self.unit)) if self.rows is None else self.rows
+        order = np.argsort(self.unit, kind="stable")
+        return [r[g] for g in np.split(order, np.flatnonzero(np.diff(self.unit[order])) + 1)]
+
+
+def content_units(hashes, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit per row, first row of each unit): rows sharing a content hash share a unit; no hash, own unit."""
+    seen: dict = {}
+    unit = np.empty(n, dtype=np.int64)
+    first = []
+    for i in range(n):
+        h = None if hashes is None else hashes[i]
+        if h is not None and h in seen:
+            unit[i] = seen[h]
+            continue
+        unit[i] = len(first)
+        first.append(i)
+        if h is not None:
+            seen[h] = unit[i]
+    return unit, np.array(first, dtype=np.int64)
 
 
 def near_duplicate_pairs(x: np.ndarray, threshold: float, hashes=None, k: int = TOP_K,
-                         neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
-    """Pairs of rows whose cosine reaches `threshold` (among each row's k nearest), plus every pair
-    of rows sharing a content hash (chained: each such row is paired with the first of its hash).
-
-    `neighbours`: a nearest_neighbours(x) result to reuse."""
-    idx, cos = neighbours if neighbours is not None else nearest_neighbours(x, k=k)
+                         neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> Duplicates:
+    """Rows with equal content hashes, and pairs of distinct contents whose cosine reaches `threshold`
+    among each one's k nearest. `neighbours`: nearest_neighbours(x[first]) to reuse (unit order)."""
+    unit, first = content_units(hashes, len(x))
+    idx, cos = neighbours if neighbours is not None else nearest_neighbours(x[first], k=k)
     rows, cols = np.nonzero(cos >= threshold)
-    a, b = rows, idx[rows, cols]
-    found = {(int(min(i, j)), int(max(i, j))): float(c) for i, j, c in zip(a, b, cos[rows, cols])}
-    exact = set()
-    if hashes is not None:
-        first: dict = {}
-        for i, h in enumerate(hashes):
-            if h is None:
-                continue
-            j = first.setdefault(h, i)
-            if j != i:
-                exact.add((j, i))
-                found.setdefault((j, i), float(l2_normalise(x[[j]])[0] @ l2_normalise(x[[i]])[0]))
+    found: dict = {}
+    for i, j, c in zip(rows, idx[rows, cols], cos[rows, cols]):
+        found[(int(min(i, j)), int(max(i, j)))] = float(c)
     keys = sorted(found)
-    return Pairs(np.array([p[0] for p in keys], dtype=np.int64), np.array([p[1] for p in keys], dtype=np.int64),
-                 np.array([found[p] for p in keys], dtype=np.float32), np.array([p in exact for p in keys], dtype=bool))
+    return Duplicates(unit, first, np.array([p[0] for p in keys], dtype=np.int64),
+                      np.array([p[1] for p in keys], dtype=np.int64),
+                      np.array([found[p] for p in keys], dtype=np.float32))
 
 
 def clusters(n: int, *edges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -143,7 +166,7 @@ def group_edges(groups) -> tuple[np.ndarray, np.ndarray]:
     return np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)
 
 
-def merge_groups(ids, groups, pairs_by_modality: dict[str, Pairs]) -> tuple[np.ndarray, dict]:
+def merge_groups(ids, groups, pairs_by_modality: dict[str, Duplicates]) -> tuple[np.ndarray, dict]:
     """Groups in which every near-duplicate cluster is one group, joined with the stored groups.
 
     A row whose component is a single stored group keeps that group's name (and a lone row keeps
@@ -152,7 +175,7 @@ def merge_groups(ids, groups, pairs_by_modality: dict[str, Pairs]) -> tuple[np.n
     ids = np.asarray(ids, dtype=object)
     n = len(ids)
     stored = np.array([None] * n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
-    edges = [group_edges(stored)] + [(p.a, p.b) for p in pairs_by_modality.values()]
+    edges = [group_edges(stored)] + [p.row_edges() for p in pairs_by_modality.values()]
     component = clusters(n, *edges)
     members: dict[int, list[int]] = {}
     for i, c in enumerate(component):
@@ -169,7 +192,7 @@ def merge_groups(ids, groups, pairs_by_modality: dict[str, Pairs]) -> tuple[np.n
         merged_components += 1
         rows_regrouped += len(rows)
     sizes = np.bincount(component)
-    summary = {"near_duplicate_pairs": {m: int(len(p)) for m, p in pairs_by_modality.items()},
+    summary = {"near_duplicate_pairs": {m: int(len(p.a)) for m, p in pairs_by_modality.items()},
                "groups_formed": merged_components, "rows_regrouped": rows_regrouped,
                "largest_group_rows": int(sizes.max()) if n else 0}
     return out, summary
@@ -218,7 +241,7 @@ def grouping_modalities(available, chosen=None) -> list[str]:
     return available[:1]
 
 
-def dataset_pairs(ds, modalities, thresholds: dict | None = None) -> tuple[dict[str, Pairs], dict[str, dict]]:
+def dataset_pairs(ds, modalities, thresholds: dict | None = None) -> tuple[dict[str, Duplicates], dict[str, dict]]:
     """Near-duplicate pairs of a Dataset (or EmbeddingSet) per modality, and the threshold used for each.
 
     Rows that lack a modality (NaN rows of an outer join) take part in no pair of it."""
@@ -228,8 +251,8 @@ def dataset_pairs(ds, modalities, thresholds: dict | None = None) -> tuple[dict[
         rows = np.flatnonzero(np.isfinite(x).all(axis=1))
         t, source = threshold_for(m, ds.provenance.get(m), (thresholds or {}).get(m))
         hashes = ds.columns.get(f"{m}_sha256")
-        p = near_duplicate_pairs(x[rows], t, None if hashes is None else hashes[rows])
-        pairs[m] = Pairs(rows[p.a], rows[p.b], p.cosine, p.exact)
+        pairs[m] = near_duplicate_pairs(x[rows], t, None if hashes is None else hashes[rows])
+        pairs[m].rows = rows
         used[m] = {"threshold": t, "source": source}
     return pairs, used
 
