@@ -22,7 +22,8 @@ from embedkit.store import BASE_COLUMNS, PartWriter, build_schema, load_embeddin
 from conftest import REPO, shared_data_dir
 
 N_IMAGES = 30  # real VQA-RAD images; 6 of them get a copy under a new id on the other side of the split
-COPIES = {"reencoded": 3, "half_size": 3}
+COPIES = {"reencoded": 3, "half_size": 3}  # put on the other side of the split; one more re-encoded copy stays on
+SAME_SIDE = 6  # its original's side (image 6): a within-split duplicate, counted apart
 
 
 def test_blocked_search_equals_brute_force():
@@ -69,11 +70,12 @@ def planted(tmp_path_factory):
         split = "test" if k % 3 == 2 else "train"
         rows.append({"id": f.stem, "image": f"img/{f.stem}.png", "split": split, "patient": f"p{k}",
                      "label": k % 4 // 2})
-        kind = "reencoded" if k < COPIES["reencoded"] else "half_size" if k < sum(COPIES.values()) else None
+        kind = "reencoded" if k < COPIES["reencoded"] or k == SAME_SIDE else "half_size" \
+            if k < sum(COPIES.values()) else None
         if kind:
             copy = im if kind == "reencoded" else im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
             copy.save(root / "img" / f"copy_{f.stem}.jpg", quality=60 if kind == "reencoded" else 90)
-            other = "test" if split == "train" else "train"
+            other = split if k == SAME_SIDE else "test" if split == "train" else "train"
             rows.append({"id": f"copy_{f.stem}", "image": f"img/copy_{f.stem}.jpg", "split": other,
                          "patient": f"q{k}", "label": k % 4 // 2})
             copies[f"copy_{f.stem}"] = f.stem
@@ -94,21 +96,25 @@ def test_audit_finds_planted_copies_across_splits_and_no_false_pair(planted, tmp
     assert nd["threshold_source"].startswith("calibrated for efficientnet-lite0")
     found = {frozenset((p["a"], p["b"])) for p in nd["listed"]}
     assert found == {frozenset(kv) for kv in copies.items()}  # every planted copy, and no pair of distinct images
-    assert all(p["across_splits_and_groups"] and p["splits_a"] != p["splits_b"] for p in nd["listed"])
-    assert nd["across_splits"] == {**nd["across_splits"], "pairs": len(copies), "rows": 2 * len(copies)}
+    across = {frozenset((p["a"], p["b"])) for p in nd["listed"] if p["across_splits_and_groups"]}
+    assert all(p["splits_a"] != p["splits_b"] for p in nd["listed"] if p["across_splits_and_groups"])
+    cross = len(copies) - 1  # the copy of image SAME_SIDE stays on its original's side
+    assert len(across) == nd["across_splits"]["pairs"] == cross and nd["across_splits"]["rows"] == 2 * cross
+    assert nd["within_split"]["pairs"] == 1
     assert nd["clusters"]["count"] == len(copies) and nd["clusters"]["largest"] == 2
     assert r["exact_duplicates"]["image"]["clusters"] == 0
-    n_test = N_IMAGES // 3 + sum(1 for k in range(len(copies)) if k % 3 != 2)
-    assert r["splits"] == {"train": N_IMAGES + len(copies) - n_test, "test": n_test} and r["groups"]["n_groups"] == N_IMAGES + len(copies)
+    n_test = N_IMAGES // 3 + sum(1 for k in range(sum(COPIES.values())) if k % 3 != 2)  # copies of train images
+    assert r["splits"] == {"train": N_IMAGES + len(copies) - n_test, "test": n_test}
+    assert r["groups"]["n_groups"] == N_IMAGES + len(copies)
     # the CLI: exit 0, audit.json with the same finding, a one-screen summary, and the HTML page
     out = tmp_path / "audit"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run([sys.executable, "-m", "embedkit.cli", "audit", str(root / "emb"), "--label", "label",
                         "--no-label-noise", "--out", str(out)], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
-    assert f"{len(copies)} across splits and groups" in " ".join(p.stderr.split())
+    assert f"{cross} across splits and groups" in " ".join(p.stderr.split())
     saved = json.loads((out / "audit.json").read_text())
-    assert saved["near_duplicates"]["image"]["across_splits"]["pairs"] == len(copies)
+    assert saved["near_duplicates"]["image"]["across_splits"]["pairs"] == cross
     from embedkit.report import build_report
 
     page = build_report(out).read_text()
@@ -124,11 +130,12 @@ def test_train_warns_about_cross_split_copies_and_groups_them_away(planted, tmp_
     cfg = dict(labels=["label"], fusion="image", epochs=2, bootstrap=0, ood_guard="none")
     m = train(root / "emb", tmp_path / "m", TrainConfig(**cfg))
     found = m["data"]["near_duplicates_across_splits"]["image"]
-    assert found["test_rows"] == len(copies) and found["val_rows"] == 0  # each pair has one side in test
+    # each cross-split pair has one side in test; the same-side copy's pair may sit in train and validation
+    assert found["test_rows"] == len(copies) - 1
     g = train(root / "emb", tmp_path / "g", TrainConfig(**cfg, group_near_duplicates=True))
     assert g["data"]["near_duplicates_across_splits"]["image"]["test_rows"] == 0
     # the data's split is kept: each copy's training side is purged, so no cluster crosses it
-    assert g["data"]["purged_rows"]["train"] == len(copies) and "near-duplicate clusters" in g["data"]["groups"]
+    assert g["data"]["purged_rows"]["train"] == len(copies) - 1 and "near-duplicate clusters" in g["data"]["groups"]
 
 
 def test_extract_group_near_duplicates_rewrites_groups_only(planted, tmp_path):
