@@ -100,8 +100,7 @@ def extract(
                                          "of the table."),
     strict: bool = switch(False, "strict", "Fail on the first bad input instead of recording it."),
     progress: bool = switch(True, "progress", "Show a progress bar."),
-    group_near_duplicates: bool = switch(False, "group-near-duplicates", "Store each cluster of near-duplicate "
-                                                                         "images (texts without images) as one group."),
+    group_near_duplicates: bool = switch(False, "group-near-dups", "One group per near-duplicate cluster."),
 ):
     """Embed every image and report into Parquet (resumes; bad inputs go to errors.parquet)."""
     from embedkit.extract import ExtractConfig

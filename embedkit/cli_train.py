@@ -12,7 +12,7 @@ from embedkit.cli_common import chosen_models, switch
 
 
 # Option panels of `train --help`: one table each, so each table's columns fit 80 columns of terminal.
-_FIT, _ALIGN, _SCORE = "Classifier", "Modality alignment", "Splits and scoring"
+_FIT, _ALIGN, _SCORE, _CHECK = "Classifier", "Modality alignment", "Splits and scoring", "Data checks"
 
 
 def train(
@@ -61,13 +61,13 @@ def train(
     cv: Optional[int] = typer.Option(None, min=2, rich_help_panel=_SCORE,
                                      help="k-fold cross-validation instead of one split."),
     seed: int = typer.Option(0, rich_help_panel=_SCORE),
-    near_duplicate_threshold: Optional[float] = typer.Option(None, rich_help_panel=_SCORE,
+    near_duplicate_threshold: Optional[float] = typer.Option(None, "--near-dup-threshold", rich_help_panel=_CHECK,
                                                              help="Cosine at which two rows are near-duplicates "
                                                                   "(default: calibrated per encoder)."),
-    ood_guard: str = typer.Option("centroids", rich_help_panel=_SCORE,
+    ood_guard: str = typer.Option("centroids", rich_help_panel=_CHECK,
                                   help="OOD guard prototypes: centroids (no training row stored), rows (every "
                                        "training row's embedding stored; more sensitive) or none."),
-    ood_percentile: float = typer.Option(95.0, min=50.0, max=99.99, rich_help_panel=_SCORE,
+    ood_percentile: float = typer.Option(95.0, min=50.0, max=99.99, rich_help_panel=_CHECK,
                                          help="Validation percentile above which predict flags a row as OOD."),
     class_weights: bool = switch(True, "class-weights", "Re-weight classes (balanced)."),
     learned_lambda: bool = switch(False, "learned-lambda", "Learn the shift's lambda jointly with the classifier."),
@@ -75,8 +75,7 @@ def train(
     groups: bool = switch(True, "groups", "Keep a group's rows on one side of every split (--no-groups: rows are "
                                           "independent)."),
     data_split: bool = switch(True, "data-split", "Use the data's split column."),
-    group_near_duplicates: bool = switch(False, "group-near-duplicates", "Make each cluster of near-duplicate "
-                                                                         "images (texts without images) one group."),
+    group_near_duplicates: bool = switch(False, "group-near-dups", "One group per near-duplicate cluster."),
 ):
     """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
     from embedkit.train import TrainConfig

@@ -237,7 +237,7 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     meta_cols = sorted({k for it in items for k in it.meta} - set(label_cols))
     # what the table says now: stored rows follow it (relabel_parts), new rows are written with it
     table_keys = {"label_columns": label_cols, "metadata_columns": meta_cols, "group_col": scan.group_col,
-                  "group_near_duplicates": None}  # set again by the --group-near-duplicates pass, if asked
+                  "group_near_duplicates": None}  # set again by the --group-near-dups pass, if asked
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
     by_id = {it.id: it for it in items}

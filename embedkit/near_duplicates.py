@@ -258,7 +258,7 @@ def dataset_pairs(ds, modalities, thresholds: dict | None = None) -> tuple[dict[
 
 
 def near_duplicate_groups(ds, groups, modalities, thresholds: dict | None = None) -> tuple[np.ndarray, dict]:
-    """The groups of a training run with every near-duplicate cluster made one group (`--group-near-duplicates`)."""
+    """The groups of a training run with every near-duplicate cluster made one group (`--group-near-dups`)."""
     pairs, used = dataset_pairs(ds, modalities, thresholds)
     merged, summary = merge_groups(ds.ids, groups, pairs)
     return merged, {**summary, "thresholds": used}
@@ -286,7 +286,7 @@ def check_splits(ds, idx: dict, groups, modalities, thresholds: dict | None = No
 
 
 def regroup_store(out_dir, modalities=None, thresholds: dict | None = None) -> dict:
-    """`extract --group-near-duplicates`: rewrite the stored `group` column of every dataset under
+    """`extract --group-near-dups`: rewrite the stored `group` column of every dataset under
     `out_dir` so that each near-duplicate cluster (joined with the table's groups) is one group.
 
     Embeddings are copied bit for bit (store.relabel_parts); the thresholds and counts go into the
@@ -298,7 +298,7 @@ def regroup_store(out_dir, modalities=None, thresholds: dict | None = None) -> d
         from embedkit.errors import EmbedkitError
 
         several = [m for m, v in found.items() if len(v) > 1]
-        raise EmbedkitError(f"--group-near-duplicates: '{out_dir}' holds {' and '.join(several)} embeddings from "
+        raise EmbedkitError(f"--group-near-dups: '{out_dir}' holds {' and '.join(several)} embeddings from "
                             f"several encoders; group each output folder on its own")
     es = load_embeddings(out_dir, how="outer")
     chosen = grouping_modalities(es.embeddings, modalities)
@@ -332,12 +332,12 @@ def warn_near_duplicates(ds, idx: dict, groups, modalities, thresholds: dict | N
             r["note"] = "the default threshold matches most rows: it does not suit this encoder"
             say(f"note: near-duplicate check skipped for {m}: at cosine {r['threshold']:g} ({r['threshold_source']}) "
                 f"{r['test_rows'] + r['val_rows']} of {checked} validation and test rows match a training row, so "
-                f"the threshold does not suit this encoder; set --near-duplicate-threshold")
+                f"the threshold does not suit this encoder; set --near-dup-threshold")
             continue
         if r["test_rows"] or r["val_rows"]:
             fix = ("they are already grouped by near-duplicate clusters, so these pairs are below the cluster "
                    "(a chain broke at the top-k); list them with `embedkit audit`" if grouped else
-                   "retrain with --group-near-duplicates (each cluster becomes one group); `embedkit audit` lists them")
+                   "retrain with --group-near-dups (each cluster becomes one group); `embedkit audit` lists them")
             say(f"[yellow]warning:[/] {r['test_rows']} test and {r['val_rows']} validation rows have a near-duplicate "
                 f"{m} (cosine >= {r['threshold']:g}) in an earlier split under another id or group: their scores "
                 f"are optimistic; {fix}")

@@ -1,5 +1,5 @@
 """embedkit audit and near-duplicates: planted copies of real images found across splits, distinct images
-left apart, --group-near-duplicates in train and extract, label-noise candidates, the CLI and its page."""
+left apart, --group-near-dups in train and extract, label-noise candidates, the CLI and its page."""
 
 from __future__ import annotations
 
