@@ -265,7 +265,7 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
               "split": split, "model": str(model_dir), "embeddings": str(emb_dir),
               "ood": None if ood is None else {**ood_summary(ood > 1), "by_ood": metrics_by_flag(
-                  y, proba, est.classes_, info["task"], threshold, ood > 1)}}
+                  y, proba, est.classes_, info["task"], threshold, ood > 1, all_rows=metrics)}}
     if out_path:
         write_json_atomic(Path(out_path), result)
     if rows_out:

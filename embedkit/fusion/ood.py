@@ -77,7 +77,7 @@ class OODGuard:
             return x.copy() if self.prototypes == "rows" else _unit(x.mean(axis=0, keepdims=True))
         from sklearn.cluster import KMeans
 
-        labels = KMeans(k, n_init=3, random_state=self.random_state).fit(x).labels_
+        labels = KMeans(k, n_init=1, random_state=self.random_state).fit(x).labels_
         counts = np.bincount(labels, minlength=k)
         kept = np.flatnonzero(counts >= self.min_rows_per_centroid)
         centres = _unit(np.stack([x[labels == c].mean(axis=0) for c in kept]))
@@ -193,8 +193,10 @@ def guard_scores(model_dir, info: dict, x: np.ndarray, had: list[str] | None = N
     return guard.score(blocks, present)[0]
 
 
-def metrics_by_flag(y, proba, classes, task: str, threshold: float, flags, min_rows: int = 10) -> dict:
-    """The metrics of the rows the guard passed and of those it flagged, apart (n and a note when few)."""
+def metrics_by_flag(y, proba, classes, task: str, threshold: float, flags, min_rows: int = 10,
+                    all_rows: dict | None = None) -> dict:
+    """The metrics of the rows the guard passed and of those it flagged, apart (n and a note when few).
+    all_rows: compute_metrics of every row, reused when the guard flagged none."""
     from embedkit.fusion.evaluate import compute_metrics
 
     flags = np.asarray(flags, dtype=bool)
@@ -203,7 +205,8 @@ def metrics_by_flag(y, proba, classes, task: str, threshold: float, flags, min_r
         n = int(rows.sum())
         entry: dict = {"n": n}
         if n:
-            m = compute_metrics(np.asarray(y)[rows], np.asarray(proba)[rows], classes, task, threshold)
+            m = all_rows if all_rows is not None and n == len(flags) else \
+                compute_metrics(np.asarray(y)[rows], np.asarray(proba)[rows], classes, task, threshold)
             entry["metrics"] = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if n < min_rows:
             entry["note"] = f"{n} rows: too few to read a metric from" if n else "no rows"
