@@ -416,11 +416,15 @@ def audit_html(r: dict, shown: int = 50) -> str:
     from embedkit.audit import summary_lines
 
     body = [f"<h1>Data audit: {html.escape(str(r.get('embeddings', '')))}</h1>",
-            "<pre>" + html.escape("\n".join(summary_lines(r))) + "</pre>"]
+            '<pre style="white-space:pre-wrap">' + html.escape("\n".join(summary_lines(r))) + "</pre>"]
     for m, d in r["near_duplicates"].items():
         note = (f"cosine >= {fmt(d['threshold'])} ({d['threshold_source']}); {d['pairs']} pairs of distinct "
                 f"contents, {d['across_splits']['pairs']} across splits and groups; the "
                 f"{min(shown, len(d['listed']))} most similar (rows: how many rows hold that content)")
+        if not d["listed"]:
+            body.append(f"<h2>Near-duplicate {html.escape(m)}s</h2><p>None at cosine >= {_e(d['threshold'])} "
+                        f"({html.escape(d['threshold_source'])}).</p>")
+            continue
         body.append(f"<h2>Near-duplicate {html.escape(m)}s</h2>" + html_table(
             ["id a", "rows", "splits a", "id b", "rows", "splits b", "cosine", "across splits and groups"],
             [[p["a"], p["rows_a"], ", ".join(p["splits_a"]), p["b"], p["rows_b"], ", ".join(p["splits_b"]),
