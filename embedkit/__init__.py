@@ -18,6 +18,9 @@ _API = {
     "EmbedkitError": ("embedkit.errors", "EmbedkitError"),
     "compare": ("embedkit.comparison", "compare"),
     "CompareConfig": ("embedkit.comparison", "CompareConfig"),
+    "audit": ("embedkit.audit", "audit"),
+    "audit_dataset": ("embedkit.audit", "audit_dataset"),
+    "AuditConfig": ("embedkit.audit", "AuditConfig"),
 }
 
 

@@ -265,12 +265,12 @@ def test_power_law_fit_and_its_extrapolation():
     assert groups_for_error(fit, 0.05) == float("inf")  # below the plateau: not reachable
 
 
-def _points(scores_by_fraction, groups):
+def _points(scores_by_fraction, groups, noise=0.001):
     points, reps = [], {}
     for f, g, scores in zip([0.1, 0.25, 0.5, 1.0], groups, scores_by_fraction):
         for k, s in enumerate(scores):
             points.append({"fraction": f, "seed": k, "groups": g, "score": s})
-            reps[(f, k)] = np.full(50, s) + np.random.default_rng(k).normal(0, 0.01, 50)
+            reps[(f, k)] = np.full(200, s) + np.random.default_rng(k).normal(0, noise, 200)
     return points, reps
 
 
@@ -283,6 +283,11 @@ def test_flat_curve_is_cannot_tell_and_a_rising_one_extrapolates():
     out = summarise_curve("x", *rising, [0.1, 0.25, 0.5, 1.0], groups, 2, 0.86, "macro_f1")
     assert out["verdict"].startswith("about") and "extrapolation" in out["verdict"]
     assert out["fit"]["n_target"] == pytest.approx(400, rel=0.15)
+    assert out["fit"]["n_target_low"] < 400 < out["fit"]["n_target_high"]
+    # the same curve seen through a test set too small to pin its plateau: the refits cannot bound the answer
+    noisy = _points([[1 - (0.8 * g ** -0.5 + 0.1)] * 2 for g in groups], groups, noise=0.03)
+    out = summarise_curve("x", *noisy, [0.1, 0.25, 0.5, 1.0], groups, 2, 0.86, "macro_f1")
+    assert out["verdict"].startswith("cannot tell how many") and out["fit"]["n_target_high"] is None
 
 
 def test_budget_drops_the_most_expensive_first():
