@@ -447,3 +447,12 @@ def test_a_budget_drops_configurations_and_says_which(tmp_path, capsys):
         compare(emb, tmp_path / "none", quick(curve=True, budget_minutes=1e-6))
     err = capsys.readouterr().err
     assert "budget: curve step dropped" in err and "budget: dropped img-good · image" in err
+
+
+def test_cross_validation_folds_are_shared_and_cover_every_row_once(tmp_path):
+    emb = clinic_folder(tmp_path / "emb", n=90)
+    board = compare(emb, tmp_path / "out", quick(image_models=["img-good"], fusions=["image"], cv=3))
+    splits = pq.read_table(tmp_path / "out" / "splits.parquet").to_pandas()
+    test = splits[splits["split"] == "test"]
+    assert sorted(test["run"].unique()) == [0, 1, 2] and test["id"].is_unique and len(test) == 90
+    assert (board[board["status"] == "ok"]["n_runs"] == 3).all()

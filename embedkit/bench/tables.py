@@ -256,7 +256,7 @@ def _check_verdict(trial: dict) -> str:
 def compare_board(r: dict) -> str:
     """An `embedkit compare` run's compare.json: its leaderboard, the answer in words, the label-efficiency
     verdicts and what the run took."""
-    from embedkit.comparison.report import NAMES
+    from embedkit.comparison.report import NAMES, summary_lines
 
     metric = r["summary"]["metric"]
 
@@ -277,7 +277,7 @@ def compare_board(r: dict) -> str:
                      "" if x.get("train_s") is None else f"{x['train_s']:.2f}"])
     table = markdown_table(["#", "configuration", f"{NAMES.get(metric, metric)} [95%]", "vs best (paired)", "verdict",
                             "vs chance", "vs logistic", "train s / run"], rows)
-    lines = "\n".join(f"- {line}" for line in r.get("lines", []))
+    lines = "\n".join(f"- {line}" for line in summary_lines(r))
     d = r["data"]
     took = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "?"
     head = (f"{d['rows']} rows shared by every configuration, {len(d['seeds'])} runs, test rows per run "

@@ -53,8 +53,9 @@ def power_law(n, a, b, c):
     return a * np.power(n, -b) + c
 
 
-def fit_power_law(n: np.ndarray, err: np.ndarray) -> dict | None:
-    """Least-squares fit of err = a n^-b + c (a >= 0, 0 <= b <= 3, 0 <= c <= 1); None when it fails."""
+def fit_power_law(n: np.ndarray, err: np.ndarray, start: dict | None = None) -> dict | None:
+    """Least-squares fit of err = a n^-b + c (a >= 0, 0 <= b <= 3, 0 <= c <= 1); None when it fails.
+    `start`: a fit to start from (a refit on a bootstrap replicate starts at the point fit)."""
     import warnings
 
     from scipy.optimize import OptimizeWarning, curve_fit
@@ -65,7 +66,8 @@ def fit_power_law(n: np.ndarray, err: np.ndarray) -> dict | None:
     if len(np.unique(n)) < 3:
         return None
     lo, hi = err[n == n.min()].mean(), err[n == n.max()].mean()
-    p0 = (max(lo - hi, 1e-3) * n.min() ** 0.5, 0.5, max(min(hi * 0.8, 0.99), 0.0))
+    p0 = ((start["a"], min(max(start["b"], 1e-6), 3 - 1e-6), min(max(start["c"], 0.0), 1.0)) if start else
+          (max(lo - hi, 1e-3) * n.min() ** 0.5, 0.5, max(min(hi * 0.8, 0.99), 0.0)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
@@ -192,7 +194,7 @@ def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_grou
     fit["ok"] = True
     err_target = 1 - target
     n_point = groups_for_error(fit, err_target)
-    boot = _bootstrap_fit(points, reps, err_target, n_seeds)
+    boot = _bootstrap_fit(points, reps, err_target, n_seeds, fit)
     # no interpolation between order statistics: an unbounded refit (inf) must stay inf, never inf - inf
     lo, hi = (np.quantile(boot, [0.025, 0.975], method="inverted_cdf") if len(boot) else (math.nan, math.nan))
     fit.update(n_target=n_point if math.isfinite(n_point) else None, n_target_low=float(lo),
@@ -212,7 +214,7 @@ def summarise_curve(name: str, points: list[dict], reps: dict, fractions, n_grou
     return out
 
 
-def _bootstrap_fit(points: list[dict], reps: dict, err_target: float, n_seeds: int) -> np.ndarray:
+def _bootstrap_fit(points: list[dict], reps: dict, err_target: float, n_seeds: int, start: dict) -> np.ndarray:
     """Groups needed for the target on each refit: one test resample and the seeds resampled per size."""
     rng = np.random.default_rng(0)
     n_resamples = len(next(iter(reps.values())))
@@ -226,7 +228,7 @@ def _bootstrap_fit(points: list[dict], reps: dict, err_target: float, n_seeds: i
             for k in rng.integers(n_seeds, size=n_seeds):
                 n.append(groups[f])
                 err.append(1 - reps[(f, int(k))][j])
-        fit = fit_power_law(np.array(n), np.array(err))
+        fit = fit_power_law(np.array(n), np.array(err), start)
         if fit is not None:
             out.append(groups_for_error(fit, err_target))
     return np.array(out, dtype=np.float64)

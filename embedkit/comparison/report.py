@@ -115,22 +115,28 @@ def summary_lines(result: dict) -> list[str]:
                      f"{_signed_iv(best['delta_vs_chance'], best['chance_low'], best['chance_high'])} over the "
                      f"stronger of the majority-class and stratified-chance predictors")
     if s["comparisons_with_best"]:
-        lines.append(f"{s['indistinguishable_from_best']} of the {s['comparisons_with_best']} other configurations are "
-                     f"indistinguishable from the best (their paired interval covers 0); "
-                     f"{s['comparisons_with_best'] - s['indistinguishable_from_best']} are worse")
-    lines.append(f"{s['configurations']} configurations compared: the best of many is optimistic (it was picked on "
-                 f"these test rows); after Holm's correction over {s['comparisons_with_best']} comparisons, "
-                 f"{s['distinguishable_after_holm']} differ from the best")
+        same, worse = s["indistinguishable_from_best"], s["comparisons_with_best"] - s["indistinguishable_from_best"]
+        lines.append(f"{same} of the {_n(s['comparisons_with_best'], 'other configuration')} "
+                     f"{'is' if same == 1 else 'are'} indistinguishable from the best (paired interval covering 0); "
+                     f"{worse} {'is' if worse == 1 else 'are'} worse")
+    lines.append(f"{_n(s['configurations'], 'configuration')} compared: the best of many is optimistic (it was picked on "
+                 f"these test rows); after Holm's correction over {_n(s['comparisons_with_best'], 'comparison')}, "
+                 f"{s['distinguishable_after_holm']} {'differs' if s['distinguishable_after_holm'] == 1 else 'differ'} "
+                 f"from the best")
     row = next(r for r in result["rows"] if r["config"] == best["config"])
     if row.get("verdict_vs_logistic") not in (None, "same"):
         lines.append(f"against the logistic baseline ({row['logistic_ref']}): {row['verdict_vs_logistic']}, "
                      f"{_signed_iv(row['delta_vs_logistic'], row['logistic_low'], row['logistic_high'])}")
     if s["not_run"]:
-        lines.append(f"{s['not_run']} configuration(s) did not run (reasons in the leaderboard's reason column)")
+        lines.append(f"{_n(s['not_run'], 'configuration')} did not run (reasons in the leaderboard's reason column)")
     curve = result.get("curve") or {}
     if curve.get("verdict"):
         lines.append(f"label efficiency: {curve['verdict']}")
     return lines
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,11 +63,17 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
                           if c.fusion not in BASELINES})
         raise EmbedkitError(f"nothing to compare: every configuration was dropped or cannot run here "
                             f"({'; '.join(reasons)})")
+    t_extract = time.perf_counter()
     inputs.extract(encoders_needed)
+    extract_s = time.perf_counter() - t_extract
     grid = [inputs.final(c, dropped) for c in grid]
     result = _run_grid(out, cfg, grid, inputs)
     result["estimate"] = {k: v for k, v in estimate.items() if k != "config"}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
+    result["timing"] = {"extraction_s": round(extract_s, 1), **result.pop("timing", {}),
+                        "total_s": result["seconds"]}
+    say(f"took {minutes(result['seconds'])} (estimated {minutes(estimate['total_s'])}; the estimate leaves out "
+        f"start-up and the statistics, and this machine's other load moves both)")
     from embedkit.comparison.report import write_outputs
 
     board = write_outputs(out, result)
@@ -238,6 +244,7 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
                                          run_configuration, train_config)
     from embedkit.console import progress_bar, say
 
+    t_grid = time.perf_counter()
     runnable = [c for c in grid if c.reason is None]
     encoders = sorted({e for c in runnable for e in (c.image, c.text) if e}, key=lambda e: (e.modality, e.name))
     shared = shared_rows(encoders, cfg.label, cfg.group_col, cfg.groups)
@@ -283,14 +290,19 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
                        "splits_file": "splits.parquet", "leakage": leakage},
               "extraction": {f"{m}:{n}": v for (m, n), v in inputs.costs.items()},
               "configs": {r["config"]: s.result for r, s in zip(rows, _in_order(rows, scored))}}
+    result["timing"] = {"configurations_s": round(time.perf_counter() - t_grid, 1)}
     if cfg.curve and summary.get("best"):
         from embedkit.comparison.curve import label_efficiency
 
+        t0 = time.perf_counter()
         result["curve"] = label_efficiency(cfg, rows, grid, shared, splits, seeds, weights, out)
+        result["timing"]["curve_s"] = round(time.perf_counter() - t0, 1)
     if cfg.raw:
         from embedkit.comparison.raw import raw_rows
 
+        t0 = time.perf_counter()
         result["raw"] = raw_rows(cfg, inputs, shared, splits, seeds, weights, scored, rows)
+        result["timing"]["raw_s"] = round(time.perf_counter() - t0, 1)
     return result
 
 
