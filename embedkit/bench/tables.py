@@ -280,6 +280,9 @@ def compare_board(r: dict) -> str:
     lines = "\n".join(f"- {line}" for line in summary_lines(r))
     d = r["data"]
     took = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "?"
+    load = (r.get("timing") or {}).get("load_average")
+    if load:
+        took += f" on {r['timing']['cores']} cores at load average {load['start'][0]} -> {load['end'][0]}"
     head = (f"{d['rows']} rows shared by every configuration, {len(d['seeds'])} runs, test rows per run "
             f"{', '.join(str(s['test']) for s in d['splits'])} ({', '.join(map(str, d['test_groups']))} test groups); "
             f"groups: {d['groups']}; the whole `compare` took {took}.")

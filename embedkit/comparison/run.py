@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from embedkit.comparison.config import METRICS, CompareConfig
 from embedkit.comparison.grid import (BASELINES, Configuration, Encoder, check_alignments, check_fusions, configurations,
                                    find_encoders, pick)
+from embedkit.costs import load_average
 from embedkit.errors import EmbedkitError
 
 MARKER = "compare_plan.json"  # only a folder holding it (or a new or empty one) is used as a compare folder
@@ -42,6 +44,7 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     from embedkit.console import say
 
     t_start = time.perf_counter()
+    load_start = load_average()
     paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
     inputs = _Inputs(paths, out, cfg, source, rows, extract_config)
     (out / MARKER).write_text(json.dumps({"data": [str(p) for p in paths], "config": asdict(cfg)}, indent=2,
@@ -71,7 +74,8 @@ def _compare(data, out: Path, cfg: CompareConfig, source, rows, extract_config):
     result["estimate"] = {k: v for k, v in estimate.items() if k != "config"}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result["timing"] = {"extraction_s": round(extract_s, 1), **result.pop("timing", {}),
-                        "total_s": result["seconds"]}
+                        "total_s": result["seconds"], "cores": os.cpu_count(),
+                        "load_average": {"start": load_start, "end": load_average()}}
     say(f"took {minutes(result['seconds'])} (estimated {minutes(estimate['total_s'])}; the estimate leaves out "
         f"start-up and the statistics, and this machine's other load moves both)")
     from embedkit.comparison.report import write_outputs
