@@ -66,7 +66,7 @@ def runs_of(m):
 
 def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls):
     emb, group = marked_clinic(tmp_path)
-    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3, seeds=2,
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", ood_guard="none", epochs=3, seeds=2,
                                                align_sweep="none,center,shift:0:1:0.5"))
     splits = [split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
                                          TrainConfig(labels=["dx"]), s, group) for s in (0, 1)]
@@ -121,7 +121,7 @@ def test_official_split_keeps_test_and_purges_groups_that_cross_it(tmp_path, cal
 def test_cv_keeps_the_official_test_split_out_of_the_folds(tmp_path, calls):
     emb, group = marked_clinic(tmp_path, split=lambda g: np.where(np.arange(len(g)) >= 150, "test", "train")
                                .astype(object))
-    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, cv=3))
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", ood_guard="none", epochs=2, cv=3))
     official = set(range(150, 180))
     tests = calls[2::3]  # per fold: train, validation, test
     assert len(calls) == 9 and all(t == official for t in tests)
@@ -181,7 +181,7 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(tmp_path, monke
 
 def test_out_of_fold_temperature_sees_training_rows_only(tmp_path, calls):
     emb, group = marked_clinic(tmp_path)
-    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, calibrate_on="oof"))
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", ood_guard="none", epochs=2, calibrate_on="oof"))
     idx = split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
                                      TrainConfig(labels=["dx"]), 0, group)
     train_rows, test = set(idx["train"].tolist()), set(idx["test"].tolist())
@@ -363,7 +363,7 @@ def test_modality_dropout_needs_an_aligner(tmp_path):
 
 def test_cv_without_an_official_test_split_validates_inside_the_other_folds(tmp_path, calls):
     emb, group = marked_clinic(tmp_path)
-    train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, cv=3))
+    train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", ood_guard="none", epochs=2, cv=3))
     folds = [calls[3 * k:3 * k + 3] for k in range(3)]  # per fold: train, validation, test
     assert len(calls) == 9
     tested = [t for _, _, t in folds]
@@ -372,3 +372,37 @@ def test_cv_without_an_official_test_split_validates_inside_the_other_folds(tmp_
         assert not (fit & test) and not (val & test) and not (fit & val)
         sides = [set(group[list(s)]) for s in (fit, val, test)]
         assert not (sides[0] & sides[2]) and not (sides[1] & sides[2]) and not (sides[0] & sides[1])
+
+
+def test_the_ood_guard_is_fitted_on_training_rows_thresholded_on_validation_and_only_scores_test(tmp_path, calls,
+                                                                                                 monkeypatch):
+    """The classifier's rows are checked above with the guard off (--ood-guard none); the guard itself reads run 0's
+    training rows to fit, its validation rows for the threshold and the test rows only to score them, after every
+    choice of every run."""
+    from embedkit.fusion import ood
+
+    seen = {}
+    real_fit, real_score = ood.OODGuard.fit, ood.OODGuard.score
+
+    def rows(blocks):
+        return set(np.rint(blocks["image"][:, 0] / MARK).astype(int).tolist())
+
+    def fit(self, train_blocks, val_blocks):
+        seen["fit"], seen["threshold"] = rows(train_blocks), rows(val_blocks)
+        return real_fit(self, train_blocks, val_blocks)
+
+    def score(self, blocks, present=None):
+        seen.setdefault("scored", []).append(rows(blocks))
+        return real_score(self, blocks, present)
+
+    monkeypatch.setattr(ood.OODGuard, "fit", fit)
+    monkeypatch.setattr(ood.OODGuard, "score", score)
+    emb, group = marked_clinic(tmp_path)
+    train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, seeds=2, calibrate_on="val"))
+    idx = split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]), TrainConfig(labels=["dx"]), 0,
+                        group)
+    train_rows, val, test = (set(idx[k].tolist()) for k in ("train", "val", "test"))
+    assert seen["fit"] == train_rows and seen["threshold"] == val
+    assert seen["scored"][-1] == test and not any(x & test for x in seen["scored"][:-1])
+    # every classifier call came first: the guard's three reads of run 0's rows close the list
+    assert calls[-3:] == [train_rows, val, test]
