@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
 from embedkit.dicom import SALT_FILE
+from embedkit.encoders.preprocess import IMAGE_DECODE
 from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
 from embedkit.engines import get_engine
 from embedkit.engines.base import backend_checked_on_inputs
@@ -217,6 +218,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     if stored_provenance and IDENTITY_KEY not in stored_provenance:
         say(f"note: {directory.name} was written before encoder fingerprints: its weights cannot be compared "
             f"(--overwrite re-embeds it under one)")
+    elif stored_provenance and "image_decode" in identity and "image_decode" not in stored_provenance[IDENTITY_KEY]:
+        say(f"note: {directory.name} was written before 16-bit images were scaled (they were clipped): "
+            f"--overwrite re-embeds it if the data holds 16-bit images")
 
     # 1. content hashes decide what is new, changed or gone
     with costs.stage("hash"):
@@ -276,7 +280,8 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     with costs.stage("load_model"):
         encoder_provenance, embedded = _open_engine(spec, plan, config, costs)
     provenance = {**encoder_provenance, **table_keys, "versions": _versions(), "layout": scan.layout,
-                  "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity)}
+                  "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity),
+                  **({"image_decode": IMAGE_DECODE} if modality == "image" else {})}
     if directory.exists():
         check_same_encoder(directory, provenance)
     if stale:

@@ -26,7 +26,7 @@ from embedkit.errors import EmbedkitError
 from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
 from embedkit.near_duplicates import grouping_modalities, near_duplicate_groups, warn_near_duplicates
 from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, jsonable,  # noqa: F401
-                              load_model, model_features, predict, prediction_columns, write_rows)
+                              encoder_record, load_model, model_features, predict, prediction_columns, write_rows)
 from embedkit.store import find_datasets, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
@@ -338,7 +338,8 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
 
     if cfg.card:
         read_card_toml(cfg.card)  # a bad card.toml fails before any fit
-    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging, recording() as said:
+    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json", "train") as staging, \
+            recording() as said:
         metrics = _train_into(emb_dir, staging, cfg, said)
         write_model_card(staging, emb_dir, cfg.card, name=Path(out_dir).name)
         return metrics
@@ -547,7 +548,7 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
         "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
         "modalities": run.info["modalities"], "labels": cfg.labels, "task": est.task_,
         "classes": list(cfg.labels) if est.task_ == "multilabel" else [jsonable(c) for c in est.classes_],
-        "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in ds.provenance},
+        "encoders": {m: encoder_record(ds.provenance[m]) for m in ds.provenance},
         "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
         "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
         "class_names": {str(k): str(v) for k, v in cfg.class_names.items()},
