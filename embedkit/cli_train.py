@@ -107,12 +107,13 @@ def train(
 
 def _print_metrics(metrics: dict, out: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from embedkit.console import console
 
     spread, boot = metrics["spread"], (metrics.get("bootstrap") or {}).get("metrics", {})
     unit = (metrics.get("bootstrap") or {}).get("unit", "row")
-    t = Table(title=f"{out} · test set ({metrics['data']['n']['test']} rows; groups: {metrics['data']['groups']})")
+    t = Table(title=Text(f"{out} · test set ({metrics['data']['n']['test']} rows; groups: {metrics['data']['groups']})"))
     t.add_column("metric")
     t.add_column("test (saved model)", justify="right")
     t.add_column(f"95% bootstrap over test {unit}s", justify="right")

@@ -39,6 +39,7 @@ from embedkit.guards import (
     folder_lock,
 )
 from embedkit.items import Item, SkippedInput, SourceOptions
+from embedkit.limits import MAX_EXTRACT_BATCH, check_count, open_inside
 from embedkit.plan import Plan, input_size, item_path, make_plan, read_item_text
 from embedkit.sources import SourceScan, scan_source
 from embedkit.store import (
@@ -127,6 +128,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     config = config or ExtractConfig()
     get_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
+    check_count(config.batch_size, "--batch-size", 1, MAX_EXTRACT_BATCH, "a batch of inputs is decoded at once")
     costs = Costs()
     data, out = Path(data), Path(out)
     source = source or SourceOptions()
@@ -134,6 +136,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         source = replace(source, dicom_salt_file=out / SALT_FILE)
     with costs.stage("scan"):
         scan = scan or scan_source(data, source, rows=rows)
+    real_root = data.resolve() if data.is_dir() else None
+    for it in scan.items:  # files are opened inside the data folder only, checked again at open time
+        it.data_root = real_root
     counts = scan.counts()
     say(f"[bold]layout[/]: {scan.layout}")
     say("found: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v or k in ("images", "texts")))
@@ -394,7 +399,7 @@ def _sha256(it: Item, modality: str) -> str:
     if path is None:
         return hashlib.sha256(it.text.encode("utf-8")).hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_inside(path, it.data_root) if it.data_root is not None else open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     if modality == "image" and it.dicom is not None:  # a DICOM frame and window are pixels of their own

@@ -82,3 +82,40 @@ def open_inside(path: Path, real_root: Path):
         f.close()
         raise
     return f
+
+
+# Bounds on what a user types. Each is far beyond any sensible run and far below what exhausts a laptop.
+MAX_SEEDS = 100  # --seeds: a spread over 100 splits is already tight; more is hours of the same
+MAX_FOLDS = 50  # --cv
+MAX_SWEEP = 201  # --align-sweep candidates (a lambda grid of 0.01 over [-1, 1])
+MAX_BOOTSTRAP = 100_000  # --bootstrap resamples
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536  # train and extract --batch-size: one batch is held in memory at once
+MAX_EXTRACT_BATCH = 4_096
+MAX_CLASSES = 1_000  # a label with more distinct values is an id or free-text column, not a class label
+NOTE_FITS = 20  # more fits than this: say how many before starting
+
+
+def check_train_counts(cfg) -> None:
+    """The counts of a TrainConfig within bounds, before any data is read."""
+    check_count(cfg.seeds, "--seeds", 1, MAX_SEEDS, "each seed is one more fit")
+    if cfg.cv is not None:
+        check_count(cfg.cv, "--cv", 2, MAX_FOLDS)
+    check_count(cfg.bootstrap, "--bootstrap", 0, MAX_BOOTSTRAP)
+    check_count(cfg.epochs, "--epochs", 1, MAX_EPOCHS)
+    check_count(cfg.batch_size, "--batch-size", 1, MAX_BATCH)
+
+
+def check_classes(n: int, label: str) -> None:
+    if n > MAX_CLASSES:
+        raise EmbedkitError(f"label '{label}' has {n} distinct values, more than {MAX_CLASSES} classes: is it an id or "
+                            f"a free-text column? choose a class label with --label")
+
+
+def fits_note(n_runs: int, n_candidates: int, spread: str) -> str | None:
+    """The line said before training when the run fits many models (None when few)."""
+    fits = n_runs * n_candidates
+    if fits <= NOTE_FITS:
+        return None
+    return estimate_note(fits, f"{n_runs} {spread} x {n_candidates} alignment candidates") + \
+        "; a progress line follows each run"
