@@ -58,25 +58,30 @@ LICENSE_FILES = re.compile(r"^(license|licence|copying|notice)(\.[a-z]+)?$", re.
 # ---------------------------------------------------------------- what counts as a pickle
 
 
-_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
+_IMPORT_OPCODES = {"GLOBAL", "INST"}  # how a protocol 0/1 pickle names a callable: what lets it run code
 
 
 def looks_like_pickle(head: bytes) -> bool:
-    """Protocol 0/1 pickles have no PROTO opcode: a head that parses as pickle opcodes (to its STOP or to its
-    end) and calls or builds something is one. Text files (JSON, vocabularies, merges) fail at their first bytes."""
+    """Protocol 0/1 pickles have no PROTO opcode: a head that parses as pickle opcodes without an error, up to
+    its STOP or to the head's end, and imports a callable is one. Text and other binary files fail to parse."""
     import pickletools
 
-    names = set()
+    imports, stream, ops = False, io.BytesIO(head), 0
     try:
-        for op, _, _ in pickletools.genops(io.BytesIO(head)):
-            names.add(op.name)
+        for op, arg, _ in pickletools.genops(stream):
+            ops += 1
+            if op.name in ("GLOBAL", "INST"):  # "module name": both real identifiers, or this is not a pickle
+                module, _, name = str(arg).partition(" ")
+                if not all(p.isidentifier() for p in (*module.split("."), *name.split("."))):
+                    return False
+            imports = imports or op.name in _IMPORT_OPCODES
             if op.name == "STOP":
                 break
     except (ValueError, EOFError, UnicodeDecodeError, OverflowError):
-        if not names:
-            return False
-        # the head ended inside an opcode's argument: what parsed so far decides
-    return bool(names & _CODE_OPCODES)
+        if stream.tell() < len(head) or len(head) < HEAD_BYTES or ops < 16:
+            return False  # not opcodes all the way, or the file ended without a STOP
+        # many opcodes to the end of the head: a longer pickle, cut off here
+    return imports
 
 
 def holds_pickle(name: str, head: bytes, opener=None) -> bool:

@@ -195,6 +195,19 @@ def test_bundles_are_capped_before_anything_is_written_and_old_pickles_are_caugh
         assert not holds_pickle(p.name, p.read_bytes()[:4096]), p.name
 
 
+def test_zeroshot_refuses_an_encoder_whose_weights_changed_since_extract(tiny_models, tmp_path):
+    from embedkit.zeroshot import ZeroShotConfig, zeroshot
+    from test_zeroshot import PROMPTS, _extract
+
+    clip = shutil.copytree(tiny_models["clip"], tmp_path / "models" / "tiny-clip")
+    emb = _extract({"clip": clip}, tmp_path)
+    w = load_np(clip / "model.safetensors")  # re-saved in place: same name, same shape, other weights
+    save_np({k: np.asarray(v * 1.5, v.dtype) if v.dtype == np.float32 else v for k, v in w.items()},
+            str(clip / "model.safetensors"))
+    with pytest.raises(EmbedkitError, match="zeroshot: the weights of .* changed since its embeddings were made"):
+        zeroshot(emb, ZeroShotConfig(prompts=PROMPTS, bootstrap=0))
+
+
 # ---------------------------------------------------------------- 2, 3, 5, 10: model folders
 
 
@@ -298,16 +311,14 @@ def test_every_number_a_model_folder_holds_is_checked(tmp_path):
     emb = clinic(tmp_path, n=90)
     good = tmp_path / "late"
     train(emb, good, TrainConfig(labels=["dx"], fusion="late", epochs=2, late_hidden_dim=8, bootstrap=0))
-    commands = []
     for name, (tamper, says) in NUMBER_TAMPERS.items():
         folder = tmp_path / "t" / name
         shutil.copytree(good, folder)
         tamper(folder)
         with pytest.raises(EmbedkitError, match=says):
             load_model(folder)
-        commands.append(["predict", folder, emb, "--out", tmp_path / f"{name}.parquet"])
-    for name, r in zip(NUMBER_TAMPERS, run_cli_batch(commands[:2])):
-        assert_one_line_error(r, "damaged or was edited")
+        with pytest.raises(EmbedkitError, match="damaged or was edited"):
+            predict(folder, emb, tmp_path / f"{name}.parquet")
         assert not (tmp_path / f"{name}.parquet").exists()
 
 
@@ -384,15 +395,18 @@ KILL_TRAIN = textwrap.dedent("""
 """)
 
 
-def test_train_killed_between_its_renames_keeps_a_model_to_predict_with(two_models, tmp_path):
+def test_train_killed_between_its_renames_keeps_a_model_to_predict_with(two_models, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(two_models["a"], model)
     r = subprocess.run([sys.executable, "-c", KILL_TRAIN, str(two_models["emb"]), str(model)], env=ENV,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == -9, r.stderr[-800:]
     assert not model.exists() and (tmp_path / ".model.old").is_dir()
-    [res] = run_cli_batch([["predict", model, two_models["emb"], "--out", tmp_path / "p.parquet"]])
-    assert res["code"] == 0 and "reading the previous model" in res["err"], res["err"]
+    capsys.readouterr()
+    assert predict(model, two_models["emb"], tmp_path / "p.parquet")["rows"] == 90
+    assert "reading the previous model" in capsys.readouterr().err
+    train(two_models["emb"], model, TrainConfig(labels=["dx"], fusion="logistic", bootstrap=0))  # recovers, replaces
+    assert not (tmp_path / ".model.old").exists() and load_model(model)[1]["classes"] == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------- 6, 10: pretrain
