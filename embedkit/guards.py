@@ -333,7 +333,7 @@ def written_by(folder: Path) -> str | None:
     return value.get("command") if isinstance(value, dict) and isinstance(value.get("command"), str) else None
 
 
-def check_replaceable(final: Path, what: str, marker: str, command: str, marker_key: str | None = None) -> None:
+def check_replaceable(final: Path, what: str, marker: str, command: str | None, marker_key: str | None = None) -> None:
     """`final` may be replaced whole by `embedkit {command}` only if it is new, empty, or that command's own output:
     its OUTPUT_MARKER names the command, or (folders from before the marker) it holds `marker`, a JSON file
     with `marker_key` when given. Another command's output or a folder of the user's own is refused."""
@@ -343,10 +343,10 @@ def check_replaceable(final: Path, what: str, marker: str, command: str, marker_
     if not final.is_dir() or not any(final.iterdir()):
         return
     by = written_by(final)
-    if by is not None and by != command:
+    if by is not None and command is not None and by != command:
         raise EmbedkitError(f"{what} '{final}' holds the output of `embedkit {by}`, which `embedkit {command}` would "
                             f"replace whole: choose a new folder")
-    if by is None:
+    if by is None or command is None:
         legacy = (final / marker).is_file() and (marker_key is None or marker_key in _json_keys(final / marker))
         if not legacy:
             raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}"
@@ -363,18 +363,20 @@ def _json_keys(path: Path) -> set:
 
 
 @contextmanager
-def replaced_folder(final: Path, what: str, marker: str, command: str, marker_key: str | None = None):
+def replaced_folder(final: Path, what: str, marker: str, command: str | None = None, marker_key: str | None = None):
     """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
 
     `final` must be new, empty, or an earlier output of the same command (check_replaceable): a folder of the
-    user's own, or another command's output, is never replaced. The new folder is marked as `command`'s.
+    user's own, or another command's output, is never replaced. The new folder is marked as `command`'s
+    (command None: only `marker` is checked and no mark is written, as before output markers).
     """
     final = Path(final)
     check_replaceable(final, what, marker, command, marker_key)
     check_writable_folder(final.parent, f"the folder holding {what}")
     with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
         check_replaceable(final, what, marker, command, marker_key)  # again, now that no other run can write it
-        (staging / OUTPUT_MARKER).write_text(json.dumps({"command": command, "embedkit": _version()}))
+        if command is not None:
+            (staging / OUTPUT_MARKER).write_text(json.dumps({"command": command, "embedkit": _version()}))
         yield staging
 
 

@@ -92,6 +92,7 @@ MAX_BOOTSTRAP = 100_000  # --bootstrap resamples
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536  # train and extract --batch-size: one batch is held in memory at once
 MAX_EXTRACT_BATCH = 4_096
+MAX_PROJECTION_DIM = 8_192  # project --dim
 MAX_CLASSES = 1_000  # a label with more distinct values is an id or free-text column, not a class label
 NOTE_FITS = 20  # more fits than this: say how many before starting
 

@@ -58,6 +58,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | 
     if (run_dir / "bench.json").is_file():
         page = _from_json(run_dir / "bench.json", lambda r: bench_html(r, run_dir))
     elif (run_dir / "metrics.json").is_file():
+        _from_json(run_dir / "metrics.json", _check_model_metrics)  # damaged or edited: one line, not a traceback
         page = model_html(run_dir, Path(emb) if emb else None, card, class_names)
     elif (run_dir / "audit.json").is_file():
         page = _from_json(run_dir / "audit.json", audit_html)
@@ -81,6 +82,13 @@ def _from_json(path: Path, page):
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
         raise EmbedkitError(f"{path} is damaged or was edited ({type(e).__name__}: {str(e)[:60]}); run the command "
                             f"that wrote it again") from None
+
+
+def _check_model_metrics(metrics: dict) -> None:
+    """The parts of a model's metrics.json every report reads."""
+    for key in ("spread", "test", "data"):
+        if not isinstance(metrics[key], dict):
+            raise TypeError(f"'{key}' is not an object")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,10 +263,10 @@ def test_a_model_folder_swapped_while_it_is_read_is_read_whole(two_models, tmp_p
     shutil.copytree(two_models["b"], incoming)
     real_copy, calls = shutil.copyfile, {"n": 0}
 
-    def copy_then_swap(src, dst, **kw):  # a `train --out` swaps the folder after our first two files
+    def copy_then_swap(src, dst, **kw):  # a `train --out` swaps the folder right after we read its JSON
         out = real_copy(src, dst, **kw)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if os.path.basename(dst) == "embedkit_model.json" and incoming.exists():
             os.rename(final, tmp_path / "old")
             os.rename(incoming, final)
         return out
@@ -274,7 +274,7 @@ def test_a_model_folder_swapped_while_it_is_read_is_read_whole(two_models, tmp_p
     monkeypatch.setattr(mf.shutil, "copyfile", copy_then_swap)
     est, info = load_model(final)
     assert info["classes"] == ["x", "y"] and [str(c) for c in est.classes_] == ["x", "y"]  # all of the new one
-    assert calls["n"] > 2  # read again after the swap was seen
+    assert calls["n"] > 8  # read again after the swap was seen
 
     # a swap stopped between its renames (no folder, `.model.old` beside it): the old model is read
     monkeypatch.undo()
@@ -639,15 +639,20 @@ def test_counts_users_type_are_bounded(tmp_path):
     from embedkit.limits import fits_note
 
     emb = clinic(tmp_path, n=60)
-    results = run_cli_batch([
-        ["train", emb, "--out", tmp_path / "m1", "--label", "dx", "--seeds", "100000"],
-        ["train", emb, "--out", tmp_path / "m2", "--label", "dx", "--align-sweep", "0:1:1e-9"],
-        ["train", emb, "--out", tmp_path / "m3", "--label", "dx", "--align-sweep", "0:nan:1"],
-        ["train", emb, "--out", tmp_path / "m4", "--label", "dx", "--cv", "1000"],
-        ["extract", tmp_path, "--out", tmp_path / "e", "--batch-size", "100000"],
-    ])
-    for r, says in zip(results, ("--seeds must lie between 1 and 100", "--align-sweep points must lie between",
-                                 "finite numbers", "--cv must lie between 2 and 50", "--batch-size must lie")):
+    (tmp_path / "bad_model").mkdir()
+    (tmp_path / "bad_model" / "metrics.json").write_text("[]")
+    expected = {  # command -> what its one line says (the last three used to end in "this is a bug")
+        ("train", emb, "--out", tmp_path / "m1", "--label", "dx", "--seeds", "100000"): "--seeds must lie between 1",
+        ("train", emb, "--out", tmp_path / "m2", "--label", "dx", "--align-sweep", "0:1:1e-4"):
+            "--align-sweep points must lie between",
+        ("train", emb, "--out", tmp_path / "m4", "--label", "dx", "--cv", "1000"): "--cv must lie between 2 and 50",
+        ("extract", tmp_path, "--out", tmp_path / "e", "--batch-size", "100000"): "--batch-size must lie",
+        ("project", emb, "--out", tmp_path / "p", "--epochs", "-1"): "--epochs must lie between 1",
+        ("train", emb, "--out", tmp_path / "m3", "--label", "dx", "--align-sweep", "0:nan:1"): "finite numbers",
+        ("project", emb, "--out", tmp_path / "p", "--dim", "0"): "--dim must lie between 1",
+        ("report", tmp_path / "bad_model"): "metrics.json is damaged or was edited",
+    }
+    for r, says in zip(run_cli_batch([list(c) for c in expected]), expected.values()):
         assert_one_line_error(r, says)
     assert not any((tmp_path / f"m{i}").exists() for i in range(1, 5))
     assert "100 model fits (5 seeds x 20" in fits_note(5, 20, "seeds") and fits_note(2, 3, "seeds") is None

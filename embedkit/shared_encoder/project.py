@@ -358,9 +358,12 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     `gap` and `retrieval` work on encoders that never shared a space.
     """
     from embedkit.guards import replaced_folder
+    from embedkit.limits import MAX_EPOCHS, MAX_PROJECTION_DIM, check_count
 
     if arch not in ARCHS:
         raise EmbedkitError(f"unknown projection arch '{arch}' (choose from {', '.join(ARCHS)})")
+    check_count(dim, "--dim", 1, MAX_PROJECTION_DIM)
+    check_count(epochs, "--epochs", 1, MAX_EPOCHS)
     if add is not None and heads_dir is None:
         raise EmbedkitError("project --add-modality needs --heads: the trained projection to keep frozen")
     final = Path(out_dir)
