@@ -34,7 +34,9 @@ from pathlib import Path, PurePosixPath
 from embedkit.encoders.registry import (
     REGISTRY,
     STORE_ENTRY,
+    VERIFIED,
     EncoderSpec,
+    aside_name,
     model_store,
     resolve_spec,
 )
@@ -44,6 +46,11 @@ MANIFEST = "embedkit-bundle.json"
 FORMAT = "embedkit.bundle"
 FORMAT_VERSION = 1
 CHUNK = 1 << 20
+HEAD_BYTES = 4096  # what the pickle test looks at
+MAX_MANIFEST_BYTES = 16 * 2**20
+# A compressed bundle may expand; weights barely compress, so a member much larger than the bundle itself
+# is a decompression bomb (or a sparse member), refused before anything is written.
+MAX_EXPANSION = 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib")
 LICENSE_FILES = re.compile(r"^(license|licence|copying|notice)(\.[a-z]+)?$", re.IGNORECASE)
 
@@ -51,12 +58,41 @@ LICENSE_FILES = re.compile(r"^(license|licence|copying|notice)(\.[a-z]+)?$", re.
 # ---------------------------------------------------------------- what counts as a pickle
 
 
+_IMPORT_OPCODES = {"GLOBAL", "INST"}  # how a protocol 0/1 pickle names a callable: what lets it run code
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """Protocol 0/1 pickles have no PROTO opcode: a head that parses as pickle opcodes without an error, up to
+    its STOP or to the head's end, and imports a callable is one. Text and other binary files fail to parse."""
+    import pickletools
+
+    imports, stream, ops = False, io.BytesIO(head), 0
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            ops += 1
+            if op.name in ("GLOBAL", "INST"):  # "module name": both real identifiers, or this is not a pickle
+                module, _, name = str(arg).partition(" ")
+                if not all(p.isidentifier() for p in (*module.split("."), *name.split("."))):
+                    return False
+            imports = imports or op.name in _IMPORT_OPCODES
+            if op.name == "STOP":
+                break
+    except (ValueError, EOFError, UnicodeDecodeError, OverflowError):
+        if stream.tell() < len(head) or len(head) < HEAD_BYTES or ops < 16:
+            return False  # not opcodes all the way, or the file ended without a STOP
+        # many opcodes to the end of the head: a longer pickle, cut off here
+    return imports
+
+
 def holds_pickle(name: str, head: bytes, opener=None) -> bool:
-    """A pickle by name (.pkl, .pt, ...), by content (a pickle stream's PROTO opcode), or a zip holding
-    one (torch.save's format, whatever the file is called). `opener()` re-opens the file for the zip test."""
+    """A pickle by name (.pkl, .pt, ...), by content (a pickle stream's PROTO opcode, or protocol 0/1 opcodes
+    that call something), or a zip holding one (torch.save's format, whatever the file is called). `opener()`
+    re-opens the file for the zip test."""
     if name.lower().endswith(PICKLE_SUFFIXES):
         return True
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if looks_like_pickle(head):
         return True
     if head.startswith(b"PK\x03\x04") and opener is not None:
         try:
@@ -106,7 +142,7 @@ def _model_files(folder: Path) -> tuple[list[Path], list[str]]:
     for p in files:
         rel = p.relative_to(folder).as_posix()
         with open(p, "rb") as f:
-            head = f.read(8)
+            head = f.read(HEAD_BYTES)
         if holds_pickle(rel, head, lambda p=p: open(p, "rb")):
             if not has_safetensors:
                 raise EmbedkitError(f"'{rel}' in {folder} holds pickled weights and there are no .safetensors beside "
@@ -217,9 +253,17 @@ def _refuse(bundle: Path, why: str) -> EmbedkitError:
 
 
 def _checked_members(tar: tarfile.TarFile, bundle: Path) -> dict[str, tarfile.TarInfo]:
-    """name -> member, after refusing anything that is not a regular file at a plain relative path."""
-    members = {}
+    """name -> member, after refusing anything that is not a regular file at a plain relative path, a sparse
+    member, or members whose sizes add up to more than the bundle could hold (MAX_EXPANSION) or the disk has."""
+    members, total = {}, 0
+    cap = MAX_EXPANSION * bundle.stat().st_size + CHUNK
     for m in tar.getmembers():
+        if m.issparse():
+            raise _refuse(bundle, f"'{m.name}' is a sparse file (its size is not its content)")
+        total += m.size
+        if total > cap:
+            raise _refuse(bundle, f"its files add up to more than {MAX_EXPANSION} times the bundle's own size "
+                                  f"(at '{m.name}'): damaged, or built to fill the disk")
         path = PurePosixPath(m.name)
         if m.isdir() and not m.name.startswith("/") and ".." not in path.parts:
             continue  # a folder entry carries no data; files say where they go
@@ -237,8 +281,10 @@ def _checked_members(tar: tarfile.TarFile, bundle: Path) -> dict[str, tarfile.Ta
 def _read_manifest(tar: tarfile.TarFile, members: dict, bundle: Path) -> dict:
     if MANIFEST not in members:
         raise _refuse(bundle, f"no {MANIFEST}: not an embedkit bundle")
+    if members[MANIFEST].size > MAX_MANIFEST_BYTES:
+        raise _refuse(bundle, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
     try:
-        manifest = json.loads(tar.extractfile(members[MANIFEST]).read())
+        manifest = json.loads(tar.extractfile(members[MANIFEST]).read(MAX_MANIFEST_BYTES))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _refuse(bundle, f"{MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -273,24 +319,25 @@ def _extract_verified(tar, member, listed: dict, dest: Path, bundle: Path) -> No
     if member.size != listed["bytes"]:
         raise _refuse(bundle, f"'{member.name}' is {member.size} bytes, the manifest says {listed['bytes']}")
     src = tar.extractfile(member)
-    head = src.read(8)
+    head = src.read(HEAD_BYTES)
     if holds_pickle(member.name, head, lambda: tar.extractfile(member)):
         raise _refuse(bundle, f"'{member.name}' holds a pickle, which could run code when loaded")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256(head)
+    h, written = hashlib.sha256(head), len(head)
     with open(dest, "wb") as out:
         out.write(head)
         for chunk in iter(lambda: src.read(CHUNK), b""):
             h.update(chunk)
+            written += len(chunk)
+            if written > listed["bytes"]:  # never more than the manifest said, whatever the stream holds
+                raise _refuse(bundle, f"'{member.name}' holds more bytes than the manifest says")
             out.write(chunk)
     if h.hexdigest() != listed["sha256"]:
         raise _refuse(bundle, f"'{member.name}' does not match its sha256 in the manifest (tampered or damaged)")
 
 
 def install(bundle: str | Path, expect_sha256: str | None = None) -> dict:
-    """Verify a bundle completely, then install its models into the model store."""
-    from embedkit import __version__
-
+    """Verify a bundle completely, then install its models into the model store (one install at a time)."""
     bundle = Path(bundle)
     if not bundle.is_file():
         raise EmbedkitError(f"bundle '{bundle}' does not exist")
@@ -299,6 +346,29 @@ def install(bundle: str | Path, expect_sha256: str | None = None) -> dict:
         raise _refuse(bundle, f"its sha256 is {digest}, not the {expect_sha256} you expected")
     store = model_store()
     store.mkdir(parents=True, exist_ok=True)
+    from embedkit.guards import folder_lock
+
+    with folder_lock(store / ".install.lock", f"the model store '{store}'"):
+        recover_store(store)
+        return _install(bundle, digest, store)
+
+
+def recover_store(store: Path) -> None:
+    """After an install was killed (run under the store's lock): a model moved aside goes back where no new one
+    arrived, else it is removed; half-extracted folders are removed."""
+    for p in sorted(store.glob(".incoming-*")):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(store.glob(".old-*")):
+        m = re.fullmatch(r"\.old-(.+)-\d+", p.name)
+        if m and not (store / m.group(1)).exists():
+            os.replace(p, store / m.group(1))
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _install(bundle: Path, digest: str, store: Path) -> dict:
+    from embedkit import __version__
+
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store))
     try:
         try:
@@ -308,6 +378,10 @@ def install(bundle: str | Path, expect_sha256: str | None = None) -> dict:
         with tar:
             members = _checked_members(tar, bundle)
             manifest = _read_manifest(tar, members, bundle)
+            need = sum(m.size for m in members.values())
+            if shutil.disk_usage(store).free < need:
+                raise _refuse(bundle, f"its files need {need / 2**30:.1f} GiB and the model store's disk has "
+                                      f"less free")
             for e in manifest["models"]:
                 for rel, listed in e["files"].items():
                     name = f"models/{e['dir']}/{rel}"
@@ -318,6 +392,7 @@ def install(bundle: str | Path, expect_sha256: str | None = None) -> dict:
             entry.update(bundle_sha256=digest, installed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          installed_by=__version__)
             (incoming / e["dir"] / STORE_ENTRY).write_text(json.dumps(entry, indent=2))
+            _remember_verified(incoming / e["dir"], e["files"])
             _move_into_place(incoming / e["dir"], store / e["dir"])
             installed.append({"name": e["name"], "source": e.get("source"), "revision": e.get("revision"),
                               "license": e.get("license"), "files": len(e["files"]),
@@ -327,10 +402,20 @@ def install(bundle: str | Path, expect_sha256: str | None = None) -> dict:
     return {"bundle": str(bundle), "sha256": digest, "store": str(store), "models": installed}
 
 
+def _remember_verified(entry_dir: Path, files: dict) -> None:
+    """The files were hashed while streamed in: record them as verified (registry.verify_installed)."""
+    cache = {}
+    for rel, listed in files.items():
+        st = (entry_dir / "files" / rel).stat()
+        cache[rel] = [st.st_size, st.st_mtime_ns, listed["sha256"]]
+    (entry_dir / VERIFIED).write_text(json.dumps(cache))
+
+
 def _move_into_place(new: Path, target: Path) -> None:
-    """Replace `target` by `new`; the old copy stays whole until the new one is in place."""
+    """Replace `target` by `new`; the old copy stays whole until the new one is in place (a kill between the
+    renames is undone by recover_store, and the registry reads the old copy meanwhile)."""
     if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        old = target.with_name(aside_name(target.name, os.getpid()))
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)

@@ -133,7 +133,7 @@ def models_check(
 
     rows = check_backends(model, modality=modality, backend=backend, precision=none_word(precision), threads=threads,
                           floor=parity_floor, trust_remote_code=trust_remote_code)
-    table = Table(title=f"embedkit models check {model} (parity floor {parity_floor:g}; calibration batch, "
+    table = Table(title=f"embedkit models check {escape(model)} (parity floor {parity_floor:g}; calibration batch, "
                         f"{threads or 'default'} threads)")
     for col in ("modality", "backend", "precision", "cosine min", "cosine mean", "items/s", "x torch fp32",
                 "export s", "verdict"):

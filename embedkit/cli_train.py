@@ -107,12 +107,14 @@ def train(
 
 def _print_metrics(metrics: dict, out: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from embedkit.console import console
 
     spread, boot = metrics["spread"], (metrics.get("bootstrap") or {}).get("metrics", {})
     unit = (metrics.get("bootstrap") or {}).get("unit", "row")
-    t = Table(title=f"{out} · test set ({metrics['data']['n']['test']} rows; groups: {metrics['data']['groups']})")
+    n_test, groups = metrics["data"]["n"]["test"], metrics["data"]["groups"]
+    t = Table(title=Text(f"{out} · test set ({n_test} rows; groups: {groups})"))  # Text: a path is never markup
     t.add_column("metric")
     t.add_column("test (saved model)", justify="right")
     t.add_column(f"95% bootstrap over test {unit}s", justify="right")

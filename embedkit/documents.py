@@ -27,11 +27,18 @@ _SIGNATURES = ((b"%PDF-", "pdf"), (b"PK\x03\x04", "zip"), (b"{\\rtf", "rtf"), (b
 _NAMED = {".pdf": "pdf", ".docx": "docx", ".rtf": "rtf", ".html": "html", ".htm": "html"}
 
 
-def read_report(path: Path) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason)."""
+def read_report(path: Path, inside: Path | None = None) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason). `inside`: the resolved data folder the file must lie in when it is opened
+    (checked on the opened file, so a report swapped for a link out of the folder is refused)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        if inside is None:
+            raw = path.read_bytes()
+        else:
+            from embedkit.limits import open_inside
+
+            with open_inside(path, inside) as f:
+                raw = f.read()
     except OSError as e:
         return None, f"cannot read report ({e.strerror or type(e).__name__})"
     kind = document_kind(path.suffix, raw)
@@ -44,9 +51,8 @@ def read_report(path: Path) -> tuple[str | None, str | None]:
         return None, "a zip file that is not a Word .docx document"
     if kind == "text":
         text, reason = _plain_text(raw)
-    else:  # parsed once per file version: the engine and the writer both ask
-        st = path.stat()
-        text, reason = _parsed(str(path), st.st_size, st.st_mtime_ns, kind)
+    else:  # parsed once per content: the engine and the writer both ask
+        text, reason = _parsed(kind, raw)
     if reason:
         return None, reason
     if "\x00" in text:
@@ -56,13 +62,10 @@ def read_report(path: Path) -> tuple[str | None, str | None]:
     return text, None
 
 
-@lru_cache(maxsize=64)
-def _parsed(path: str, size: int, mtime_ns: int, kind: str) -> tuple[str | None, str | None]:
+@lru_cache(maxsize=16)
+def _parsed(kind: str, raw: bytes) -> tuple[str | None, str | None]:
     reader = {"pdf": _pdf_text, "docx": _docx_text, "rtf": _rtf_text, "html": _html_text}[kind]
-    try:
-        text, reason = reader(Path(path).read_bytes())
-    except OSError as e:
-        return None, f"cannot read report ({e.strerror or type(e).__name__})"
+    text, reason = reader(raw)
     return (None, reason) if reason else (tidy(text), None)
 
 

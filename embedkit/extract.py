@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
 from embedkit.dicom import SALT_FILE
+from embedkit.encoders.preprocess import IMAGE_DECODE
 from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
 from embedkit.engines import get_engine
 from embedkit.engines.base import backend_checked_on_inputs
@@ -38,6 +39,7 @@ from embedkit.guards import (
     folder_lock,
 )
 from embedkit.items import Item, SkippedInput, SourceOptions
+from embedkit.limits import MAX_EXTRACT_BATCH, check_count, open_inside
 from embedkit.plan import Plan, input_size, item_path, make_plan, read_item_text
 from embedkit.sources import SourceScan, scan_source
 from embedkit.store import (
@@ -126,6 +128,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     config = config or ExtractConfig()
     get_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
+    check_count(config.batch_size, "--batch-size", 1, MAX_EXTRACT_BATCH, "a batch of inputs is decoded at once")
     costs = Costs()
     data, out = Path(data), Path(out)
     source = source or SourceOptions()
@@ -133,6 +136,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         source = replace(source, dicom_salt_file=out / SALT_FILE)
     with costs.stage("scan"):
         scan = scan or scan_source(data, source, rows=rows)
+    real_root = data.resolve() if data.is_dir() else None
+    for it in scan.items:  # files are opened inside the data folder only, checked again at open time
+        it.data_root = real_root
     counts = scan.counts()
     say(f"[bold]layout[/]: {scan.layout}")
     say("found: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v or k in ("images", "texts")))
@@ -217,6 +223,9 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     if stored_provenance and IDENTITY_KEY not in stored_provenance:
         say(f"note: {directory.name} was written before encoder fingerprints: its weights cannot be compared "
             f"(--overwrite re-embeds it under one)")
+    elif stored_provenance and "image_decode" in identity and "image_decode" not in stored_provenance[IDENTITY_KEY]:
+        say(f"note: {directory.name} was written before 16-bit images were scaled (they were clipped): "
+            f"--overwrite re-embeds it if the data holds 16-bit images")
 
     # 1. content hashes decide what is new, changed or gone
     with costs.stage("hash"):
@@ -276,7 +285,8 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     with costs.stage("load_model"):
         encoder_provenance, embedded = _open_engine(spec, plan, config, costs)
     provenance = {**encoder_provenance, **table_keys, "versions": _versions(), "layout": scan.layout,
-                  "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity)}
+                  "data_root": str(root.resolve()), IDENTITY_KEY: identity, FINGERPRINT_KEY: fingerprint(identity),
+                  **({"image_decode": IMAGE_DECODE} if modality == "image" else {})}
     if directory.exists():
         check_same_encoder(directory, provenance)
     if stale:
@@ -389,7 +399,7 @@ def _sha256(it: Item, modality: str) -> str:
     if path is None:
         return hashlib.sha256(it.text.encode("utf-8")).hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_inside(path, it.data_root) if it.data_root is not None else open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     if modality == "image" and it.dicom is not None:  # a DICOM frame and window are pixels of their own

@@ -19,11 +19,13 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from embedkit.errors import EmbedkitError
+from embedkit.hashing import cached_sha256
 
 IDENTITY_KEY = "encoder_identity"
 FINGERPRINT_KEY = "encoder_fingerprint"
@@ -53,6 +55,10 @@ def encoder_identity(spec, config) -> dict:
     for k in _SETTING_FIELDS:
         if hasattr(config, k):
             identity[k] = getattr(config, k)
+    if spec.preprocess is not None:  # how high-bit-depth pixels become 8-bit ones changes image vectors
+        from embedkit.encoders.preprocess import IMAGE_DECODE
+
+        identity["image_decode"] = IMAGE_DECODE.split(":", 1)[0]
     identity["weights"] = weight_hashes(folder) if folder is not None else None
     return identity
 
@@ -61,17 +67,36 @@ def fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_digest(provenance: dict) -> str | None:
+    """One short hash of the weight files a table's encoder identity lists (None: not recorded). Unlike the
+    fingerprint it leaves out dtype and backend, which predict may allow to differ."""
+    weights = (provenance.get(IDENTITY_KEY) or {}).get("weights")
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16] if weights else None
+
+
+def check_same_weights(provenance: dict, spec, what: str) -> None:
+    """The encoder `spec` loads now must have the weight files `provenance` recorded (when both are known)."""
+    stored = (provenance.get(IDENTITY_KEY) or {}).get("weights")
+    now = encoder_identity(spec, None)["weights"]
+    if stored and now and stored != now:
+        changed = sorted(n for n in set(stored) | set(now) if stored.get(n) != now.get(n))
+        raise EmbedkitError(f"{what}: the weights of {spec.name} changed since its embeddings were made "
+                            f"({', '.join(changed[:3])} differ); use the model that made them")
+
+
 def identity_differences(old: dict, new: dict) -> list[str]:
     """Human-readable differences, e.g. ['max_length 256 -> 4', 'weights (model.safetensors changed)']."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
+        if k in ("weights", "image_decode") and (a is None or b is None):
+            continue  # unknown on one side (a table from before it was recorded): the other fields decide
         if k == "weights":
-            if a is None or b is None:
-                continue  # unknown on one side: the other fields decide
             changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
             if changed:
                 out.append(f"weights ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)")
+        elif k == "image_decode" and a != b:
+            out.append(f"image decoding {a} -> {b} (how 16-bit images become 8-bit)")
         elif a != b:
             out.append(f"{k} {_short(a)} -> {_short(b)}")
     return out
@@ -91,13 +116,13 @@ def weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every model file in a folder (or of one file), keyed by path relative to the folder."""
     folder = Path(folder)
     if folder.is_file():
-        return {folder.name: _file_sha256(folder)}
+        return {folder.name: cached_sha256(folder)}
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and p.name not in _NOT_MODEL and not p.name.endswith(_NOT_MODEL_SUFFIXES) \
                 and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            out[rel] = _file_sha256(p)
+            out[rel] = cached_sha256(p)
     return out
 
 
@@ -119,30 +144,17 @@ def _weights_folder(spec) -> Path | None:
             return None
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser()
+    from embedkit.encoders.registry import store_folder
+
+    installed = store_folder(source)  # verified against its bundle's hashes on the way
+    if installed is not None:
+        return Path(installed)
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(source, revision=spec.revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached here (or not a hub id): the identity rests on the rest
         return None
-
-
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    real = Path(os.path.realpath(path))
-    if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
-        return real.name  # a hub cache blob is named by its content's sha256
-    st = real.stat()
-    key = (str(real), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
 
 
 def _short(v) -> str:
@@ -266,12 +278,31 @@ def atomic_folder(final: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if final.exists() and exchange_paths(staging, final):  # one step: `final` is never missing
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
     if final.exists():
         os.replace(final, aside)
     os.replace(staging, final)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where the system or
+    the file system cannot: the caller then swaps in two renames, which recover_folder completes."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def recover_folder(final: Path) -> None:
@@ -290,22 +321,69 @@ def sibling_lock(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.lock")
 
 
-@contextmanager
-def replaced_folder(final: Path, what: str, marker: str):
-    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
+OUTPUT_MARKER = ".embedkit-output.json"  # {"command": ...}: which embedkit command wrote the folder
 
-    `final` must be new, empty, or hold `marker` (a file only embedkit writes there): a folder of the
-    user's own is never replaced.
-    """
+
+def written_by(folder: Path) -> str | None:
+    """The command named by a folder's OUTPUT_MARKER (None: no marker, or not readable as one)."""
+    try:
+        value = json.loads((Path(folder) / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("command") if isinstance(value, dict) and isinstance(value.get("command"), str) else None
+
+
+def check_replaceable(final: Path, what: str, marker: str, command: str | None, marker_key: str | None = None) -> None:
+    """`final` may be replaced whole by `embedkit {command}` only if it is new, empty, or that command's own output:
+    its OUTPUT_MARKER names the command, or (folders from before the marker) it holds `marker`, a JSON file
+    with `marker_key` when given. Another command's output or a folder of the user's own is refused."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise EmbedkitError(f"{what} '{final}' is a file, not a folder")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
-        raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}); it would be "
-                            f"replaced whole, so choose a new folder")
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    by = written_by(final)
+    if by is not None and command is not None and by != command:
+        raise EmbedkitError(f"{what} '{final}' holds the output of `embedkit {by}`, which `embedkit {command}` would "
+                            f"replace whole: choose a new folder")
+    if by is None or command is None:
+        legacy = (final / marker).is_file() and (marker_key is None or marker_key in _json_keys(final / marker))
+        if not legacy:
+            raise EmbedkitError(f"{what} '{final}' is a folder embedkit did not write (no {marker}"
+                                f"{f' naming {marker_key}' if marker_key else ''}); it would be replaced whole, so "
+                                f"choose a new folder")
+
+
+def _json_keys(path: Path) -> set:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(value) if isinstance(value, dict) else set()
+
+
+@contextmanager
+def replaced_folder(final: Path, what: str, marker: str, command: str | None = None, marker_key: str | None = None):
+    """Lock `final`, check it can be written, and yield a staging folder that replaces it whole on success.
+
+    `final` must be new, empty, or an earlier output of the same command (check_replaceable): a folder of the
+    user's own, or another command's output, is never replaced. The new folder is marked as `command`'s
+    (command None: only `marker` is checked and no mark is written, as before output markers).
+    """
+    final = Path(final)
+    check_replaceable(final, what, marker, command, marker_key)
     check_writable_folder(final.parent, f"the folder holding {what}")
     with folder_lock(sibling_lock(final), f"{what} '{final}'"), atomic_folder(final) as staging:
+        check_replaceable(final, what, marker, command, marker_key)  # again, now that no other run can write it
+        if command is not None:
+            (staging / OUTPUT_MARKER).write_text(json.dumps({"command": command, "embedkit": _version()}))
         yield staging
+
+
+def _version() -> str:
+    from embedkit import __version__
+
+    return __version__
 
 
 # ---------------------------------------------------------------- one-line errors

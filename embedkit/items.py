@@ -33,6 +33,7 @@ class Item:
     group: str | None = None  # rows sharing a group (a patient) never sit on both sides of a split
     meta: dict[str, Any] = field(default_factory=dict)  # other columns carried through to Parquet
     dicom: DicomFrame | None = None  # set when image_path is a DICOM file
+    data_root: Path | None = None  # the resolved data folder: its files are opened inside it only (limits.open_inside)
 
     @property
     def has_text(self) -> bool:

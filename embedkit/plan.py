@@ -64,7 +64,7 @@ def read_item_text(it: Item) -> tuple[str | None, str | None]:
     if it.text is None:
         from embedkit.documents import read_report
 
-        return read_report(it.text_path)
+        return read_report(it.text_path, inside=it.data_root)
     if not it.text.strip():
         return None, "empty text"
     return it.text.strip(), None

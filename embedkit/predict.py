@@ -29,12 +29,25 @@ MODEL_KEYS = ("kind", "task", "classes", "labels", "modalities", "encoders")
 
 
 def load_model(model_dir):
-    """(estimator, model info) from a model folder, checked: JSON, weight headers, shapes, finite values."""
+    """(estimator, model info) from a model folder, checked: JSON, weight headers, shapes, finite values.
+
+    Everything (the OOD guard too) is read from one snapshot of the folder (model_folder.snapshot), so a
+    `train --out` swapping it meanwhile never pairs one model's JSON with another's weights."""
+    from embedkit.model_folder import snapshot
+
+    with snapshot(model_dir) as snap:
+        try:
+            return _load_model(snap, Path(model_dir))
+        except EmbedkitError as e:  # name the folder the user gave, not the private copy
+            raise EmbedkitError(str(e).replace(str(snap), str(model_dir))) from None
+
+
+def _load_model(model_dir: Path, given: Path):
     from safetensors import SafetensorError
 
     from embedkit.guards import read_json_object
+    from embedkit.model_folder import check_model_numbers
 
-    model_dir = Path(model_dir)
     info_path = model_dir / "embedkit_model.json"
     if not info_path.is_file():
         raise EmbedkitError(f"'{model_dir}' is not an embedkit model folder (no embedkit_model.json)")
@@ -55,6 +68,11 @@ def load_model(model_dir):
     if [str(c) for c in est.classes_] != [str(c) for c in names]:
         raise EmbedkitError(f"model folder '{model_dir}' is inconsistent: embedkit_model.json and estimator.json name "
                             f"different classes (files from two runs?); retrain it")
+    check_model_numbers(est, info, given)
+    if info.get("ood_guard"):  # read now, from the same snapshot; guard_scores uses it
+        from embedkit.fusion.ood import LOADED_GUARD, OODGuard
+
+        info[LOADED_GUARD] = OODGuard.load(model_dir, info["ood_guard"])
     return est, info
 
 
@@ -137,6 +155,27 @@ def check_encoders(info: dict, provenance: dict[str, dict], emb_dir) -> None:
             raise EmbedkitError(f"the {m} embeddings in '{emb_dir}' come from another encoder than the model was "
                                 f"trained on ({given.get('name')} vs {trained.get('name')}; differs in "
                                 f"{', '.join(diff)}): extract them with the same model")
+        check_same_weights(trained, given, f"the {m} embeddings in '{emb_dir}'")
+
+
+def encoder_record(provenance: dict) -> dict:
+    """What a model folder keeps of the encoder of its training embeddings: the fields predict compares,
+    its name, fingerprint, and the digest of its weight files (guards.weights_digest)."""
+    from embedkit.guards import FINGERPRINT_KEY, weights_digest
+
+    return {**{k: provenance.get(k) for k in (*PROVENANCE_MATCH, "name", FINGERPRINT_KEY)},
+            "weights_digest": weights_digest(provenance)}
+
+
+def check_same_weights(trained: dict, provenance: dict, what: str) -> None:
+    """The encoder's weight files must be the ones training saw (when both sides recorded them): a model
+    re-saved under the same name and revision gives other vectors."""
+    from embedkit.guards import weights_digest
+
+    a, b = trained.get("weights_digest"), weights_digest(provenance)
+    if a and b and a != b:
+        raise EmbedkitError(f"{what} were made with other weights of {provenance.get('name')} than the model was "
+                            f"trained on (the encoder's weight hashes differ): extract them with the same weights")
 
 
 def _modalities_to_read(info: dict, emb_dir) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.errors import EmbedkitError
+from embedkit.limits import named_file
 
 _CSS = """
 body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:24px auto;
@@ -55,11 +56,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | 
     Model folders: `card` (a card.toml) and `class_names` ({"0": "no", ...}) override what train saved."""
     run_dir = Path(run_dir)
     if (run_dir / "bench.json").is_file():
-        page = bench_html(json.loads((run_dir / "bench.json").read_text()), run_dir)
+        page = _from_json(run_dir / "bench.json", lambda r: bench_html(r, run_dir))
     elif (run_dir / "metrics.json").is_file():
+        _from_json(run_dir / "metrics.json", _check_model_metrics)  # damaged or edited: one line, not a traceback
         page = model_html(run_dir, Path(emb) if emb else None, card, class_names)
     elif (run_dir / "audit.json").is_file():
-        page = audit_html(json.loads((run_dir / "audit.json").read_text()))
+        page = _from_json(run_dir / "audit.json", audit_html)
     else:
         raise EmbedkitError(f"'{run_dir}' is neither a model folder (metrics.json, from `embedkit train`), a "
                             f"bench folder (bench.json, from `embedkit bench`) nor an audit folder (audit.json, "
@@ -68,6 +70,25 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _from_json(path: Path, page):
+    """A page from a results file; a file that is not the shape embedkit writes is one line, not a traceback."""
+    from embedkit.guards import read_json_object
+
+    results = read_json_object(path, "results file")
+    try:
+        return page(results)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise EmbedkitError(f"{path} is damaged or was edited ({type(e).__name__}: {str(e)[:60]}); run the command "
+                            f"that wrote it again") from None
+
+
+def _check_model_metrics(metrics: dict) -> None:
+    """The parts of a model's metrics.json every report reads."""
+    for key in ("spread", "test", "data"):
+        if not isinstance(metrics[key], dict):
+            raise TypeError(f"'{key}' is not an object")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +192,10 @@ def bench_html(r: dict, folder: Path) -> str:
             section = t["section"]
             body.append(f"<h2>{html.escape(section)}</h2>")
         body.append(f"<h3>{html.escape(t['title'])}</h3>" + html_table(t["columns"], t["rows"], t["note"]))
-    plots = [p for p in r.get("plots", []) if (folder / p).is_file()]
+    # a plot is a PNG inside the bench folder: any other file bench.json names stays out of the page
+    plots = [(p, f) for p in r.get("plots", []) if (f := named_file(folder, p, "png")) is not None]
     if plots:
-        body.append("<h2>Plots</h2>" + "".join(png_img(folder / p, p) for p in plots))
+        body.append("<h2>Plots</h2>" + "".join(png_img(f, p) for p, f in plots))
     return _page(f"embedkit bench {r['preset']}", "".join(body))
 
 

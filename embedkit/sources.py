@@ -73,7 +73,8 @@ def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[
     if rows is not None:
         return items_from_table(rows, root, opts, layout="data manifest")
     if opts.metadata is not None:
-        return items_from_table(read_table(opts.metadata), root, opts, layout=f"table {Path(opts.metadata).name}")
+        return items_from_table(read_table(opts.metadata, ragged="record"), root, opts,
+                                layout=f"table {Path(opts.metadata).name}")
     if not root.is_dir():
         raise EmbedkitError(f"'{root}' is a file: pass a data folder, or a table with --metadata")
     return scan_folder(root, opts)
@@ -175,12 +176,22 @@ def is_inside(path: Path, real_root: Path) -> bool:
 # ---------------------------------------------------------------- tables
 
 
-def read_table(path: str | Path) -> list[dict]:
+class TableRows(list):
+    """read_table's rows; `problems` maps a row's index to why it cannot be used (ragged="record")."""
+
+    problems: dict[int, str]
+
+
+def read_table(path: str | Path, ragged: str = "refuse") -> TableRows:
     """Rows of a CSV/TSV, JSONL or JSON-array file, optionally gzipped.
 
     Empty CSV cells become None; other cells stay strings here, so templates, ids and paths see
     exactly what the table says. The labels and metadata stored at extract time are typed later,
     per column (see `infer_column_types`).
+    Read strictly: a quote that does not close properly (it would swallow the next lines into one cell), a
+    header naming a column twice, or a key repeated in one JSON object refuses the whole table with its line
+    number. A CSV row with more or fewer cells than the header refuses it too (ragged="refuse"), or is
+    listed in `rows.problems` by its line (ragged="record": the caller records it as skipped).
     """
     path = Path(path)
     if not path.is_file():
@@ -192,19 +203,27 @@ def read_table(path: str | Path) -> list[dict]:
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             if ext in (".csv", ".tsv"):
-                csv.field_size_limit(2**31 - 1)  # a long report in one cell is one field, not an error
-                reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-                return [{k: _parse_cell(v) for k, v in row.items() if k is not None} for row in reader]
+                rows = _read_csv(f, path.name, "\t" if ext == ".tsv" else ",")
+                if rows.problems and ragged == "refuse":
+                    raise EmbedkitError(f"{path.name} {next(iter(rows.problems.values()))}")
+                return rows
             if ext == ".jsonl":
                 rows = []
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            rows.append(json.loads(line, object_pairs_hook=_unique_keys))
                         except json.JSONDecodeError as e:
                             raise EmbedkitError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
+                        except _RepeatedKey as e:
+                            raise EmbedkitError(f"{path.name} line {n}: key '{e}' appears twice in one object "
+                                                f"(the last would silently win)") from None
             else:
-                rows = json.load(f)
+                try:
+                    rows = json.load(f, object_pairs_hook=_unique_keys)
+                except _RepeatedKey as e:
+                    raise EmbedkitError(f"{path.name}: key '{e}' appears twice in one object (the last would "
+                                        f"silently win)") from None
     except UnicodeDecodeError:
         raise EmbedkitError(f"{path.name} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -213,6 +232,54 @@ def read_table(path: str | Path) -> list[dict]:
         raise EmbedkitError(f"{path.name}: cannot be read ({e})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise EmbedkitError(f"{path.name}: expected a JSON array of objects (JSONL: one object per line)")
+    out = TableRows(rows)
+    out.problems = {}
+    return out
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _RepeatedKey(k)
+        seen[k] = v
+    return seen
+
+
+def _read_csv(f, name: str, delimiter: str) -> TableRows:
+    """CSV/TSV rows, strictly (see read_table); trailing empty cells beyond the header are dropped as nothing."""
+    csv.field_size_limit(2**31 - 1)  # a long report in one cell is one field, not an error
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
+    rows = TableRows()
+    rows.problems = {}
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise EmbedkitError(f"{name} line 1: column '{repeated[0]}' appears twice in the header (one would "
+                                f"silently replace the other); rename one")
+        start = reader.line_num + 1
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields:
+                continue  # a blank line
+            while len(fields) > len(header) and not fields[-1].strip():
+                fields = fields[:-1]  # a trailing delimiter: no cell is lost
+            if len(fields) != len(header):
+                rows.problems[len(rows)] = (f"line {line}: {len(fields)} cells where the header has {len(header)} "
+                                            f"(an unquoted delimiter, a stray quote or a missing cell)")
+            rows.append({k: _parse_cell(v) for k, v in zip(header, fields)})
+    except csv.Error as e:
+        raise EmbedkitError(f"{name} line {start}: malformed quoting ({e}): a double quote opens a quoted cell that "
+                            f"does not close before the next delimiter, so the next lines would be read into it; "
+                            f"double the quotes inside a quoted cell, or remove the stray one") from None
     return rows
 
 
@@ -288,7 +355,13 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
     paths = _TablePaths(root)
     items, skipped, seen, duplicates, differing = [], paths.skipped, {}, 0, 0
     content = [opts.text_col, opts.text_file_col, *opts.label_cols, *(template.fields if template else [])]
+    problems = getattr(rows, "problems", None) or {}
     for n, row in enumerate(rows):
+        if n in problems:  # a ragged row: its cells cannot be matched to columns, so none of it is used
+            key = row.get(opts.id_col) if opts.id_col and opts.id_col != ROW_ID else None
+            skipped.append(SkippedInput(None if key is None else str(key), problems[n].split(":", 1)[0], "scan",
+                                        problems[n].split(": ", 1)[1]))
+            continue
         image = row.get(opts.image_col) if opts.image_col else None
         if opts.id_col == ROW_ID:
             key = f"row{n:06d}"  # the row number, as for a text-only table without an id column

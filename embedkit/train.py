@@ -13,6 +13,7 @@ A model folder holds only safetensors and JSON: estimator weights, `embedkit_mod
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from embedkit.dataset import (Dataset, carried_columns, groups_for, load_dataset
                               run_splits, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
 from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
+from embedkit.limits import MAX_SWEEP, check_classes, check_count, check_train_counts, fits_note
 from embedkit.near_duplicates import grouping_modalities, near_duplicate_groups, warn_near_duplicates
 from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, jsonable,  # noqa: F401
-                              load_model, model_features, predict, prediction_columns, write_rows)
+                              encoder_record, load_model, model_features, predict, prediction_columns, write_rows)
 from embedkit.store import find_datasets, write_json_atomic
 
 FUSIONS = ("early", "late", "image", "text", "logistic")
@@ -109,6 +111,7 @@ def parse_sweep(spec: str) -> list[dict]:
             out.extend({"method": "shift", "lambda": lam} for lam in _grid(grid or "1:1:1"))
     if not out:
         raise EmbedkitError("--align-sweep is empty")
+    check_count(len(out), "--align-sweep candidates", 1, MAX_SWEEP)
     return out
 
 
@@ -126,7 +129,10 @@ def _grid(spec: str) -> list[float]:
         raise EmbedkitError(f"--align-sweep wants START:STOP:STEP, e.g. -1:1:0.1 (got '{spec}')") from None
     if step <= 0 or stop < start:
         raise EmbedkitError("--align-sweep needs STEP > 0 and STOP >= START")
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise EmbedkitError(f"--align-sweep wants finite numbers (got '{spec}')")
     n = int(round((stop - start) / step)) + 1
+    check_count(n, "--align-sweep points", 1, MAX_SWEEP, f"{spec} is {n} points")
     return [round(start + i * step, 10) for i in range(n)]
 
 
@@ -338,7 +344,9 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
 
     if cfg.card:
         read_card_toml(cfg.card)  # a bad card.toml fails before any fit
-    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging, recording() as said:
+    check_train_counts(cfg)
+    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json", "train") as staging, \
+            recording() as said:
         metrics = _train_into(emb_dir, staging, cfg, said)
         write_model_card(staging, emb_dir, cfg.card, name=Path(out_dir).name)
         return metrics
@@ -366,6 +374,7 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
         if len(classes) < 2:
             raise EmbedkitError(f"label '{cfg.labels[0]}' has only one class ({next(iter(classes), 'none')}); "
                                 f"a classifier needs at least two")
+        check_classes(len(classes), cfg.labels[0])
     if aligning:
         widths = {m: ds.blocks[m].shape[1] for m in ds.blocks}
         if widths["image"] != widths["text"]:
@@ -397,6 +406,8 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
     with costs.stage("fit"):
         splits, seeds = run_splits(ds, cfg, groups)
         _warn_small_validation(ds, splits[0])
+        if note := fits_note(len(splits), len(candidates), "folds" if cfg.cv else "seeds"):
+            say(note)
         runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
     first = runs[0]
     te = first.idx["test"]
@@ -542,7 +553,7 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
         "kind": "logistic" if cfg.fusion == "logistic" else "fusion", "fusion": cfg.fusion,
         "modalities": run.info["modalities"], "labels": cfg.labels, "task": est.task_,
         "classes": list(cfg.labels) if est.task_ == "multilabel" else [jsonable(c) for c in est.classes_],
-        "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in ds.provenance},
+        "encoders": {m: encoder_record(ds.provenance[m]) for m in ds.provenance},
         "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
         "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
         "class_names": {str(k): str(v) for k, v in cfg.class_names.items()},

@@ -132,6 +132,10 @@ class PromptEncoder:
         from embedkit.encoders import create_encoder
 
         spec, projection = _text_spec(provenance, override)
+        if not override:  # the encoder named by the provenance must still have the weights that made EMB
+            from embedkit.guards import check_same_weights
+
+            check_same_weights(provenance, spec, "zeroshot")
         self.name = spec.name
         self.encoder = create_encoder(spec, "text", device="cpu", dtype=provenance.get("dtype") or "float32",
                                       quantize=provenance.get("quantize") if not override else None)

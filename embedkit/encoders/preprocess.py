@@ -37,6 +37,40 @@ class ImageDecodeError(Exception):
     """A file that could not be turned into an image; the message is the reason recorded."""
 
 
+# Checked on the image's header size, before any pixel is decoded or resized: a 1 x 40000 PNG of a few hundred
+# bytes would otherwise be resized to 256 x 10 million pixels (gigabytes), and a huge image decoded whole.
+MAX_ASPECT = 32  # longer side / shorter side
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own budget, so the reason recorded is ours
+# How pixels deeper than 8 bits become 8-bit ones; recorded in provenance (and the encoder identity).
+IMAGE_DECODE = ("v2: greyscale deeper than 8 bits (16-bit PNG/TIFF, 32-bit integer) is divided by 2^b - 1, b the "
+                "smallest of 8, 10, 12, 14, 16, 32 bits holding the image's largest value (scaled, never clipped); "
+                "float or negative values are stretched min..max to 0..255")
+
+
+def check_image_size(w: int, h: int) -> None:
+    if w == 0 or h == 0:
+        raise ImageDecodeError("image has zero size")
+    if w * h > MAX_PIXELS:
+        raise ImageDecodeError(f"image of {w} x {h} pixels is over the budget of {MAX_PIXELS:,} pixels per image")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageDecodeError(f"image of {w} x {h} pixels is more than {MAX_ASPECT} times longer than it is wide "
+                               f"(the aspect-ratio cap)")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, keeping the content of high-bit-depth greyscale (IMAGE_DECODE) where convert("RGB") would clip it."""
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img.convert("RGB")
+    a = np.asarray(img).astype(np.float64)
+    low, top = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode == "F" or low < 0:
+        unit = (a - low) / (top - low) if top > low else np.zeros_like(a)
+    else:
+        bits = next(b for b in (8, 10, 12, 14, 16, 32) if top < 2**b)
+        unit = a / (2**bits - 1)
+    return Image.fromarray(np.round(np.clip(unit, 0, 1) * 255).astype(np.uint8), "L").convert("RGB")
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """How an encoder wants its pixels. Carried by the encoder spec and written to provenance."""
@@ -77,10 +111,11 @@ def decode_image(source: str | Path | bytes, pre: ImagePreprocess, dicom=None) -
         else:
             img = Image.open(source)
         with img:
+            check_image_size(*img.size)
             if pre.draft and img.format == "JPEG":
                 # Smallest DCT scale whose result still has both sides >= the resize target.
                 img.draft("RGB", (pre.resize, pre.resize))
-            img = img.convert("RGB")  # also forces the full decode, so truncation surfaces here
+            img = to_rgb(img)  # also forces the full decode, so truncation surfaces here
             return resize_and_crop(img, pre)
     except ImageDecodeError:
         raise
@@ -108,8 +143,7 @@ def _decode_dicom(source, pre: ImagePreprocess, dicom) -> np.ndarray:
 def resize_and_crop(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
     """An RGB image -> shorter side resized to `pre.resize`, centre crop `pre.crop`, as uint8 H x W x 3."""
     w, h = img.size
-    if w == 0 or h == 0:
-        raise ImageDecodeError("image has zero size")
+    check_image_size(w, h)
     scale = pre.resize / min(w, h)
     new_w, new_h = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
     if (new_w, new_h) != (w, h):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -138,17 +139,85 @@ def model_store() -> Path:
     return Path(os.environ.get(STORE_ENV) or Path.home() / ".cache" / "embedkit" / "models").expanduser()
 
 
+VERIFIED = ".verified.json"  # beside bundle.json: {file: [bytes, mtime_ns, sha256]} of files found intact
+
+
+def aside_name(name: str, pid: int) -> str:
+    """Where `models install` moves an installed model while it swaps in a new one."""
+    return f".old-{name}-{pid}"
+
+
 def installed_models() -> list[dict]:
-    """Every model in the store: its bundle entry plus `folder`, where its files are."""
+    """Every model in the store: its bundle entry plus `folder`, where its files are.
+
+    A `.old-NAME-PID` copy (an install stopped between its two renames) stands in for NAME only while NAME
+    itself is missing; the next install puts it back or removes it."""
     store = model_store()
-    out = []
-    for entry in sorted(store.glob(f"*/{STORE_ENTRY}")) if store.is_dir() else []:
+    out, seen = [], set()
+    entries = sorted(store.glob(f"*/{STORE_ENTRY}")) if store.is_dir() else []
+    for entry in sorted(entries, key=lambda e: e.parent.name.startswith(".")):  # real folders first
+        name = entry.parent.name
+        if name.startswith("."):
+            m = re.fullmatch(r"\.old-(.+)-\d+", name)
+            if m is None or m.group(1) in seen or (store / m.group(1)).exists():
+                continue
+            name = m.group(1)
+        if name in seen:
+            continue
         try:
             info = json.loads(entry.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a half-written or foreign folder is not an installed model
+        if not isinstance(info, dict):
+            continue
+        seen.add(name)
         out.append({**info, "folder": str(entry.parent / "files")})
     return out
+
+
+def verify_installed(info: dict) -> None:
+    """An installed model's files must be those its bundle listed (sizes, sha256), nothing added: a file edited
+    in the store is refused. Hashes are remembered by size and mtime (VERIFIED), so this stays fast."""
+    from embedkit.hashing import cached_sha256
+
+    folder = Path(info["folder"])
+    listed = info.get("files")
+    if not isinstance(listed, dict):
+        raise EmbedkitError(f"installed model '{info.get('name')}' ({folder.parent}) has a damaged {STORE_ENTRY}: "
+                            f"install its bundle again")
+    cache_path = folder.parent / VERIFIED
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} if folder.is_dir() \
+        else set()
+    problem = next((f"{n} was added" for n in sorted(present - set(listed))), None)
+    problem = problem or next((f"{n} is missing" for n in sorted(set(listed) - present)), None)
+    fresh = {}
+    for rel, want in sorted(listed.items()) if problem is None else []:
+        path = folder / rel
+        st = path.lstat()
+        if path.is_symlink() or st.st_size != want.get("bytes"):
+            problem = f"{rel} changed"
+            break
+        known = cache.get(rel)
+        if known != [st.st_size, st.st_mtime_ns, want.get("sha256")]:
+            if cached_sha256(path, blob_names=False) != want.get("sha256"):
+                problem = f"{rel} changed"
+                break
+        fresh[rel] = [st.st_size, st.st_mtime_ns, want.get("sha256")]
+    if problem:
+        raise EmbedkitError(f"installed model '{info.get('name')}' in {folder.parent} does not match its bundle "
+                            f"({problem} since it was installed): install the bundle again")
+    if fresh != cache:
+        try:
+            tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only store is verified again next time
 
 
 def installed_model(name_or_source: str) -> dict | None:
@@ -168,10 +237,13 @@ def _from_store(spec: EncoderSpec) -> EncoderSpec:
 
 
 def store_folder(source: str) -> str | None:
-    """Where to load `source` from when it is installed in the store and nowhere else on disk."""
+    """Where to load `source` from when it is installed in the store and nowhere else on disk (its files
+    verified against the bundle's hashes first)."""
     if Path(source).expanduser().is_dir():
         return None
     info = installed_model(source)
+    if info:
+        verify_installed(info)
     return info["folder"] if info else None
 
 

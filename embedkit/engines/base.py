@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -43,10 +44,22 @@ def open_encoder(spec: EncoderSpec, modality: str, config, log=None):
                           parity_floor=config.parity_floor, log=log)
 
 
-def decode(path, preprocess, dicom=None) -> tuple[np.ndarray | None, str | None]:
-    """(decoded and resized image, None) or (None, reason). `dicom`: the item's DicomFrame, for DICOM files."""
+def decode(path, preprocess, dicom=None, inside=None) -> tuple[np.ndarray | None, str | None]:
+    """(decoded and resized image, None) or (None, reason). `dicom`: the item's DicomFrame, for DICOM files.
+    `inside`: the resolved data folder; the file is checked to lie in it when it is opened (limits.open_inside)."""
     from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 
+    if inside is not None:
+        from embedkit.dicom import DICOM_EXTS
+        from embedkit.limits import open_inside
+
+        try:
+            with open_inside(path, inside) as f:  # DICOM files are read by pydicom from the path just checked
+                raw = f.read() if dicom is None and Path(path).suffix.lower() not in DICOM_EXTS else None
+        except OSError as e:
+            return None, f"cannot read file ({e.strerror or type(e).__name__})"
+        if raw is not None and raw[128:132] != b"DICM":
+            path = raw  # decode the very bytes that were checked
     try:
         return decode_image(path, preprocess, dicom=dicom), None
     except ImageDecodeError as e:

@@ -181,13 +181,16 @@ def ood_columns(score) -> dict:
     return {"ood_score": pa.array(score), "ood": pa.array(score > 1.0)}
 
 
+LOADED_GUARD = "_loaded_ood_guard"  # the guard object predict.load_model read from its model folder snapshot
+
+
 def guard_scores(model_dir, info: dict, x: np.ndarray, had: list[str] | None = None):
     """ood_score per row of the model input `x` (None for a model folder without a guard).
     `had`: the modalities each row really has ("image+text", ...); a stood-in modality is not scored."""
     entry = info.get("ood_guard")
     if not entry:
         return None
-    guard = OODGuard.load(model_dir, entry)
+    guard = info.get(LOADED_GUARD) or OODGuard.load(model_dir, entry)  # predict.load_model read it already
     blocks = split_blocks(x, info["modalities"], guard.dims_)
     present = None if had is None else {m: np.array([m in h.split("+") for h in had], dtype=bool) for m in blocks}
     return guard.score(blocks, present)[0]

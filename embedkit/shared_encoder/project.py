@@ -358,9 +358,12 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     `gap` and `retrieval` work on encoders that never shared a space.
     """
     from embedkit.guards import replaced_folder
+    from embedkit.limits import MAX_EPOCHS, MAX_PROJECTION_DIM, check_count
 
     if arch not in ARCHS:
         raise EmbedkitError(f"unknown projection arch '{arch}' (choose from {', '.join(ARCHS)})")
+    check_count(dim, "--dim", 1, MAX_PROJECTION_DIM)
+    check_count(epochs, "--epochs", 1, MAX_EPOCHS)
     if add is not None and heads_dir is None:
         raise EmbedkitError("project --add-modality needs --heads: the trained projection to keep frozen")
     final = Path(out_dir)
@@ -369,7 +372,8 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
     if any(final.resolve() == p.resolve() for p in inputs) or inside_heads:
         raise EmbedkitError("project --out must be a new folder: it is replaced whole, and it holds the input "
                             "embeddings or the heads being applied")
-    with replaced_folder(final, "projection --out", "manifest.json") as staging:  # re-running replaces, never appends
+    # re-running replaces, never appends; an extract folder (its manifest names no projection) is never replaced
+    with replaced_folder(final, "projection --out", "manifest.json", "project", marker_key="projected_from") as staging:
         return _project_into(emb_dir, staging, final, heads_dir, dim, epochs, seed, models, arch, up, add)
 
 

@@ -380,7 +380,6 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
     # Now that the vocabulary is known: vocab_size filled in, a budget-matched baseline sized (budget.py).
     cfg = resolve_budget(cfg, len(tokenizer))
     recipe = replace(recipe, model=cfg)
-    tokenizer.save_pretrained(str(out))  # the model folder carries its own tokenizer
 
     data = prepare_pairs(pairs, cfg, tokenizer)
     if data["skipped"]:
@@ -419,7 +418,7 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
         settings["unpaired"] = extra["fingerprint"]
     ckpt = checkpoint_folder(out)
     recover_folder(ckpt)
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, saved = 0, 0, [], {}
     if resume and (ckpt / STATE_JSON).is_file():
         saved = json.loads((ckpt / STATE_JSON).read_text())
         _same_run(saved["settings"], settings, ckpt)
@@ -431,6 +430,8 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
             return done
         raise EmbedkitError(f"{out} holds a completed run of {len(done['epochs'])} epochs whose checkpoint was "
                             f"removed: to add epochs, rerun it with keep_checkpoint=true, or use another folder")
+    # only now that the folder is known to hold this run (or none): it carries its own tokenizer
+    tokenizer.save_pretrained(str(out))
     keys = batch_keys(data, train_rows, train.unique_in_batch)
     if recipe.stages:
         for c in used:
@@ -495,10 +496,14 @@ def _pretrain(pairs: list[Item], out: Path, recipe: PretrainConfig, resume: bool
                 held = len(val_rows) >= 2
                 metrics["collapse"] = check_collapse(model, data, val_rows if held else train_rows, cfg,
                                                      "held-out" if held else "training")
+            state["metrics"] = metrics  # so a run killed before its export completes exports these weights
             save_checkpoint(ckpt, model, opt, state, heads, recipe)  # the checkpoint first: a crash between the two resumes
             export_model(out, model, metrics, recipe)
-    if metrics is None:  # a checkpoint of every planned epoch, killed before cleanup: report what is on disk
-        metrics = json.loads((out / METRICS).read_text())
+    if metrics is None:  # a checkpoint of every planned epoch, killed before its export or its cleanup
+        on_disk = json.loads((out / METRICS).read_text()) if (out / METRICS).is_file() else {}
+        metrics = saved.get("metrics") or on_disk
+        if len(on_disk.get("epochs", [])) < len(metrics.get("epochs", [])):  # the export never finished
+            export_model(out, model, metrics, recipe)
     elif warning_line(metrics.get("collapse", {})):
         print(warning_line(metrics["collapse"]), file=sys.stderr)
     if not train.keep_checkpoint:
