@@ -91,15 +91,19 @@ def unhandled_rows(est, info: dict, blocks: dict) -> tuple[np.ndarray, str | Non
             lacking &= ~np.any([has[o] for o in needed if o != m], axis=0)  # the others carry the row
         if lacking.any():
             bad |= lacking
-            why = why or (refusal(m, int(lacking.sum()), n) if how.get(m) is None else
+            maskable = info.get("kind") != "logistic" and len(needed) > 1
+            why = why or (refusal(m, int(lacking.sum()), n, maskable) if how.get(m) is None else
                           f"{int(lacking.sum())} of {n} rows have none of the model's modalities ({', '.join(needed)})")
     return bad, why
 
 
-def refusal(modality: str, n_rows: int, of: int) -> str:
+def refusal(modality: str, n_rows: int, of: int, maskable: bool = True) -> str:
+    fix = ("retrain with --modality-dropout P (estimator: modality_dropout=P) or on rows that lack it, or with "
+           "--align for a stand-in" if maskable else
+           f"retrain with a fusion that takes a presence mask ({', '.join(MASKED_FUSIONS)}) or with --align for a "
+           f"stand-in")
     return (f"{n_rows} of {of} rows lack {modality}, and this model saw no row without {modality} in training, so it "
-            f"has learned nothing to put in its place: retrain with --modality-dropout P (estimator: "
-            f"modality_dropout=P) or on rows that lack it, or with --align for a stand-in")
+            f"has learned nothing to put in its place: {fix}")
 
 
 def mask_share(blocks: dict, modality: str, rate: float, seed: int = 0, order=None) -> tuple[dict, np.ndarray]:
