@@ -493,6 +493,8 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
                  **({"ungrouped": ungrouped} if ungrouped else {})},
         "costs": {**first.metrics["costs"], "peak_rss_mb": round(peak_rss_mb(), 1),
                   "model_bytes": _model_bytes(first.est), "folder_bytes": dir_bytes(out_dir),
+                  "parameters": int(getattr(first.est, "n_parameters_", 0) or first.est.coef_.size
+                                    + first.est.intercept_.size),
                   "stage_seconds": costs.to_dict()["stage_seconds"]},
         "config": asdict(cfg),
     }

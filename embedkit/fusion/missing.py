@@ -55,11 +55,9 @@ def block_presence(blocks: dict) -> dict[str, np.ndarray]:
 def combinations(blocks: dict, modalities=MODALITY_ORDER) -> np.ndarray:
     """Each row's combination of the given modalities it has: 'image+text', 'image' or 'text' ('' for none)."""
     present = block_presence({m: blocks[m] for m in modalities if m in blocks})
-    n = len(next(iter(blocks.values())))
-    names = [m for m in MODALITY_ORDER if m in present]
-    out = np.empty(n, dtype=object)
-    for i in range(n):
-        out[i] = "+".join(m for m in names if present[m][i])
+    out = np.full(len(next(iter(blocks.values()))), "", dtype=object)
+    for m in (m for m in MODALITY_ORDER if m in present):
+        out = np.where(present[m], np.where(out == "", m, out + "+" + m), out)
     return out
 
 
