@@ -13,12 +13,14 @@ generated: two generated image/text embedding tasks written through the real sto
     every combination has >= 200 validation rows: issue 25's rule).
   Reported per fusion: test macro-F1 of run 0 with its 95% bootstrap interval, mean +- std over 3
   seeds, training seconds and parameters (the head's, missing token included).
-vqa-rad: VQA-RAD closed questions (label answer_yes, grouped by image, official test split), already
-  extracted with `embedkit extract DATA --manifest vqa_rad --out EMB` (EfficientNet-Lite0 images,
-  MiniLM questions: two spaces, so there is no aligner stand-in). Every fusion trained without and with
-  --modality-dropout 0.3, then `evaluate --split test --drop-modality text|image` at rates
-  0, 0.25, 0.5, 0.75, 1: macro-F1 with intervals over test images at each rate (0.5 = half of the
-  questions or images removed), or the model's one-line refusal.
+vqa-rad: VQA-RAD closed questions (label answer_yes), already extracted with `embedkit extract DATA
+  --manifest vqa_rad --out EMB` (EfficientNet-Lite0 images, MiniLM questions: two spaces, so there is
+  no aligner stand-in), a fresh 70/15/15 split grouped by image (--no-data-split: with the official
+  test file every fusion is at chance, README), seeded. Every fusion trained without and with
+  --modality-dropout 0.3, then `evaluate --drop-modality text|image` on the rows the model was neither
+  fitted nor tuned on (its test rows) at rates 0, 0.25, 0.5, 0.75, 1: macro-F1 with intervals over
+  test images at each rate (0.5 = half of the questions or images removed), or the model's one-line
+  refusal.
 Writes benchmarks/results/fusion_missing_generated.json and fusion_missing_vqa_rad.json.
 """
 
@@ -122,10 +124,12 @@ def run_vqa_rad(emb: Path, work: Path, epochs: int) -> dict:
         for dropout in (0.0, 0.3):
             name = f"{fusion}_dropout{dropout:g}"
             m = train(emb, work / name, TrainConfig(labels=["answer_yes"], fusion=fusion, epochs=epochs, patience=8,
-                                                    modality_dropout=dropout, bootstrap=1000, ood_guard="none"))
+                                                    modality_dropout=dropout, data_split=False, bootstrap=1000,
+                                                    ood_guard="none"))
             entry = {"test": summary(m), "curves": {}}
             for drop in ("text", "image"):
-                curve = evaluate(work / name, emb, split="test", drop_modality=drop, rates=list(RATES))["robustness"]
+                curve = evaluate(work / name, emb, exclude_fitted=True, drop_modality=drop,
+                                 rates=list(RATES))["robustness"]
                 entry["curves"][drop] = [
                     {"rate": p["rate"], "rows_masked": p["rows_masked"]}
                     | ({"refused": p["refused"]} if "refused" in p else
@@ -151,8 +155,8 @@ def main() -> None:
                **run_generated(args.work, args.epochs)}
         path = RESULTS / "fusion_missing_generated.json"
     else:
-        out = {"what": "VQA-RAD closed questions, answer_yes, grouped by image, official test split; robustness "
-                       "curves of `evaluate --drop-modality`", "rates": list(RATES),
+        out = {"what": "VQA-RAD closed questions, answer_yes, fresh 70/15/15 split grouped by image; robustness "
+                       "curves of `evaluate --drop-modality` on the test rows", "rates": list(RATES),
                "fusions": run_vqa_rad(args.emb, args.work, args.epochs)}
         path = RESULTS / "fusion_missing_vqa_rad.json"
     path.write_text(json.dumps(out, indent=1, default=str))

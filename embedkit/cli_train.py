@@ -261,6 +261,10 @@ def evaluate(
     summary["rows_seen_in_training"] = r["rows_seen_in_training"]
     if r["rows_left_out_missing_modality"]:
         summary["rows_left_out_missing_modality"] = r["rows_left_out_missing_modality"]
+    if r["by_combination"] and len(r["by_combination"]) > 1:
+        summary["by_combination"] = {c: {"n": e["n"], "macro_f1": e["metrics"]["macro_f1"], "ece": e["metrics"]["ece"],
+                                         "macro_f1_95": [round(e["bootstrap"]["macro_f1"][k], 4) for k in ("low", "high")]}
+                                     for c, e in r["by_combination"].items()}
     _print_rows("by modality combination (ECE before and after temperatures)", COMBINATION_COLUMNS,
                 combination_rows(r["by_combination"]))
     if r["robustness"]:
@@ -269,7 +273,8 @@ def evaluate(
                     ("rate", "rows masked", "macro-F1 [95%]"), robustness_rows(rc))
         summary["robustness"] = {"modality": rc["modality"], "points": [
             {k: p[k] for k in ("rate", "rows_masked", "macro_f1", "refused") if k in p}
-            | ({"macro_f1_95": [round(v, 4) for v in p["intervals"]["macro_f1"].values()]} if "intervals" in p else {})
+            | ({"macro_f1_95": [round(p["intervals"]["macro_f1"][k], 4) for k in ("low", "high")]}
+               if "intervals" in p else {})
             for p in rc["points"]]}
     if r.get("ood"):
         by = r["ood"]["by_ood"]

@@ -114,7 +114,7 @@ def _flow(card) -> list[tuple]:
     combos = data.get("combinations") or {}
     if any(len(v) > 1 for v in combos.values()):  # rows lacking a modality were kept (fusion/missing.py)
         rows.append(["rows lacking a modality (kept)", "; ".join(
-            f"{k} " + ", ".join(f"{c} {num(v)}" for c, v in combos[k].items() if "+" not in c) for k in combos),
+            f"{k}: " + ", ".join(f"{c} only {num(v)}" for c, v in combos[k].items() if "+" not in c) for k in combos),
             "taken by the model's learned missing token, masking or the aligner's stand-in"])
     shared = data.get("test_rows_sharing_inputs_with_train") or {}
     if shared:

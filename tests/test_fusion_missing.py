@@ -180,6 +180,8 @@ def test_train_keeps_rows_lacking_a_modality_and_predict_reproduces_them(gated_m
     for c, e in m["by_combination"].items():
         assert e["n"] == counts["test"][c]
         assert sum(b["n"] for b in e["calibration"]["reliability"]) == e["n"]
+    card = (tmp / "model" / "model_card.md").read_text()
+    assert "## By modality combination" in card and "| text-only" in card and "rows lacking a modality" in card
     saved = pq.read_table(tmp / "model" / "test_predictions.parquet").to_pydict()
     r = predict(tmp / "model", emb, tmp / "all.parquet")
     assert r["modalities"] == {c: sum(v.get(c, 0) for v in counts.values()) for c in ("image", "image+text", "text")}
