@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--emb", type=Path, help="VQA-RAD embeddings from `embedkit extract ... --manifest vqa_rad`")
     ap.add_argument("--epochs", type=int, default=30)
     args = ap.parse_args()
+    load_start = [round(v, 2) for v in os.getloadavg()]  # a shared machine: seconds are only as good as this
     if args.what == "generated":
         out = {"what": "generated interaction and half-missing tasks, every fusion; embedkit.train, 3 seeds",
                **run_generated(args.work, args.epochs)}
@@ -159,6 +161,7 @@ def main() -> None:
                        "curves of `evaluate --drop-modality` on the test rows", "rates": list(RATES),
                "fusions": run_vqa_rad(args.emb, args.work, args.epochs)}
         path = RESULTS / "fusion_missing_vqa_rad.json"
+    out["load_average"] = {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()], "cores": os.cpu_count()}
     path.write_text(json.dumps(out, indent=1, default=str))
     print(f"-> {path}")
 
