@@ -16,6 +16,8 @@ _API = {
     "resolve_spec": ("embedkit.encoders.registry", "resolve_spec"),
     "create_encoder": ("embedkit.encoders", "create_encoder"),
     "EmbedkitError": ("embedkit.errors", "EmbedkitError"),
+    "compare": ("embedkit.comparison", "compare"),
+    "CompareConfig": ("embedkit.comparison", "CompareConfig"),
     "audit": ("embedkit.audit", "audit"),
     "audit_dataset": ("embedkit.audit", "audit_dataset"),
     "AuditConfig": ("embedkit.audit", "AuditConfig"),

@@ -8,8 +8,10 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from embedkit import cli_audit, cli_train
-from embedkit.cli_common import DICOM, ID_COL_HELP, dicom_source_fields, none_word, switch
+from embedkit import cli_audit, cli_compare, cli_train
+from embedkit.cli_common import (DICOM, GroupCol, IdCol, ImageCol, Manifest, MaxReportMb, Metadata, SplitCol,
+                                 TextCol, TextFileCol, TextTemplate, dicom_source_fields, none_word,
+                                 source_options, switch)
 from embedkit.cli_models import models_app
 from embedkit.errors import EmbedkitError
 
@@ -28,26 +30,17 @@ def extract(
     data: Path = typer.Argument(..., help="Data folder (images + same-stem reports, class sub-folders, or the root "
                                           "that --metadata image paths are relative to)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for Parquet, errors and manifest.json."),
-    metadata: Optional[Path] = typer.Option(None, rich_help_panel=_IN,
-                                            help="CSV/TSV/JSONL/JSON table describing the items."),
-    manifest: Optional[str] = typer.Option(None, rich_help_panel=_IN,
-                                           help="A data manifest: NAME (see `embedkit datasets`) or a .toml path."),
-    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help=ID_COL_HELP),
-    image_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
-                                            help="Column with image paths relative to DATA."),
-    text_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with report text."),
-    text_file_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
-                                                help="Column with report file paths relative to DATA."),
-    text_template: Optional[str] = typer.Option(None, rich_help_panel=_IN,
-                                                help="Sentence over columns, e.g. 'Patient aged {age}, {sex}.'"),
+    metadata: Metadata = None,
+    manifest: Manifest = None,
+    id_col: IdCol = None,
+    image_col: ImageCol = None,
+    text_col: TextCol = None,
+    text_file_col: TextFileCol = None,
+    text_template: TextTemplate = None,
     label_col: List[str] = typer.Option([], rich_help_panel=_IN, help="Label column (repeatable)."),
-    split_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with train/val/test."),
-    group_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
-                                            help="Column whose rows must stay on one side of a split (a patient id); "
-                                                 "stored as `group`. Default with --manifest: its \\[split].group_col "
-                                                 "('none' turns it off)."),
-    max_report_mb: float = typer.Option(5.0, min=0.001, rich_help_panel=_IN,
-                                        help="Skip (and record) report files larger than this."),
+    split_col: SplitCol = None,
+    group_col: GroupCol = None,
+    max_report_mb: MaxReportMb = 5.0,
     dicom_window: str = DICOM["dicom_window"],
     dicom_frames: str = DICOM["dicom_frames"],
     dicom_per: Optional[str] = DICOM["dicom_per"],
@@ -109,15 +102,10 @@ def extract(
     """Embed every image and report into Parquet (resumes; bad inputs go to errors.parquet)."""
     from embedkit.extract import ExtractConfig
     from embedkit.extract import extract as run
-    from embedkit.items import SourceOptions
 
-    source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
-                           text_file_col=text_file_col, text_template=text_template, label_cols=list(label_col),
-                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage,
-                           **(dicom := dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file)))
-    rows, source = _manifest_or(manifest, data, source)
-    if manifest:
-        source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage, dicom)
+    rows, source = source_options(data, manifest, metadata, id_col, image_col, text_col, text_file_col, text_template,
+                                  label_col, split_col, group_col, allow_leakage,
+                                  dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file))
     config = ExtractConfig(image_model=none_word(image_model), text_model=none_word(text_model),
                            image_pooling=image_pooling, text_pooling=text_pooling, max_length=max_length,
                            text_normalize=normalize, device=device, dtype=dtype,
@@ -130,27 +118,6 @@ def extract(
                            max_report_bytes=int(max_report_mb * 2**20), group_near_duplicates=group_near_duplicates)
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
-
-
-def _manifest_or(manifest: str | None, data: Path, source):
-    """(rows, source options) from a data manifest if one is named, else (None, the flags' options)."""
-    if not manifest:
-        return None, source
-    from embedkit.manifests import find_manifest
-
-    m = find_manifest(manifest)
-    return m.load_rows(data), m.source_options()
-
-
-def _extract_flags_over_manifest(source, text_template: str | None, group_col: str | None, allow_leakage: bool,
-                                 dicom: dict):
-    """The extract flags that refine a data manifest: another sentence (still checked against the manifest's
-    leakage fields), another group column or none, leave to name leaking fields, and how DICOM files are read."""
-    from dataclasses import replace
-
-    return replace(source, text_template=text_template or source.text_template,
-                   group_col=source.group_col if group_col is None else none_word(group_col),
-                   allow_leakage=allow_leakage, **dicom)
 
 
 def _print_extract_summary(result) -> None:
@@ -210,8 +177,8 @@ def datasets(folder: Optional[Path] = typer.Option(None, help="Another folder of
 
 
 # Fitting and scoring live in cli_train.py; registered here, in the order `embedkit --help` lists them.
-for _command in (cli_audit.audit, cli_train.train, cli_train.predict, cli_train.evaluate, cli_train.gap,
-                 cli_train.zeroshot):
+for _command in (cli_audit.audit, cli_train.train, cli_train.predict, cli_train.evaluate, cli_compare.compare,
+                 cli_train.gap, cli_train.zeroshot):
     app.command()(_command)
 
 
@@ -291,7 +258,7 @@ def _bench_markdown(results: Path, files: List[Path], update: bool) -> None:
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="A model folder (embedkit train) or a bench folder (embedkit bench)."),
+    run_dir: Path = typer.Argument(..., help="A model (train), bench (bench) or comparison (compare) folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
     emb: Optional[Path] = typer.Option(None, help="Model folders: labelled embeddings for the reliability diagram "
                                                   "(rows the model was fitted or tuned on are left out and counted)."),
@@ -301,6 +268,12 @@ def report(
 ):
     """One self-contained HTML page (plots inline, no scripts) to read or attach to an email."""
     from embedkit.console import say
+
+    if (run_dir / "compare.json").is_file():  # an `embedkit compare` folder
+        from embedkit.comparison.report import rewrite_report
+
+        say(f"report -> {rewrite_report(run_dir, out)}")
+        return
     from embedkit.modelcard import parse_class_names
     from embedkit.report import build_report
 
@@ -311,14 +284,13 @@ def report(
 def pretrain(
     data: Path = typer.Argument(..., help="Paired images + reports (same inputs as extract)."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder (resumes from its checkpoint)."),
-    metadata: Optional[Path] = typer.Option(None, rich_help_panel=_IN,
-                                            help="CSV/TSV/JSONL/JSON table describing the pairs."),
-    manifest: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="A data manifest (NAME or path)."),
-    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
-    image_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
-    text_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
-    text_file_col: Optional[str] = typer.Option(None, rich_help_panel=_IN),
-    text_template: Optional[str] = typer.Option(None, rich_help_panel=_IN),
+    metadata: Metadata = None,
+    manifest: Manifest = None,
+    id_col: IdCol = None,
+    image_col: ImageCol = None,
+    text_col: TextCol = None,
+    text_file_col: TextFileCol = None,
+    text_template: TextTemplate = None,
     split_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with train/val/test: only "
                                             "'train' rows are pretrained on (see --only-split)."),
     group_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column naming a group (e.g. "
@@ -362,7 +334,6 @@ def pretrain(
     as OUT/pretrain_config.json and travels into the provenance of tables embedded with shared:OUT."""
     import json
 
-    from embedkit.items import SourceOptions
     from embedkit.shared_encoder.pretrain_config import load_preset, resolve_pretrain_config
     from embedkit.shared_encoder.train import pretrain as run, select_pairs
     from embedkit.shared_encoder.unpaired import Unpaired, extra_items, select_unpaired
@@ -381,13 +352,10 @@ def pretrain(
         baseline = load_preset("separate").model
         overrides += [f"model.shared={str(baseline.shared).lower()}", f"model.match_budget={baseline.match_budget}"]
     recipe = resolve_pretrain_config(preset, config, [*overrides, *(sets or [])])  # bad recipes fail before the data
-    source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
-                           text_file_col=text_file_col, text_template=text_template, split_col=split_col,
-                           group_col=group_col)
-    rows, source = _manifest_or(manifest, data, source)
-    for name, value in (("split_col", split_col), ("group_col", group_col)):
-        if value:  # the flags win over a data manifest's own columns
-            setattr(source, name, value)
+    rows, source = source_options(data, manifest, metadata, id_col, image_col, text_col, text_file_col, text_template,
+                                  [], split_col, group_col, False)
+    if split_col:  # the flag wins over a data manifest's own split column
+        source.split_col = split_col
     from embedkit.dicom import SALT_FILE
 
     # beside OUT (which is replaced whole on export): DICOM patient groups, and so the held-out split, stay the

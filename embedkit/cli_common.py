@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 
@@ -21,10 +24,61 @@ def switch(default: bool | None, name: str, help: str) -> typer.models.OptionInf
     return typer.Option(default, f"--{name}/--no-{name}", help=help, metavar="", rich_help_panel="Switches")
 
 
+# ---------------------------------------------------------------- input options, declared once
+# `extract` and `compare` read a data folder the same way: the same options, the same panel, one builder.
+
+INPUT_PANEL = "Input"
+ID_COL_HELP = "Column with a stable id; @row: the row number (a table without an id column)."
+Metadata = Annotated[Optional[Path], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                  help="CSV/TSV/JSONL/JSON table describing the items.")]
+Manifest = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                 help="A data manifest: NAME (see `embedkit datasets`) or a .toml "
+                                                      "path.")]
+IdCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help=ID_COL_HELP)]
+ImageCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                 help="Column with image paths relative to DATA.")]
+TextCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help="Column with report text.")]
+TextFileCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                    help="Column with report file paths relative to DATA.")]
+TextTemplate = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                     help="Sentence over columns, e.g. 'Patient aged {age}, {sex}.'")]
+SplitCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL, help="Column with train/val/test.")]
+GroupCol = Annotated[Optional[str], typer.Option(rich_help_panel=INPUT_PANEL,
+                                                 help="Column whose rows must stay on one side of a split (a patient "
+                                                      "id); stored as `group`. Default with --manifest: its "
+                                                      "\\[split].group_col ('none' turns it off).")]
+MaxReportMb = Annotated[float, typer.Option(min=0.001, rich_help_panel=INPUT_PANEL,
+                                            help="Skip (and record) report files larger than this.")]
+
+
+def source_options(data: Path, manifest: str | None, metadata, id_col, image_col, text_col, text_file_col,
+                   text_template, label_cols: list[str], split_col, group_col, allow_leakage: bool,
+                   dicom: dict | None = None):
+    """(rows, SourceOptions) from the input options: a data manifest's, refined by the flags that may refine
+    one (another sentence, still checked against the manifest's leakage fields; another group column or none;
+    leave to name leaking fields; how DICOM files are read), or the flags' own."""
+    from dataclasses import replace
+
+    from embedkit.items import SourceOptions
+
+    dicom = dicom or {}
+    source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
+                           text_file_col=text_file_col, text_template=text_template, label_cols=list(label_cols),
+                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage, **dicom)
+    if not manifest:
+        return None, source
+    from embedkit.manifests import find_manifest
+
+    m = find_manifest(manifest)
+    rows, source = m.load_rows(data), m.source_options()
+    return rows, replace(source, text_template=text_template or source.text_template,
+                         group_col=source.group_col if group_col is None else none_word(group_col),
+                         allow_leakage=allow_leakage, **dicom)
+
+
 # ---------------------------------------------------------------- input options shared by commands that read DATA
 
 DICOM_PANEL = "DICOM"
-ID_COL_HELP = "Column with a stable id; @row: the row number (a table without an id column)."
 
 
 def dicom_options() -> dict[str, typer.models.OptionInfo]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -31,6 +32,30 @@ def peak_rss_mb() -> float:
         return getattr(info, "peak_wset", info.rss) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: above the core count means other work shared the CPU."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak-memory mark afresh (Linux: writing 5 to clear_refs resets VmHWM), so that the next
+    peak_rss_mb() is the peak of what ran since; False where the OS does not allow it (the mark then
+    keeps the process's earlier peak, an upper bound)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cuda_peak_mb() -> float | None:

@@ -43,6 +43,12 @@ def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict
                             f"{' or '.join(available) or 'after extracting'}")
     es = load_embeddings(emb_dir, modalities=modalities, models=models, how="outer" if keep_incomplete else "inner")
     _check_join(es, modalities, keep_incomplete)
+    return labelled_dataset(es, labels, modalities)
+
+
+def labelled_dataset(es: EmbeddingSet, labels: list[str], modalities: list[str]) -> Dataset:
+    """The rows of a joined EmbeddingSet that carry every label, as a Dataset (labels checked, NaN rows refused;
+    a row an outer join left without a modality keeps NaN there: fusion/missing.py)."""
     for name in labels:
         if name not in es.columns:
             raise EmbedkitError(f"label column '{name}' is not in the embeddings; columns carried through: "
@@ -55,7 +61,7 @@ def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict
         keep = ~np.isnan(y).any(axis=1)
     blocks = {m: es.embeddings[m][keep] for m in modalities}
     for m, x in blocks.items():
-        bad = ~np.isfinite(x).all(axis=1) & (es.present[m][keep] if keep_incomplete else True)
+        bad = ~np.isfinite(x).all(axis=1) & (es.present[m][keep] if m in es.present else True)
         if bad.any():
             raise EmbedkitError(f"{int(bad.sum())} {m} embedding rows contain NaN or infinite values; "
                                 f"re-extract them (embedkit extract --overwrite)")
@@ -163,6 +169,15 @@ def split_for_run(ds: Dataset, cfg, seed: int, groups=None) -> dict[str, np.ndar
         idx["val"], idx["train"] = tr[inner["val"]], tr[inner["train"]]
     check_groups_disjoint(idx, groups)
     return idx
+
+
+def run_splits(ds: Dataset, cfg, groups) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """(train/val/test rows, seed) of every run: one per fold with cfg.cv, else one per seed."""
+    if cfg.cv:
+        splits = cv_runs(ds, cfg, groups)
+        return splits, [cfg.seed + k for k in range(len(splits))]
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    return [split_for_run(ds, cfg, s, groups) for s in seeds], seeds
 
 
 def purge_shared_groups(idx: dict[str, np.ndarray], groups) -> tuple[dict[str, np.ndarray], dict[str, int]]:

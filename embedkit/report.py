@@ -523,3 +523,8 @@ def audit_html(r: dict, shown: int = 50) -> str:
             [[x["id"], x["split"], x["label"], x["predicted"], x["self_confidence"]] for x in ln["listed"][:shown]],
             f"{ln['method']}. {ln['advice']}."))
     return _page("embedkit audit", "".join(body))
+
+
+def html_page(title: str, body: str) -> str:
+    """A whole self-contained page (the report's CSS, viewport, footer) around `body`: for other pages too."""
+    return _page(title, body)

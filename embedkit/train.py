@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
-from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups,
-                              row_keys, split_for_run, warn_shared_inputs, warn_ungrouped)
+from embedkit.dataset import (Dataset, carried_columns, groups_for, load_dataset, purge_shared_groups, row_keys,
+                              run_splits, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
 from embedkit.fusion.missing import MASKED_FUSIONS, block_presence, combinations, handling
 from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
@@ -414,12 +414,7 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
                 f"split: {purged['train']} train and {purged['val']} validation rows (their group has later rows)")
 
     with costs.stage("fit"):
-        if cfg.cv:
-            splits = cv_runs(ds, cfg, groups)
-            seeds = [cfg.seed + k for k in range(len(splits))]
-        else:
-            seeds = [cfg.seed + s for s in range(cfg.seeds)]
-            splits = [split_for_run(ds, cfg, s, groups) for s in seeds]
+        splits, seeds = run_splits(ds, cfg, groups)
         _warn_small_validation(ds, splits[0])
         runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
     first = runs[0]

@@ -72,8 +72,12 @@ def test_raw_and_embedding_runs_measured_in_their_own_processes(bench):
         w = t[k]
         assert w["rows"] == t["rows"] == 12 and w["epoch_seconds"] > 0 and w["peak_rss_mb"] >= w["baseline_rss_mb"] > 0
         assert close(w["above_baseline_mb"], w["peak_rss_mb"] - w["baseline_rss_mb"], rel=0.01)
-    # a fresh interpreter: its own peak, not the parent's (ru_maxrss would carry the parent's across exec)
-    assert t["embeddings"]["peak_rss_mb"] < t["raw"]["peak_rss_mb"]
+    # a fresh interpreter: its own peak, not the parent's (ru_maxrss would carry the parent's across exec, and
+    # this test process, which ran the whole bench, has held more than either worker); the two workers' peaks
+    # are close at this size (both import torch), so comparing them with each other was a coin toss
+    from embedkit.costs import peak_rss_mb
+
+    assert max(t["raw"]["peak_rss_mb"], t["embeddings"]["peak_rss_mb"]) < peak_rss_mb()
     assert close(t["epoch_speedup"], t["raw"]["epoch_seconds"] / t["embeddings"]["epoch_seconds"])
     assert t["stored_bytes"] > 0 and t["break_even_epochs"] > 0
 

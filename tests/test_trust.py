@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import embedkit.train as train_module
+from embedkit.dataset import split_for_run
 from embedkit.errors import EmbedkitError
 from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
 from embedkit.train import TrainConfig, evaluate, train
@@ -69,7 +70,7 @@ def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls
     emb, group = marked_clinic(tmp_path)
     m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3, seeds=2,
                                                align_sweep="none,center,shift:0:1:0.5"))
-    splits = [train_module.split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
+    splits = [split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
                                          TrainConfig(labels=["dx"]), s, group) for s in (0, 1)]
     # per run: 5 candidates x (training rows, validation rows) + the test call
     assert len(m["alignment"]["sweep"]) == 5
@@ -183,7 +184,7 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(tmp_path, monke
 def test_out_of_fold_temperature_sees_training_rows_only(tmp_path, calls):
     emb, group = marked_clinic(tmp_path)
     m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, calibrate_on="oof"))
-    idx = train_module.split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
+    idx = split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
                                      TrainConfig(labels=["dx"]), 0, group)
     train_rows, test = set(idx["train"].tolist()), set(idx["test"].tolist())
     # train, validation, then per fold: fit rows, validation rows, held-out fold; then the test rows, once

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from embedkit.costs import load_average  # noqa: F401  (the bench's machine record uses it)
 from embedkit.errors import EmbedkitError
 
 
@@ -85,15 +86,12 @@ def machine_info() -> dict:
             "platform": platform.platform()}
 
 
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages: above the core count means other work shared the CPU."""
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
 def rss_mb() -> float:
-    import psutil
+    from embedkit.costs import current_rss_mb
 
-    return psutil.Process().memory_info().rss / 2**20
+    return current_rss_mb()
 
 
 def peak_rss_mb() -> float:

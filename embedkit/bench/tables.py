@@ -253,6 +253,42 @@ def _check_verdict(trial: dict) -> str:
     return "collapsed" if max(trial["image_cosine"], trial["text_cosine"]) > 0.95 else "at chance"
 
 
+def compare_board(r: dict) -> str:
+    """An `embedkit compare` run's compare.json: its leaderboard, the answer in words, the label-efficiency
+    verdicts and what the run took."""
+    from embedkit.comparison.report import NAMES, summary_lines
+
+    metric = r["summary"]["metric"]
+
+    def iv(lo, hi, signed=False):
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"[{f.format(lo)}, {f.format(hi)}]" if lo is not None else "[n/a]"
+
+    rows = []
+    for x in r["rows"]:
+        if x["status"] != "ok":
+            rows.append(["-", x["config"], "not run: " + x.get("reason", ""), "", "", "", "", ""])
+            continue
+        vs_best = "(best)" if x.get("verdict") == "best" else \
+            f"{x['delta_vs_best']:+.3f} {iv(x['delta_low'], x['delta_high'], True)}"
+        vs_log = "" if x.get("verdict_vs_logistic") in (None, "same") else x["verdict_vs_logistic"]
+        rows.append([x["rank"], x["config"], f"{x[metric]:.3f} {iv(x[metric + '_low'], x[metric + '_high'])}",
+                     vs_best, x.get("verdict", ""), x.get("vs_chance") or "", vs_log,
+                     "" if x.get("train_s") is None else f"{x['train_s']:.2f}"])
+    table = markdown_table(["#", "configuration", f"{NAMES.get(metric, metric)} [95%]", "vs best (paired)", "verdict",
+                            "vs chance", "vs logistic", "train s / run"], rows)
+    lines = "\n".join(f"- {line}" for line in summary_lines(r))
+    d = r["data"]
+    took = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "?"
+    load = (r.get("timing") or {}).get("load_average")
+    if load:
+        took += f" on {r['timing']['cores']} cores at load average {load['start'][0]} -> {load['end'][0]}"
+    head = (f"{d['rows']} rows shared by every configuration, {len(d['seeds'])} runs, test rows per run "
+            f"{', '.join(str(s['test']) for s in d['splits'])} ({', '.join(map(str, d['test_groups']))} test groups); "
+            f"groups: {d['groups']}; the whole `compare` took {took}.")
+    return f"{head}\n\n{table}\n\n{lines}\n"
+
+
 # name -> (results file under the results folder, renderer); a .jsonl file is read as a list of its lines
 BLOCKS = {
     "full-machine": ("full/bench.json", _machine),
@@ -270,6 +306,8 @@ BLOCKS = {
     "momo-unpaired": ("momo_unpaired.json", _example),
     "oneencoder": ("oneencoder.json", _example),
     "pretrain-trials": ("pretrain_trials.jsonl", pretrain_trials_table),
+    **{f"compare-{name}": (f"compare/{name}.json", compare_board)
+       for name in ("synthetic_image_signal", "vqa_rad_answer_yes", "vqa_rad_answer_yes_fresh", "vqa_rad_organ")},
 }
 
 

@@ -42,11 +42,9 @@ class Encoder:
                 "n_parameters": self.n_parameters, "model_bytes": self.model_bytes, "backend": "torch",
                 "precision": self.quantize or _PRECISION_NAMES.get(self.dtype), **self.backend_fields}
 
-    def _out(self, x: torch.Tensor) -> np.ndarray:
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        if self.spec.normalize:
-            x = torch.nn.functional.normalize(x, dim=-1)
-        return x.cpu().numpy()
+        return torch.nn.functional.normalize(x, dim=-1) if self.spec.normalize else x
 
 
 class ImageEncoder(Encoder):
@@ -65,20 +63,28 @@ class ImageEncoder(Encoder):
         return self._embed(x)
 
     def _embed(self, x: torch.Tensor) -> np.ndarray:
+        return self.features(x).cpu().numpy()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The image vectors as a float tensor (pooled, normalised when the spec says so): the one forward
+        `embed` runs, and what fine-tuning differentiates through (outside inference mode)."""
+        return self._finish(self._pooled(x))
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         family = self.spec.family
         if family == "dinov2":
             out = self.model(pixel_values=x)
             if self.spec.pooling == "cls":
-                return self._out(out.pooler_output)
-            return self._out(out.last_hidden_state[:, 1:].mean(dim=1))  # patch tokens only
+                return out.pooler_output
+            return out.last_hidden_state[:, 1:].mean(dim=1)  # patch tokens only
         if family == "clip":
-            return self._out(_features(self.model.get_image_features(pixel_values=x)))
+            return _features(self.model.get_image_features(pixel_values=x))
         if family == "efficientnet":
             # channels-last lets oneDNN run the depthwise convolutions about 2x faster on CPU
             x = x.contiguous(memory_format=torch.channels_last)
-            return self._out(self.model.extract_features(x).mean(dim=(2, 3)))
+            return self.model.extract_features(x).mean(dim=(2, 3))
         if family == "shared":
-            return self._out(self.runner.embed_images(x))
+            return self.runner.embed_images(x)
         raise EmbedkitError(f"{family} models do not embed images")
 
 
@@ -96,16 +102,24 @@ class TextEncoder(Encoder):
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Embed one batch; returns (vectors, how many texts were cut at max_length)."""
+        vecs, n_truncated = self.features(texts)
+        return vecs.cpu().numpy(), n_truncated
+
+    def features(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """(text vectors as a float tensor, pooled and normalised when the spec says so; texts cut at
+        max_length): the one forward `embed` runs, and what fine-tuning differentiates through."""
+        vecs, n_truncated = self._pooled(texts)
+        return self._finish(vecs), n_truncated
+
+    def _pooled(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         if self.spec.family == "shared":
-            vecs, n_truncated = self.runner.embed_texts(texts)
-            return self._out(vecs), n_truncated
+            return self.runner.embed_texts(texts)
         n_truncated = sum(n > self.max_length for n in self.count_tokens(texts))
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         mask = enc["attention_mask"]
         if self.spec.family == "clip":
-            feats = _features(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=mask))
-            return self._out(feats), n_truncated
+            return _features(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=mask)), n_truncated
         hidden = self.model(**enc).last_hidden_state
         if self.spec.pooling == "cls":
             pooled = hidden[:, 0]
@@ -116,7 +130,7 @@ class TextEncoder(Encoder):
         else:
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-        return self._out(pooled), n_truncated
+        return pooled, n_truncated
 
 
 # A ViT's MLP activations (tokens x intermediate width) at batch 32 outgrow the CPU caches, and the

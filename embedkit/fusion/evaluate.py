@@ -200,8 +200,11 @@ def group_strata(y_index, groups=None) -> tuple[np.ndarray, np.ndarray]:
     (ties: the first); a 2-D y (multilabel) or no class gives one stratum."""
     y_index = np.asarray(y_index)
     n = len(y_index)
-    group_of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].ravel() \
-        if groups is not None else np.arange(n)
+    if groups is None:
+        group_of_row = np.arange(n)
+    else:  # a row without a group (None) is a group of its own, never one group with the other such rows
+        keys = [f"g:{g}" if g is not None else f"r:{i}" for i, g in enumerate(np.asarray(groups, dtype=object))]
+        group_of_row = np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].ravel()
     n_groups = int(group_of_row.max()) + 1 if n else 0
     if y_index.ndim != 1 or n == 0:
         return group_of_row, np.zeros(n_groups, dtype=np.int64)
@@ -502,3 +505,11 @@ def check_groups_disjoint(idx: dict[str, np.ndarray], groups) -> None:
             if g in seen and seen[g] != name:
                 raise AssertionError(f"a group has rows in both {seen[g]} and {name}")  # its id stays private
             seen[g] = name
+
+
+def resampled_metrics(y_true, proba, classes, task: str, threshold: float, weights) -> dict[str, np.ndarray]:
+    """Every bootstrap metric for each row of `weights` (resamples x rows): the engine of bootstrap_metrics,
+    public for comparisons that must score several models on the same resamples (fusion/paired.py)."""
+    y, pred, scores = _indexed(y_true, proba, classes, task, threshold)
+    present = np.asarray(y.sum(0) if task == "multilabel" else np.bincount(y, minlength=scores.shape[1])) > 0
+    return _weighted_metrics(y, pred, scores, task, np.asarray(weights, dtype=np.float64), present)
