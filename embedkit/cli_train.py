@@ -21,7 +21,8 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
     image_model: Optional[str] = typer.Option(None, help="Which image embeddings, if several were extracted."),
     text_model: Optional[str] = typer.Option(None, help="Which text embeddings, if several were extracted."),
-    fusion: str = typer.Option("late", rich_help_panel=_FIT, help="early, late, image, text or logistic."),
+    fusion: str = typer.Option("late", rich_help_panel=_FIT, help="early, late, gated, attention, lowrank, image, text "
+                                                                  "or logistic."),
     hidden_dim: int = typer.Option(128, rich_help_panel=_FIT, help="Early fusion hidden width."),
     late_hidden_dim: int = typer.Option(64, rich_help_panel=_FIT, help="Late fusion per-modality width."),
     dropout: float = typer.Option(0.0, rich_help_panel=_FIT),
@@ -45,8 +46,8 @@ def train(
     noise_std: float = typer.Option(0.0, rich_help_panel=_ALIGN,
                                     help="Training-only Gaussian noise, in units of each feature's training std."),
     modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, rich_help_panel=_ALIGN,
-                                           help="Share of training rows whose image or text is replaced by its "
-                                                "stand-in (needs --align)."),
+                                           help="Share of training rows with image or text masked at random "
+                                                "(with --align: replaced by its stand-in)."),
     threshold: str = typer.Option("val-f1", rich_help_panel=_SCORE,
                                   help="Binary decision threshold: val-f1 (chosen on validation), 0.5 or a number."),
     group_col: Optional[str] = typer.Option(None, rich_help_panel=_SCORE,
@@ -157,6 +158,10 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         console.print(f"operating point ({op['rule']}): " + ", ".join(
             f"{r} {v[r]:.3f}" + (f" [{iv[r]['low']:.3f}, {iv[r]['high']:.3f}]" if r in iv else "")
             for r in ("sensitivity", "specificity", "ppv", "npv")), markup=False, soft_wrap=True)
+    from embedkit.fusion.combinations import COMBINATION_COLUMNS, combination_rows
+
+    _print_rows("by modality combination (test rows; ECE before and after temperatures)", COMBINATION_COLUMNS,
+                combination_rows(metrics.get("by_combination")))
     for col, values in (metrics.get("subgroups") or {}).items():
         for value, e in values.items():
             b = e["bootstrap"]["macro_f1"]
@@ -184,6 +189,22 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                                      for r in a["chosen_per_run"]) + ")" if a.get("selected_on") else "")
                       + (f"; learned lambda {', '.join(f'{v:.4f}' for v in a['learned_lambda'])}"
                          if a.get("learned_lambda") else ""))
+
+
+def _print_rows(title: str, columns, rows: list[list[str]]) -> None:
+    if not rows:
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedkit.console import console
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        t.add_row(*(escape(v) for v in r))
+    console.print(t)
 
 
 def predict(
@@ -222,18 +243,41 @@ def evaluate(
     image_model: Optional[str] = typer.Option(None, help="Which image embeddings, when EMB holds several "
                                                          "(default: the model's own encoder)."),
     text_model: Optional[str] = typer.Option(None, help="Which text embeddings, when EMB holds several."),
+    drop_modality: Optional[str] = typer.Option(None, metavar="image|text",
+                                                help="Robustness curve: remove this modality from a share of rows."),
+    rates: str = typer.Option("0,0.25,0.5,0.75,1", help="Shares of rows for --drop-modality."),
 ):
     """Compute the training metrics for a trained model on labelled rows it was not fitted on."""
     import json
 
+    from embedkit.fusion.combinations import COMBINATION_COLUMNS, combination_rows, robustness_rows
+    from embedkit.fusion.robustness import parse_rates
     from embedkit.predict import evaluate as run
 
     r = run(model, emb, list(label) or None, out, split=split, allow_overlap=allow_overlap, rows_out=rows_out,
-            models=chosen_models(image_model, text_model))
+            models=chosen_models(image_model, text_model), drop_modality=drop_modality,
+            rates=parse_rates(rates) if drop_modality else None)
     m, b = r["eval"], r["bootstrap"]["metrics"]
     summary = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}
     summary["bootstrap95"] = {k: [round(v["low"], 4), round(v["high"], 4)] for k, v in b.items()}
     summary["rows_seen_in_training"] = r["rows_seen_in_training"]
+    if r["rows_left_out_missing_modality"]:
+        summary["rows_left_out_missing_modality"] = r["rows_left_out_missing_modality"]
+    if r["by_combination"] and len(r["by_combination"]) > 1:
+        summary["by_combination"] = {c: {"n": e["n"], "macro_f1": e["metrics"]["macro_f1"], "ece": e["metrics"]["ece"],
+                                         "macro_f1_95": [round(e["bootstrap"]["macro_f1"][k], 4) for k in ("low", "high")]}
+                                     for c, e in r["by_combination"].items()}
+    _print_rows("by modality combination (ECE before and after temperatures)", COMBINATION_COLUMNS,
+                combination_rows(r["by_combination"]))
+    if r["robustness"]:
+        rc = r["robustness"]
+        _print_rows(f"robustness: {rc['modality']} removed from a share of {rc['eligible_rows']} rows",
+                    ("rate", "rows masked", "macro-F1 [95%]"), robustness_rows(rc))
+        summary["robustness"] = {"modality": rc["modality"], "points": [
+            {k: p[k] for k in ("rate", "rows_masked", "macro_f1", "refused") if k in p}
+            | ({"macro_f1_95": [round(p["intervals"]["macro_f1"][k], 4) for k in ("low", "high")]}
+               if "intervals" in p else {})
+            for p in rc["points"]]}
     if r.get("ood"):
         by = r["ood"]["by_ood"]
         summary["ood"] = {"flagged": r["ood"]["flagged"],

@@ -31,20 +31,24 @@ class Dataset:
     dropped_unlabelled: int = 0
 
 
-def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict | None = None) -> Dataset:
+def load_dataset(emb_dir, labels: list[str], modalities: list[str], models: dict | None = None,
+                 keep_incomplete: bool = False) -> Dataset:
+    """keep_incomplete: rows that lack a modality are kept, its embedding a row of NaN (fusion/missing.py);
+    otherwise they are left out with a note."""
     available = sorted(find_datasets(emb_dir))
     missing = [m for m in modalities if m not in available]
     if missing:
         raise EmbedkitError(f"no {' or '.join(missing)} embeddings under '{emb_dir}' (found: "
                             f"{', '.join(available) or 'none'}); choose --fusion "
                             f"{' or '.join(available) or 'after extracting'}")
-    es = load_embeddings(emb_dir, modalities=modalities, models=models)
-    _check_join(es, modalities)
+    es = load_embeddings(emb_dir, modalities=modalities, models=models, how="outer" if keep_incomplete else "inner")
+    _check_join(es, modalities, keep_incomplete)
     return labelled_dataset(es, labels, modalities)
 
 
 def labelled_dataset(es: EmbeddingSet, labels: list[str], modalities: list[str]) -> Dataset:
-    """The rows of a joined EmbeddingSet that carry every label, as a Dataset (labels checked, NaN rows refused)."""
+    """The rows of a joined EmbeddingSet that carry every label, as a Dataset (labels checked, NaN rows refused;
+    a row an outer join left without a modality keeps NaN there: fusion/missing.py)."""
     for name in labels:
         if name not in es.columns:
             raise EmbedkitError(f"label column '{name}' is not in the embeddings; columns carried through: "
@@ -57,7 +61,7 @@ def labelled_dataset(es: EmbeddingSet, labels: list[str], modalities: list[str])
         keep = ~np.isnan(y).any(axis=1)
     blocks = {m: es.embeddings[m][keep] for m in modalities}
     for m, x in blocks.items():
-        bad = ~np.isfinite(x).all(axis=1)
+        bad = ~np.isfinite(x).all(axis=1) & (es.present[m][keep] if m in es.present else True)
         if bad.any():
             raise EmbedkitError(f"{int(bad.sum())} {m} embedding rows contain NaN or infinite values; "
                                 f"re-extract them (embedkit extract --overwrite)")
@@ -75,8 +79,17 @@ def carried_columns(columns: dict) -> list[str]:
     return sorted(c for c in columns if not c.endswith(("_path", "_sha256")) and c not in ("split", "text"))
 
 
-def _check_join(es: EmbeddingSet, modalities: list[str]) -> None:
-    if len(modalities) > 1 and len(es.ids) == 0:
+def _check_join(es: EmbeddingSet, modalities: list[str], kept: bool = False) -> None:
+    paired = int(np.logical_and.reduce([es.present[m] for m in modalities]).sum()) if kept else len(es.ids)
+    if kept and len(modalities) > 1 and paired:
+        lacking = {m: int((~es.present[m]).sum()) for m in modalities}
+        if any(lacking.values()):
+            from embedkit.console import say
+
+            say("note: rows that lack a modality are kept (fusion/missing.py): "
+                + ", ".join(f"{n} without {m}" for m, n in lacking.items() if n))
+        return
+    if len(modalities) > 1 and paired == 0:
         counts = ", ".join(f"{m} {es.unmatched[m]}" for m in modalities)
         raise EmbedkitError(f"ids do not join across modalities: no id is in both ({counts} rows); were they "
                             f"extracted from the same data?")

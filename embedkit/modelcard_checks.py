@@ -97,7 +97,8 @@ TRIPOD_ITEMS = (
     ("8", "Outcome definition and assessment", "outcome", "Data: outcome definition"),
     ("9", "Predictors: choice, definition, measurement", "filled", "Predictors"),
     ("10", "Sample size", "partly", "Flow of rows (rows and groups per split); the justification needs a person"),
-    ("11", "Missing data", "filled", "Flow of rows (rows without a label left out and counted)"),
+    ("11", "Missing data", "filled", "Flow of rows (rows without a label left out and counted; rows lacking a "
+                                     "modality kept and counted), By modality combination"),
     ("12", "Analytical methods: splits, model, tuning, internal validation, performance measures", "filled",
      "Flow of rows, Evaluation (choices on validation, test once, grouped bootstrap)"),
     ("13", "Class imbalance", "filled", "Predictors (class weights); Operating point (threshold chosen on validation)"),
@@ -119,7 +120,8 @@ TRIPOD_ITEMS = (
     ("25", "Interpretation", "person", ""),
     ("26", "Limitations", "partly", "Limitations (from the run; a person adds what the run cannot see)"),
     ("27", "Usability in context: intended users, handling poor-quality or missing input", "partly",
-     "Intended use, Out-of-scope use; missing modalities are handled only when trained with --align"),
+     "Intended use, Out-of-scope use; a missing modality is taken by a learned token or masking (when training "
+     "saw it missing, or --modality-dropout) or the aligner's stand-in, else refused"),
 )
 
 

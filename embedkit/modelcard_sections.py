@@ -39,7 +39,7 @@ def ci(b: dict | None) -> str:
 
 def sections(card) -> list[tuple]:
     return [*_details(card), *_uses(card), *_data(card), *_flow(card), *_predictors(card), *_evaluation(card),
-            *_operating_point(card), *_calibration(card), *_subgroups(card), *_costs(card), *_warnings(card),
+            *_operating_point(card), *_calibration(card), *_combinations(card), *_subgroups(card), *_costs(card), *_warnings(card),
             *_licence(card)]
 
 
@@ -111,6 +111,11 @@ def _flow(card) -> list[tuple]:
              "a class with a single row or group stays in train only; the rest are the purged rows above"],
             *[[f"{k} rows (groups)", f"{num(n.get(k))} ({num(groups.get(k))})", _split_use(k)]
               for k in ("train", "val", "test")]]
+    combos = data.get("combinations") or {}
+    if any(len(v) > 1 for v in combos.values()):  # rows lacking a modality were kept (fusion/missing.py)
+        rows.append(["rows lacking a modality (kept)", "; ".join(
+            f"{k}: " + ", ".join(f"{c} only {num(v)}" for c, v in combos[k].items() if "+" not in c) for k in combos),
+            "taken by the model's learned missing token, masking or the aligner's stand-in"])
     shared = data.get("test_rows_sharing_inputs_with_train") or {}
     if shared:
         rows.append(["test rows with an input identical to a training row's",
@@ -235,6 +240,19 @@ def _calibration(card) -> list[tuple]:
     return [("h2", "Calibration"), ("table", ["", "value", "rows / how"], rows,
                                     "ECE: expected calibration error, 10 equal-width bins of the predicted class's "
                                     "confidence; 0 is perfect. Never fitted on test rows.")]
+
+
+def _combinations(card) -> list[tuple]:
+    from embedkit.fusion.combinations import COMBINATION_COLUMNS, combination_rows
+
+    rows = combination_rows(card.metrics.get("by_combination"))
+    if not rows:
+        return []
+    return [("h2", "By modality combination"), ("table", list(COMBINATION_COLUMNS), rows,
+                                                f"Each combination's own {TEST_ROWS} (the modalities each row really "
+                                                "had). ECE before any temperature, with the shared temperature, and "
+                                                "as applied (its own temperature where its calibration rows were "
+                                                "enough, else the shared one).")]
 
 
 def _subgroups(card) -> list[tuple]:

@@ -275,6 +275,7 @@ def check_splits(ds, idx: dict, groups, modalities, thresholds: dict | None = No
         for later, earlier in (("val", ("train",)), ("test", ("train", "val"))):
             q = idx.get(later, np.zeros(0, np.int64))
             base = np.concatenate([idx[e] for e in earlier if e in idx]) if any(e in idx for e in earlier) else q[:0]
+            q, base = (r[np.isfinite(x[r]).all(axis=1)] for r in (q, base))  # rows lacking m pair with nothing
             if not len(q) or not len(base):
                 found[f"{later}_rows"] = 0
                 continue

@@ -16,6 +16,7 @@ import numpy as np
 
 from embedkit.dataset import Dataset, load_dataset, row_keys
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.missing import combinations
 from embedkit.fusion.ood import guard_scores, metrics_by_flag, ood_columns, ood_summary
 from embedkit.store import IDENTITY_FIELDS, find_datasets, load_embeddings, write_json_atomic
 
@@ -92,13 +93,14 @@ def pick_models(info: dict, emb_dir, chosen: dict | None = None) -> dict:
 
 def model_features(info: dict, blocks: dict[str, np.ndarray]) -> np.ndarray:
     """The matrix a saved model expects: its modalities, with its training-fitted aligner applied.
-    `blocks` may lack one modality if the model carries an aligner: it is then stood in for."""
+    `blocks` may lack one modality, or rows of it (NaN rows): with an aligner it is stood in for, else the
+    rows go to the model as missing (a NaN block; fusion/missing.py), which takes or refuses them."""
     aligner = None
     if info.get("alignment"):
         from embedkit.fusion.align import aligner_from_dict
 
         aligner = aligner_from_dict(info["alignment"])
-    blocks = complete_blocks(blocks, info["modalities"], aligner)
+    blocks = complete_blocks(blocks, info["modalities"], aligner, info.get("modality_dims"))
     if info.get("learned_lambda"):  # the model shifts (normalised) embeddings with its learned lambda
         from embedkit.fusion.align import l2_normalize
 
@@ -108,30 +110,45 @@ def model_features(info: dict, blocks: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([blocks[m] for m in info["modalities"]], axis=1).astype(np.float32, copy=False)
 
 
-def complete_blocks(blocks: dict, needed: list[str], aligner) -> dict:
-    """Fill a modality the rows lack with the aligner's stand-in from the one they have."""
+def complete_blocks(blocks: dict, needed: list[str], aligner, widths: dict | None = None) -> dict:
+    """Fill a modality the rows lack (the whole block, or its NaN rows) with the aligner's stand-in from
+    the one they have. Without an aligner, a model that learned to take the modality missing (`widths`
+    from its info) gets a NaN block for it; its NaN rows are left to the model's presence mask."""
     missing = [m for m in needed if m not in blocks]
-    if not missing:
-        return blocks
     present = [m for m in ("image", "text") if m in blocks]
-    if aligner is None or not present:
-        raise EmbedkitError(f"these rows have no {missing[0]} embeddings and the model was trained without "
-                            f"--align, so nothing can stand in for them; train with --align none|shift|center|"
-                            f"standardize on embeddings in one space")
+    if aligner is None:
+        if any(m not in (widths or {}) for m in missing) or not present:
+            raise EmbedkitError(f"these rows have no {missing[0]} embeddings and the model was trained without "
+                                f"--align, so nothing can stand in for them; train with --align none|shift|center|"
+                                f"standardize on embeddings in one space, or with --modality-dropout")
+        n = len(blocks[present[0]])
+        return {**blocks, **{m: np.full((n, widths[m]), np.nan, dtype=np.float32) for m in missing}}
+    if not present:
+        raise EmbedkitError("these rows have no image or text embeddings")
     out = dict(blocks)
-    for m in missing:
-        out[m] = aligner.stand_in(present[0], blocks[present[0]])
+    for m in needed:
+        donors = [d for d in present if d != m]
+        if not donors:
+            continue
+        n = len(blocks[donors[0]])
+        lacking = np.ones(n, dtype=bool) if m not in blocks else ~np.isfinite(blocks[m]).all(axis=1)
+        rows = lacking & np.isfinite(blocks[donors[0]]).all(axis=1)
+        if not rows.any():
+            continue
+        if rows.all():  # the whole block stood in for
+            out[m] = aligner.stand_in(donors[0], blocks[donors[0]])
+            continue
+        out[m] = blocks[m].copy() if m in blocks else np.full_like(blocks[donors[0]], np.nan)
+        out[m][rows] = aligner.stand_in(donors[0], blocks[donors[0]][rows])
     return out
 
 
-def apply_calibration(proba, calibration: dict | None, task: str) -> np.ndarray:
-    """Probabilities after the saved temperature (identity without one)."""
-    t = (calibration or {}).get("temperature", 1.0)
-    if t == 1.0:
-        return np.asarray(proba, dtype=np.float64)
-    from embedkit.fusion.calibrate import logits_from_proba, proba_from_logits
+def apply_calibration(proba, calibration: dict | None, task: str, combinations=None) -> np.ndarray:
+    """Probabilities after the saved temperature (identity without one); `combinations` (each row's
+    modalities, e.g. "image+text") picks a per-combination temperature where the model has one."""
+    from embedkit.fusion.calibrate import apply_temperature
 
-    return proba_from_logits(logits_from_proba(proba, task) / t, task)
+    return apply_temperature(proba, calibration, task, combinations)
 
 
 def decide(proba, classes, task: str, threshold: float) -> np.ndarray:
@@ -183,7 +200,8 @@ def _modalities_to_read(info: dict, emb_dir) -> list[str]:
     found = set(find_datasets(emb_dir))
     wanted = set(info["modalities"]) | ({"image", "text"} if info.get("alignment") else set())
     have = sorted(wanted & found)
-    if not have or (not info.get("alignment") and set(info["modalities"]) - found):
+    taken = info.get("missing_handling") or {}  # modalities the model takes missing (fusion/missing.py)
+    if not have or (not info.get("alignment") and {m for m in set(info["modalities"]) - found if not taken.get(m)}):
         need = " and ".join(info["modalities"])
         raise EmbedkitError(f"the model needs {need} embeddings; '{emb_dir}' has "
                             f"{', '.join(sorted(found)) or 'none'}")
@@ -192,18 +210,12 @@ def _modalities_to_read(info: dict, emb_dir) -> list[str]:
 
 def _rows_features(info: dict, es) -> tuple[np.ndarray, list[str]]:
     """Model input for every row of an outer-joined set, and which modalities each row had."""
-    n = len(es.ids)
-    had = np.array(["+".join(m for m in ("image", "text") if m in es.present and es.present[m][i])
-                    for i in range(n)], dtype=object)
-    x = None
-    for combo in sorted(set(had.tolist())):
-        rows = np.flatnonzero(had == combo)
-        blocks = {m: es.embeddings[m][rows] for m in combo.split("+")}
-        part = model_features(info, blocks)
-        if x is None:
-            x = np.empty((n, part.shape[1]), dtype=np.float32)
-        x[rows] = part
-    return x, had.tolist()
+    for m, x in es.embeddings.items():
+        bad = es.present[m] & ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise EmbedkitError(f"{int(bad.sum())} {m} embedding rows contain NaN or infinite values; re-extract them "
+                                f"(embedkit extract --overwrite)")
+    return model_features(info, es.embeddings), combinations(es.embeddings).tolist()
 
 
 def prediction_columns(info: dict, ids, columns: dict, proba, pred, had) -> dict:
@@ -248,8 +260,9 @@ def predict(model_dir, emb_dir, out_path, models: dict | None = None) -> dict:
                          models=pick_models(info, emb_dir, models))
     check_encoders(info, es.provenance, emb_dir)
     t0 = time.perf_counter()
+    _refuse_unhandled(est, info, es.embeddings)
     x, had = _rows_features(info, es)
-    proba = apply_calibration(est.predict_proba(x), info.get("calibration"), info["task"])
+    proba = apply_calibration(est.predict_proba(x), info.get("calibration"), info["task"], np.asarray(had))
     pred = decide(proba, info["classes"], info["task"], (info.get("calibration") or {}).get("threshold", 0.5))
     ood = guard_scores(model_dir, info, x, had)  # None for a model trained without the guard
     seconds = time.perf_counter() - t0
@@ -261,19 +274,23 @@ def predict(model_dir, emb_dir, out_path, models: dict | None = None) -> dict:
 
 def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None, split: str | None = None,
              allow_overlap: bool = False, rows_out=None, models: dict | None = None,
-             exclude_fitted: bool = False) -> dict:
+             exclude_fitted: bool = False, drop_modality: str | None = None, rates=None) -> dict:
     """The training metrics for a trained model on labelled embeddings it was not fitted on.
 
     split: only rows whose split column says so (e.g. "test" of the training folder). Rows the
     model was trained or selected on are refused unless allow_overlap (then counted and flagged), or left
-    out and counted with exclude_fitted (`rows_left_out_as_fitted`).
+    out and counted with exclude_fitted (`rows_left_out_as_fitted`). Rows lacking a modality are kept
+    where the model takes them, else left out and counted (`rows_left_out_missing_modality`, with a note);
+    metrics per modality combination go to `by_combination`. drop_modality ("image" | "text"): the
+    robustness curve over `rates` (fusion/robustness.py) in `robustness`.
     """
     from embedkit.dataset import SPLIT_NAMES
     from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
 
     est, info = load_model(model_dir)
     labels = labels or info["labels"]
-    ds = load_dataset(emb_dir, labels, info["modalities"], pick_models(info, emb_dir, models))
+    ds = load_dataset(emb_dir, labels, info["modalities"], pick_models(info, emb_dir, models),
+                      keep_incomplete=len(info["modalities"]) > 1)
     check_encoders(info, ds.provenance, emb_dir)
     rows = np.arange(len(ds.ids))
     if split is not None:
@@ -296,7 +313,9 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     if overlap and not allow_overlap:
         raise EmbedkitError(f"{overlap} of {len(rows)} rows were used to train or select this model; its score on "
                             f"them would be optimistic: pass --split test (rows it never saw) or --allow-overlap")
+    rows, refused = _takeable_rows(est, info, ds, rows)
     sub = {m: b[rows] for m, b in ds.blocks.items()}
+    combos = combinations(sub)
     x = model_features(info, sub)
     y = ds.y[rows]
     unknown = sorted({str(v) for v in y} - {str(c) for c in info["classes"]}) if y.ndim == 1 else []
@@ -304,14 +323,18 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
         raise EmbedkitError(f"labels not seen in training: {', '.join(unknown[:5])}")
     calib = info.get("calibration") or {}
     threshold = calib.get("threshold", 0.5)
-    proba = apply_calibration(est.predict_proba(x), calib, info["task"])
+    raw = est.predict_proba(x)
+    proba = apply_calibration(raw, calib, info["task"], combos)
     metrics = compute_metrics(y, proba, est.classes_, info["task"], threshold)
     groups = ds.columns.get("group")
     groups = None if groups is None or all(g is None for g in groups[rows]) else groups[rows]
     boot = bootstrap_metrics(y, proba, est.classes_, info["task"], threshold, groups)
-    ood = guard_scores(model_dir, info, x)
+    ood = guard_scores(model_dir, info, x, combos.tolist())
     result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
-              "rows_left_out_as_fitted": left_out,
+              "rows_left_out_as_fitted": left_out, "rows_left_out_missing_modality": refused,
+              "by_combination": _by_combination(y, raw, calib, est, info, combos, groups),
+              "robustness": None if drop_modality is None else _robustness(est, info, sub, y, groups, drop_modality,
+                                                                           rates),
               "split": split, "model": str(model_dir), "embeddings": str(emb_dir),
               "ood": None if ood is None else {**ood_summary(ood > 1), "by_ood": metrics_by_flag(
                   y, proba, est.classes_, info["task"], threshold, ood > 1, all_rows=metrics)}}
@@ -320,9 +343,56 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     if rows_out:
         pred = decide(proba, info["classes"], info["task"], threshold)
         cols = {k: v[rows] for k, v in ds.columns.items()}
-        write_rows({**prediction_columns(info, ds.ids[rows], cols, proba, pred,
-                                         ["+".join(info["modalities"])] * len(rows)), **ood_columns(ood)}, rows_out)
+        write_rows({**prediction_columns(info, ds.ids[rows], cols, proba, pred, combos.tolist()),
+                    **ood_columns(ood)}, rows_out)
     return result
+
+
+def _refuse_unhandled(est, info: dict, blocks: dict) -> None:
+    """One line, naming the modality, for rows the model cannot take (never a silent guess)."""
+    from embedkit.fusion.missing import unhandled_rows
+
+    bad, why = unhandled_rows(est, info, {m: b for m, b in blocks.items()})
+    if bad.any():
+        raise EmbedkitError(why)
+
+
+def _takeable_rows(est, info: dict, ds: Dataset, rows) -> tuple[np.ndarray, int]:
+    """evaluate's rows minus those lacking a modality the model cannot take (left out with a note, counted)."""
+    from embedkit.fusion.missing import unhandled_rows
+
+    bad, why = unhandled_rows(est, info, {m: b[rows] for m, b in ds.blocks.items()})
+    if not bad.any():
+        return rows, 0
+    if bad.all():
+        raise EmbedkitError(why)
+    from embedkit.console import say
+
+    say(f"note: {why}; those rows are left out of this evaluation")
+    return rows[~bad], int(bad.sum())
+
+
+def _by_combination(y, raw, calib: dict, est, info: dict, combos, groups) -> dict | None:
+    if len(info["modalities"]) < 2:
+        return None
+    from embedkit.fusion.combinations import combination_metrics
+
+    return combination_metrics(y, raw, calib, est.classes_, info["task"], combos, groups)
+
+
+def _robustness(est, info: dict, blocks: dict, y, groups, modality: str, rates) -> dict:
+    from embedkit.fusion.robustness import parse_rates, robustness_curve
+
+    calib = info.get("calibration") or {}
+
+    def score(masked: dict) -> np.ndarray:
+        _refuse_unhandled(est, info, masked)
+        return apply_calibration(est.predict_proba(model_features(info, masked)), calib, info["task"],
+                                 combinations(masked))
+
+    rates = parse_rates(rates) if rates is None or isinstance(rates, str) else rates
+    return robustness_curve(score, blocks, y, est.classes_, info["task"], calib.get("threshold", 0.5), modality,
+                            rates, groups)
 
 
 def _fitted_overlap(info: dict, ds: Dataset, rows) -> int:

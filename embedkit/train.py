@@ -24,6 +24,7 @@ from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.dataset import (Dataset, carried_columns, groups_for, load_dataset, purge_shared_groups, row_keys,
                               run_splits, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.missing import MASKED_FUSIONS, block_presence, combinations, handling
 from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
 from embedkit.limits import MAX_SWEEP, check_classes, check_count, check_train_counts, fits_note
 from embedkit.near_duplicates import grouping_modalities, near_duplicate_groups, warn_near_duplicates
@@ -31,14 +32,14 @@ from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evalu
                               encoder_record, load_model, model_features, predict, prediction_columns, write_rows)
 from embedkit.store import find_datasets, write_json_atomic
 
-FUSIONS = ("early", "late", "image", "text", "logistic")
+FUSIONS = ("early", "late", "gated", "attention", "lowrank", "image", "text", "logistic")
 MIN_VAL_ROWS_PER_CLASS = 5
 
 
 @dataclass
 class TrainConfig:
     labels: list[str]  # one column: binary/multiclass; several binary columns: multilabel
-    fusion: str = "late"  # early | late | image | text | logistic
+    fusion: str = "late"  # early | late | gated | attention | lowrank (fusion/models.py) | image | text | logistic
     hidden_dim: int = 128  # early fusion hidden width (reference: 128)
     late_hidden_dim: int = 64  # late fusion per-modality width (reference: 64)
     dropout: float = 0.0  # the reference code ran with 0 (its README says 0.2)
@@ -54,7 +55,7 @@ class TrainConfig:
     align_sweep: str | None = None  # e.g. "shift:-1:1:0.5,center,none": chosen on validation in each run
     learned_lambda: bool = False  # train the shift's lambda jointly with the classifier
     scale: str | None = None  # standard | none; None: none when aligning (keeps the shift), else standard
-    modality_dropout: float = 0.0  # share of training rows whose image or text is replaced by its stand-in
+    modality_dropout: float = 0.0  # share of training rows with image or text masked (with --align: its stand-in)
     threshold: str = "val-f1"  # binary decision threshold: val-f1 (chosen on validation) | 0.5 | a number
     calibrate: bool = True  # temperature scaling, fitted where there are enough rows (calibrate_on)
     calibrate_on: str = "auto"  # auto (validation if >= 200 rows, else out-of-fold training rows, else none) | val | oof
@@ -162,13 +163,15 @@ def input_scale(cfg: TrainConfig, aligned: bool) -> str:
 # ---------------------------------------------------------------- one run
 
 
-def make_estimator(cfg: TrainConfig, dims: list[int], seed: int, scale: str, learn_lambda: bool = False):
+def make_estimator(cfg: TrainConfig, dims: list[int], seed: int, scale: str, learn_lambda: bool = False,
+                   masking: float = 0.0):
     from embedkit.fusion import FusionClassifier, LogisticBaseline
 
     if cfg.fusion == "logistic":
         return LogisticBaseline(random_state=seed)
     return FusionClassifier(
-        fusion="late" if cfg.fusion == "late" else "early", modality_dims=tuple(dims), hidden_dim=cfg.hidden_dim,
+        fusion=cfg.fusion if cfg.fusion in MASKED_FUSIONS else "early", modality_dims=tuple(dims),
+        hidden_dim=cfg.hidden_dim, modality_dropout=masking,
         late_hidden_dim=cfg.late_hidden_dim, dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
         batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, class_weight=cfg.class_weight,
         patience=cfg.patience, noise_std=cfg.noise_std, scale=scale, random_state=seed, device=cfg.device,
@@ -180,6 +183,7 @@ def modality_dropout(blocks: dict, rows: np.ndarray, aligner, share: float, seed
     head learns to work when a modality is missing at inference."""
     rng = np.random.default_rng(seed)
     chosen = rows[rng.random(len(rows)) < share]
+    chosen = chosen[np.isfinite(blocks["image"][chosen]).all(1) & np.isfinite(blocks["text"][chosen]).all(1)]
     drop_image = rng.random(len(chosen)) < 0.5
     out = {m: b.copy() for m, b in blocks.items()}
     for m, present, sel in (("image", "text", chosen[drop_image]), ("text", "image", chosen[~drop_image])):
@@ -209,18 +213,23 @@ def fit_candidate(ds, cfg, modalities, idx, seed, cand) -> tuple:
 
         learned = cand["lambda"] == "learned"
         aligner = make_aligner("none" if learned else cand["method"], None if learned else cand["lambda"])
-        aligner.fit({"image": ds.blocks["image"][tr], "text": ds.blocks["text"][tr]})
+        paired = tr[np.isfinite(ds.blocks["image"][tr]).all(1) & np.isfinite(ds.blocks["text"][tr]).all(1)]
+        aligner.fit({"image": ds.blocks["image"][paired], "text": ds.blocks["text"][paired]})
     info = {"modalities": modalities, "learned_lambda": cand["lambda"] == "learned",
             "alignment": aligner.to_dict() if aligner is not None else None}
-    blocks = ds.blocks
-    if cfg.modality_dropout > 0:
-        if aligner is None:
-            raise EmbedkitError("--modality-dropout needs --align (a stand-in comes from the fitted gap)")
+    blocks, masking = ds.blocks, 0.0
+    if cfg.modality_dropout > 0 and aligner is not None:  # the stand-in, as predict will make it
         blocks = modality_dropout(blocks, tr, aligner, cfg.modality_dropout, seed)
+    elif cfg.modality_dropout > 0:  # masking: the head learns its missing token (or mask) on these rows
+        if cfg.fusion not in MASKED_FUSIONS:
+            raise EmbedkitError(f"--modality-dropout masks a modality of a fusion of two ({', '.join(MASKED_FUSIONS)}); "
+                                f"--fusion {cfg.fusion} takes it with --align (a stand-in from the fitted gap)")
+        masking = cfg.modality_dropout
     x_train = model_features(info, {m: blocks[m][tr] for m in blocks})
     x_val = model_features(info, {m: ds.blocks[m][va] for m in ds.blocks})
     dims = [ds.blocks[m].shape[1] for m in modalities]
-    est = make_estimator(cfg, dims, seed, input_scale(cfg, aligner is not None), learn_lambda=info["learned_lambda"])
+    est = make_estimator(cfg, dims, seed, input_scale(cfg, aligner is not None), learn_lambda=info["learned_lambda"],
+                         masking=masking)
     if cfg.fusion == "logistic":
         est.fit(x_train, ds.y[tr])
     else:
@@ -252,15 +261,22 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
 
     task, classes = est.task_, est.classes_
     calibration = {"temperature": 1.0, "threshold": 0.5, "threshold_rule": "0.5"}
-    val_targets = _targets(ds.y[va], classes, task)
+    val_targets, train_targets = _targets(ds.y[va], classes, task), _targets(ds.y[idx["train"]], classes, task)
+    combos = combinations(ds.blocks)  # the modalities each row has: per-combination temperatures and metrics
     if cfg.calibrate:
-        fitted = choose_calibration_rows(task, val_proba, val_targets, _targets(ds.y[idx["train"]], classes, task),
-                                         lambda: _out_of_fold(ds, cfg, modalities, idx, seed, chosen, classes, task,
-                                                              getattr(est, "best_epoch_", None)),
-                                         cfg.calibrate_on)
+        from functools import cache
+
+        from embedkit.fusion.combinations import combination_temperatures
+
+        oof = cache(lambda: _out_of_fold(ds, cfg, modalities, idx, seed, chosen, classes, task,
+                                         getattr(est, "best_epoch_", None)))
+        fitted = choose_calibration_rows(task, val_proba, val_targets, train_targets,
+                                         lambda: None if oof() is None else oof()[:3], cfg.calibrate_on)
         calibration["temperature"] = fitted.pop("temperature")
         calibration["calibrated_on"] = fitted
-    val_cal = apply_calibration(val_proba, calibration, task)
+        calibration.update(combination_temperatures(task, val_proba, val_targets, combos[va], train_targets,
+                                                    combos[idx["train"]], oof, cfg.calibrate_on))
+    val_cal = apply_calibration(val_proba, calibration, task, combos[va])
     if task == "binary":
         calibration["threshold_rule"] = cfg.threshold
         calibration["threshold"] = choose_threshold(val_cal[:, 1], val_targets, cfg.threshold)
@@ -271,7 +287,7 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     t1 = time.perf_counter()
     raw_test = est.predict_proba(model_features(info, {m: ds.blocks[m][te] for m in ds.blocks}))  # test, once
     predict_s = time.perf_counter() - t1
-    test_cal = apply_calibration(raw_test, calibration, task)
+    test_cal = apply_calibration(raw_test, calibration, task, combos[te])
     thr = calibration["threshold"]
     metrics = {
         "val": compute_metrics(ds.y[va], val_cal, classes, task, thr),
@@ -296,7 +312,7 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
 
 def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task, best_epoch=None):
     """The chosen candidate's out-of-fold predictions of the training rows (calibrate.out_of_fold), each fold
-    model trained as long as the chosen one was; -> (proba, targets, how) or None."""
+    model trained as long as the chosen one was; -> (proba, targets, how, each row's modalities) or None."""
     from dataclasses import replace
 
     from embedkit.fusion.calibrate import out_of_fold
@@ -310,7 +326,8 @@ def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task, best_epoch
         return est.predict_proba(model_features(info, {m: ds.blocks[m][held_rows] for m in ds.blocks}))
 
     made = out_of_fold(ds.y, idx["train"], groups_for(ds, cfg.group_col, cfg.groups)[0], fit_predict, seed)
-    return None if made is None else (made[0], _targets(ds.y[made[1]], classes, task), made[2])
+    return None if made is None else (made[0], _targets(ds.y[made[1]], classes, task), made[2],
+                                      combinations({m: b[made[1]] for m, b in ds.blocks.items()}))
 
 
 def _complexity(cand: dict) -> float:
@@ -354,6 +371,7 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
 
 def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None = None) -> dict:
     from embedkit.console import say
+    from embedkit.fusion.combinations import combination_metrics
     from embedkit.fusion.evaluate import bootstrap_metrics, subgroup_metrics, summarize_runs
 
     costs = Costs()
@@ -365,7 +383,8 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
     # the aligner is fitted on paired rows, also for a one-modality classifier (cross-modal transfer)
     data_modalities = ["image", "text"] if aligning else modalities
     with costs.stage("load"):
-        ds = load_dataset(emb_dir, cfg.labels, data_modalities, cfg.models)
+        ds = load_dataset(emb_dir, cfg.labels, data_modalities, cfg.models,
+                          keep_incomplete=cfg.fusion in MASKED_FUSIONS or aligning)
     if ds.dropped_unlabelled:
         say(f"note: {ds.dropped_unlabelled} of {ds.dropped_unlabelled + len(ds.ids)} rows have no "
             f"{' / '.join(cfg.labels)} label and are left out")
@@ -428,6 +447,10 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
         task, classes, thr = first.est.task_, first.est.classes_, first.calibration["threshold"]
         boot = bootstrap_metrics(ds.y[te], first.test_proba, classes, task, thr, g_test, n_resamples=cfg.bootstrap,
                                  seed=cfg.seed) if cfg.bootstrap else None
+        combos = combinations(ds.blocks)
+        by_combination = combination_metrics(ds.y[te], first.raw_test_proba, first.calibration, classes, task,
+                                             combos[te], g_test, cfg.bootstrap or 200, cfg.seed) \
+            if len(ds.blocks) > 1 else None
         subgroups = {name: subgroup_metrics(ds.y[te], first.test_proba, classes, task, ds.columns[name][te], thr,
                                             g_test, n_resamples=cfg.bootstrap or 200, seed=cfg.seed)
                      for name in cfg.subgroups}
@@ -441,7 +464,7 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
         # run 0's test rows, one line each: what the report's reliability diagram and a reader can check
         pred = decide(first.test_proba, info["classes"], first.est.task_, thr)
         cols = prediction_columns(info, ds.ids[te], {k: v[te] for k, v in ds.columns.items()}, first.test_proba,
-                                  pred, ["+".join(modalities)] * len(te))
+                                  pred, combos[te].tolist())
         write_rows({**cols, **ood_columns(test_ood)}, out_dir / "test_predictions.parquet")
     spread_key = "folds" if cfg.cv else "seeds"
     metrics = {
@@ -458,6 +481,7 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
         "calibration": _round(first.calibration),
         "alignment": _alignment_summary(cfg, runs, first) if aligning else None,
         "subgroups": subgroups or None,
+        "by_combination": by_combination,
         "leakage": leakage,
         "ood": None if guard is None else {**guard.to_dict(), "test": ood_summary(test_ood > 1),
                                            "test_by_ood": metrics_by_flag(ds.y[te], first.test_proba, classes, task,
@@ -468,10 +492,15 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
                  "purged_rows": purged, "n": first.metrics["n"], "groups_per_split": _groups_per_split(first.idx,
                                                                                                       groups),
                  "test_rows_sharing_inputs_with_train": shared_inputs, "seeds": seeds,
+                 "combinations": {k: {str(c): int(n) for c, n in zip(*np.unique(combos[first.idx[k]].astype(str),
+                                                                              return_counts=True))}
+                                  for k in ("train", "val", "test")},
                  "near_duplicates_across_splits": near_dups, "group_near_duplicates": cfg.group_near_duplicates,
                  **({"ungrouped": ungrouped} if ungrouped else {})},
         "costs": {**first.metrics["costs"], "peak_rss_mb": round(peak_rss_mb(), 1),
                   "model_bytes": _model_bytes(first.est), "folder_bytes": dir_bytes(out_dir),
+                  "parameters": int(getattr(first.est, "n_parameters_", 0) or first.est.coef_.size
+                                    + first.est.intercept_.size),
                   "stage_seconds": costs.to_dict()["stage_seconds"]},
         "config": asdict(cfg),
     }
@@ -497,8 +526,9 @@ def _clinical_metrics(ds: Dataset, run: Run, cfg: TrainConfig, groups, metrics: 
     if shared:  # a shared or projected space can collapse: the card says so
         from embedkit.shared_encoder.collapse import mean_pairwise_cosine
 
-        metrics["data"]["mean_within_cosine"] = {m: round(mean_pairwise_cosine(ds.blocks[m][run.idx["train"][:500]]),
-                                                          4) for m in shared}
+        first = {m: ds.blocks[m][run.idx["train"]][:2000] for m in shared}  # rows that have it, up to 500
+        metrics["data"]["mean_within_cosine"] = {m: round(mean_pairwise_cosine(x[np.isfinite(x).all(1)][:500]), 4)
+                                                 for m, x in first.items()}
 
 
 def _warn_small_validation(ds: Dataset, idx: dict) -> None:
@@ -543,8 +573,11 @@ def _fit_ood_guard(ds: Dataset, cfg: TrainConfig, run: Run):
     dims = {m: ds.blocks[m].shape[1] for m in mods}
     feats = {k: split_blocks(model_features(run.info, {m: ds.blocks[m][run.idx[k]] for m in ds.blocks}), mods, dims)
              for k in ("train", "val", "test")}
-    guard = OODGuard(cfg.ood_guard, cfg.ood_percentile, random_state=cfg.seed).fit(feats["train"], feats["val"])
-    return guard, guard.score(feats["test"])[0]
+    # a modality the row lacks (masked, or stood in for) is not the guard's to judge, as in predict
+    has = {k: block_presence({m: ds.blocks[m][run.idx[k]] for m in mods}) for k in feats}
+    guard = OODGuard(cfg.ood_guard, cfg.ood_percentile, random_state=cfg.seed).fit(
+        *({m: feats[k][m][has[k][m]] for m in mods} for k in ("train", "val")))
+    return guard, guard.score(feats["test"], has["test"])[0]
 
 
 def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
@@ -555,7 +588,11 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
         "classes": list(cfg.labels) if est.task_ == "multilabel" else [jsonable(c) for c in est.classes_],
         "encoders": {m: encoder_record(ds.provenance[m]) for m in ds.provenance},
         "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
-        "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
+        # how a row lacking each modality is taken (fusion/missing.py), and block widths for a NaN stand-in
+        "missing_handling": handling(est, run.info), "modality_dims": {m: int(ds.blocks[m].shape[1])
+                                                                       for m in run.info["modalities"]},
+        "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule", "by_combination")
+                        if k in run.calibration},
         "class_names": {str(k): str(v) for k, v in cfg.class_names.items()},
         "group_col": (cfg.group_col or "group") if groups is not None else None,
         # hashed, so the folder names no patient; evaluate refuses rows the model was fitted or selected on
@@ -589,6 +626,7 @@ def _alignment_artifacts(ds: Dataset, run: Run, out_dir: Path, metrics: dict) ->
     from embedkit.fusion.align import aligner_from_dict, gap_stats, plot_gap_pca
 
     tr = run.idx["train"]
+    tr = tr[np.isfinite(ds.blocks["image"][tr]).all(1) & np.isfinite(ds.blocks["text"][tr]).all(1)]  # paired rows
     img, txt = ds.blocks["image"][tr], ds.blocks["text"][tr]
     aligner = aligner_from_dict(run.info["alignment"])
     lam = run.metrics["alignment"]["lambda"]

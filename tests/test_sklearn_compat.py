@@ -22,6 +22,12 @@ from embedkit.fusion.align import GapShift
 # Small and quick: the checks fit dozens of times on a few hundred rows of 2-20 features.
 FAST = dict(epochs=20, lr=1e-2, batch_size=32)
 LATE = FusionClassifier(fusion="late", modality_dims=(1, 1), late_hidden_dim=8, **FAST)
+# the fusions beyond concatenation (issue 31), two of them trained with modality dropout (masking)
+MIXED = [FusionClassifier(fusion="gated", modality_dims=(1, 1), late_hidden_dim=8, **FAST),
+         FusionClassifier(fusion="attention", modality_dims=(1, 1), late_hidden_dim=8, modality_dropout=0.2,
+                          **{**FAST, "epochs": 10}),
+         FusionClassifier(fusion="lowrank", modality_dims=(1, 1), late_hidden_dim=8, modality_dropout=0.2,
+                          **{**FAST, "epochs": 10})]
 
 # modality_dims=(1, 1) fixes the input at two one-column blocks; these checks fit on 1, 3, 4, 5, 10
 # or 20 columns, which a late-fusion model with declared block widths rightly refuses. The same checks
@@ -38,13 +44,13 @@ _FIXED_WIDTH_CHECKS = (
 
 
 def _expected_failures(estimator):
-    if estimator is LATE:
+    if estimator is LATE or any(estimator is e for e in MIXED):
         reason = "modality_dims=(1, 1) declares a 2-column input; this check fits on another width"
         return {name: reason for name in _FIXED_WIDTH_CHECKS}
     return {}
 
 
-@parametrize_with_checks([LogisticBaseline(), FusionClassifier(hidden_dim=16, **FAST), LATE],
+@parametrize_with_checks([LogisticBaseline(), FusionClassifier(hidden_dim=16, **FAST), LATE, *MIXED],
                          expected_failed_checks=_expected_failures)
 def test_scikit_learn_checks(estimator, check):
     check(estimator)

@@ -9,6 +9,8 @@ after all its fits, and no group sits on two sides.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -331,8 +333,8 @@ def test_missing_modality_is_stood_in_for_across_the_gap(tmp_path):
     only_image = np.array(t["modalities"]) == "image"
     acc = (np.array(t["predicted"])[only_image] == np.array(t["true_dx"])[only_image]).mean()
     assert acc > 0.85  # the image moved across the gap stands in for the report
-    with pytest.raises(EmbedkitError, match="without --align"):
-        predict(tmp_path / "raw", partial, tmp_path / "q.parquet")
+    with pytest.raises(EmbedkitError, match="100 of 300 rows lack text.*--modality-dropout.*--align"):
+        predict(tmp_path / "raw", partial, tmp_path / "q.parquet")  # never saw a row without text: one line
     # cross-modal transfer: a text-only model applied to images through the same stand-in
     train(emb, tmp_path / "text_only", TrainConfig(labels=["dx"], fusion="text", epochs=10, align="center"))
     with pytest.raises(EmbedkitError, match="were used to train or select"):  # keyed on the model's own modality
@@ -352,13 +354,17 @@ def _image_block(emb):
     return es.ids, es.embeddings["image"], {"dx": es.columns["dx"]}
 
 
-def test_modality_dropout_needs_an_aligner(tmp_path):
+def test_modality_dropout_masks_without_an_aligner_and_stands_in_with_one(tmp_path):
+    """Without --align a fusion of two masks (issue 31); a one-modality or logistic model has nothing to mask
+    and needs the aligner's stand-in; with --align the stand-in path of before is kept."""
     emb, _ = shared_space(tmp_path)
-    with pytest.raises(EmbedkitError, match="modality-dropout needs --align"):
-        train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", modality_dropout=0.3))
+    with pytest.raises(EmbedkitError, match="--fusion logistic takes it with --align"):
+        train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="logistic", modality_dropout=0.3))
     m = train(emb, tmp_path / "ok", TrainConfig(labels=["dx"], fusion="early", epochs=3, align="center",
                                                 modality_dropout=0.3))
     assert m["alignment"]["modality_dropout"] == 0.3
+    info = json.loads((tmp_path / "ok" / "embedkit_model.json").read_text())
+    assert info["missing_handling"] == {"image": "stand-in", "text": "stand-in"}
 
 
 def test_cv_without_an_official_test_split_validates_inside_the_other_folds(tmp_path, calls):

@@ -17,6 +17,9 @@ _API = {
     "summarize_runs": "embedkit.fusion.evaluate",
     "EarlyFusionHead": "embedkit.fusion.models",
     "LateFusionHead": "embedkit.fusion.models",
+    "GatedFusionHead": "embedkit.fusion.models",
+    "AttentionFusionHead": "embedkit.fusion.models",
+    "LowRankFusionHead": "embedkit.fusion.models",
 }
 
 

@@ -45,6 +45,19 @@ def proba_from_logits(z, task: str) -> np.ndarray:
     return expit(z) if task == "multilabel" else softmax(z, axis=1)
 
 
+def apply_temperature(proba, calibration: dict | None, task: str, combinations=None) -> np.ndarray:
+    """Probabilities after the saved temperature: one per modality combination where one was fitted
+    (`by_combination`, rows named by `combinations`), else the shared one; identity without any."""
+    calibration = calibration or {}
+    temps = np.full(len(proba), float(calibration.get("temperature", 1.0)))
+    for combination, t in ((calibration.get("by_combination") or {}) if combinations is not None else {}).items():
+        temps[np.asarray(combinations) == combination] = t
+    if (temps == 1.0).all():
+        return np.asarray(proba, dtype=np.float64)
+    z = logits_from_proba(proba, task)
+    return proba_from_logits(z / (temps if z.ndim == 1 else temps[:, None]), task)
+
+
 def _nll(z, targets, task: str) -> float:
     if task == "multiclass":
         return float(-log_softmax(z, axis=1)[np.arange(len(z)), targets].mean())

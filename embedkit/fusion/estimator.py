@@ -27,9 +27,12 @@ from embedkit.errors import EmbedkitError
 from embedkit.fusion.align import NotNumbersError
 from embedkit.fusion.evaluate import InvalidInputError, detect_task
 from embedkit.guards import check_finite, check_safetensors, check_same_shapes, read_json_object
-from embedkit.fusion.models import EarlyFusionHead, LateFusionHead
+from embedkit.fusion.missing import presence_mask, refusal
+from embedkit.fusion.models import (HEADS_NEEDING_BLOCKS, AttentionFusionHead, EarlyFusionHead, GatedFusionHead,
+                                    LateFusionHead, LowRankFusionHead)
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "estimator.json"
+FUSIONS = ("early", "late", "gated", "attention", "lowrank")
 
 
 class NotFittedEmbedkitError(EmbedkitError, NotFittedError):
@@ -40,10 +43,11 @@ class NotFittedEmbedkitError(EmbedkitError, NotFittedError):
 # input checks shared by both estimators
 
 
-def _as_matrix(X, modality_dims=None, names=None):
+def _as_matrix(X, modality_dims=None, names=None, allow_missing=False):
     """Return (float32 matrix with the blocks side by side, block widths, block names or None).
 
     names: at predict time, the modality order seen in fit, so a dict's key order does not matter.
+    allow_missing: NaN is checked by the caller (missing.presence_mask: a whole block of NaN is a missing modality).
     Messages follow scikit-learn's wording where its own estimator checks look for it.
     """
     # before the dict test: scipy's dok format is a dict subclass
@@ -83,7 +87,7 @@ def _as_matrix(X, modality_dims=None, names=None):
         raise InvalidInputError(f"X must hold numbers only ({str(e).splitlines()[0]})") from None
     if len(X) == 0:
         raise InvalidInputError("X has no rows")
-    bad = int((~np.isfinite(X)).any(axis=1).sum())
+    bad = 0 if allow_missing else int((~np.isfinite(X)).any(axis=1).sum())
     if bad:
         raise InvalidInputError(f"X has {bad} of {len(X)} rows with NaN or infinite values; drop or impute them first")
     return X, dims, names
@@ -145,6 +149,12 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _mean_std(X) -> tuple[np.ndarray, np.ndarray]:
+    mean = X.mean(axis=0, dtype=np.float64)
+    sq = sum(np.square(c - mean).sum(axis=0) for c in np.array_split(X, len(X) // 4096 + 1))
+    return mean, np.sqrt(sq / len(X))
+
+
 def _loadable_device(saved: str) -> str:
     """A model trained on a GPU loads on a machine without one (the heads are small)."""
     if str(saved).startswith("cuda") and not torch.cuda.is_available():
@@ -184,6 +194,8 @@ def _read(folder, fmt: str):
 class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
     """What both estimators share: input checks, standardisation, labels out, common metadata."""
 
+    _takes_missing = False  # a whole block of NaN is a missing modality (FusionClassifier) or refused
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True  # y may be a 0/1 indicator matrix
@@ -205,7 +217,7 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
     def _check_X(self, X) -> np.ndarray:
         self._check_fitted()
         is_dict = isinstance(X, dict)
-        X, dims, _ = _as_matrix(X, names=self.modalities_ if is_dict else None)
+        X, dims, _ = _as_matrix(X, names=self.modalities_ if is_dict else None, allow_missing=self._takes_missing)
         if X.shape[1] != self.n_features_in_:
             raise InvalidInputError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                                     f"{self.n_features_in_} features as input (the columns it was fitted on)")
@@ -213,12 +225,15 @@ class _EmbeddingClassifier(ClassifierMixin, BaseEstimator):
             raise InvalidInputError(f"modality block widths {dims} differ from the fitted {self.modality_dims_}")
         return X
 
-    def _fit_scaling(self, X):
-        # Statistics of the training rows only, in float64 but by row chunks: X.std(dtype=float64)
-        # would make a float64 copy of the whole embedding matrix.
-        self.mean_ = X.mean(axis=0, dtype=np.float64)
-        sq = sum(np.square(c - self.mean_).sum(axis=0) for c in np.array_split(X, len(X) // 4096 + 1))
-        self.scale_ = np.sqrt(sq / len(X))
+    def _fit_scaling(self, X, mask=None):
+        # Statistics of the training rows only (each block on the rows that have it), in float64 but by row
+        # chunks: X.std(dtype=float64) would make a float64 copy of the whole embedding matrix.
+        if mask is None or mask.all():
+            self.mean_, self.scale_ = _mean_std(X)
+        else:
+            starts = np.cumsum((0, *self.modality_dims_))
+            parts = [_mean_std(X[mask[:, j], starts[j]:starts[j + 1]]) for j in range(len(self.modality_dims_))]
+            self.mean_, self.scale_ = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
         self.scale_[self.scale_ == 0] = 1.0  # a constant feature stays 0 instead of becoming NaN
 
     def _standardise(self, X) -> np.ndarray:
@@ -288,14 +303,23 @@ class FusionClassifier(_EmbeddingClassifier):
     noise_std: Gaussian noise added to the head's input during training only, in units of each
     input feature's standard deviation on the training rows (0.1 = 10 % of a feature's spread),
     whatever `scale` is and also with learn_lambda. predict adds none.
+
+    Missing modalities (fusion/missing.py): a row whose block is all NaN lacks that modality; the
+    presence mask goes to the head. The head learns what to do with a missing modality (a learned
+    token, or masking for gated/attention) from training rows that lack it, and from
+    `modality_dropout`: the share of complete training rows, drawn anew each epoch, with one
+    modality (chosen at random) masked. predict masks nothing, and refuses a row whose missing
+    modality was never missing in training (`learned_missing_`).
     """
+
+    _takes_missing = True
 
     def __init__(
         self,
-        fusion="early",  # "early" (one head on the concatenation; unimodal with one block) or "late"
+        fusion="early",  # early (concatenation; unimodal with one block) | late | gated | attention | lowrank
         modality_dims=None,  # block widths of X's columns; None = a single block
         hidden_dim=128,  # early-fusion hidden width, as in the reference
-        late_hidden_dim=64,  # per-modality width of late fusion, as in the reference
+        late_hidden_dim=64,  # per-modality width of late (as in the reference), gated, attention, lowrank
         dropout=0.0,  # the reference code ran with 0 (its README says 0.2)
         epochs=30,  # reference
         lr=1e-3,  # reference AdamW learning rate
@@ -310,6 +334,9 @@ class FusionClassifier(_EmbeddingClassifier):
         device="cpu",  # the reference's laptops; "cuda" works but rarely pays for heads this small
         learn_lambda=False,  # train the modality-gap shift's lambda jointly (fit(..., gap=...)); two equal blocks
         lambda_lr=3e-4,  # learning rate of lambda, as in the reference's learned-lambda variant
+        modality_dropout=0.0,  # share of complete training rows with one modality masked (per epoch); 2+ blocks
+        rank=4,  # lowrank fusion: rank of the modality factors (Liu et al. used 4 on most tasks)
+        attention_heads=4,  # attention fusion: heads of its Transformer layer (divides late_hidden_dim)
     ):
         self.fusion = fusion
         self.modality_dims = modality_dims
@@ -329,20 +356,38 @@ class FusionClassifier(_EmbeddingClassifier):
         self.device = device
         self.learn_lambda = learn_lambda
         self.lambda_lr = lambda_lr
+        self.modality_dropout = modality_dropout
+        self.rank = rank
+        self.attention_heads = attention_heads
 
     # -- pieces ---------------------------------------------------------------------------
 
     def _build_model(self, gap=None, mean=None, scale=None) -> nn.Module:
         n_out = 1 if self.task_ == "binary" else len(self.classes_)
+        dims, width, token = list(self.modality_dims_), self.late_hidden_dim, any(self.learned_missing_)
         if self.fusion == "early":
-            head = EarlyFusionHead(list(self.modality_dims_), self.hidden_dim, self.dropout, n_out)
+            head = EarlyFusionHead(dims, self.hidden_dim, self.dropout, n_out, missing_token=token)
+        elif self.fusion == "late":
+            head = LateFusionHead(dims, width, self.dropout, n_out, missing_token=token)
+        elif self.fusion == "gated":
+            head = GatedFusionHead(dims, width, self.dropout, n_out)
+        elif self.fusion == "attention":
+            head = AttentionFusionHead(dims, width, self.dropout, n_out, heads=int(self.attention_heads))
         else:
-            head = LateFusionHead(list(self.modality_dims_), self.late_hidden_dim, self.dropout, n_out)
+            head = LowRankFusionHead(dims, width, self.dropout, n_out, rank=int(self.rank), missing_token=token)
         if not self.learn_lambda:
             return head
         d = self.modality_dims_[0]
         return _ShiftThenHead(head, np.zeros(d) if gap is None else gap,
                               np.zeros(2 * d) if mean is None else mean, np.ones(2 * d) if scale is None else scale)
+
+    @property
+    def learned_missing_(self) -> tuple[bool, ...]:
+        """Per modality block: whether the head learned to take a row without it (rows lacking it in
+        training, or modality dropout); a row lacking a block marked False is refused."""
+        if len(self.modality_dims_) < 2:
+            return (False,)
+        return tuple(bool(n) or float(self.modality_dropout) > 0 for n in self.missing_rows_)
 
     @property
     def learned_lambda_(self) -> float:
@@ -383,8 +428,13 @@ class FusionClassifier(_EmbeddingClassifier):
         return np.column_stack([1 - p[:, 0], p[:, 0]]) if self.task_ == "binary" else p
 
     def _check_params(self):
-        if self.fusion not in ("early", "late"):
-            raise InvalidInputError(f"fusion must be 'early' or 'late', got {self.fusion!r}")
+        if self.fusion not in FUSIONS:
+            raise InvalidInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if not 0.0 <= float(self.modality_dropout) <= 1.0:
+            raise InvalidInputError(f"modality_dropout must lie in [0, 1], got {self.modality_dropout!r}")
+        if self.fusion == "attention" and int(self.late_hidden_dim) % int(self.attention_heads):
+            raise InvalidInputError(f"fusion='attention': late_hidden_dim {self.late_hidden_dim} must be a multiple of "
+                                    f"attention_heads {self.attention_heads}")
         if not (self.class_weight in ("balanced", None) or isinstance(self.class_weight, dict)):
             raise InvalidInputError(f"class_weight must be 'balanced', None or a dict {{label: weight}}, got "
                                     f"{self.class_weight!r}")
@@ -405,15 +455,24 @@ class FusionClassifier(_EmbeddingClassifier):
         """
         t_fit = time.perf_counter()
         self._check_params()
-        X, dims, names = _as_matrix(X, self.modality_dims)
+        X, dims, names = _as_matrix(X, self.modality_dims, allow_missing=True)
+        mask = presence_mask(X, dims)
         task, classes, targets = _encode_labels(y)
         if len(targets) != len(X):
             raise InvalidInputError(f"X has {len(X)} rows but y has {len(targets)}")
-        if self.fusion == "late" and len(dims) < 2:
-            raise InvalidInputError("fusion='late' needs at least two modality blocks: pass modality_dims or a dict X")
+        if self.fusion in HEADS_NEEDING_BLOCKS and len(dims) < 2:
+            raise InvalidInputError(f"fusion={self.fusion!r} needs at least two modality blocks: pass modality_dims or "
+                                    f"a dict X")
+        if float(self.modality_dropout) > 0 and len(dims) < 2:
+            raise InvalidInputError("modality_dropout needs at least two modality blocks: pass modality_dims or a dict X")
+        if self.learn_lambda and not mask.all():
+            raise InvalidInputError("learn_lambda needs complete rows: stand in for a missing modality first")
+        if not mask.any(axis=0).all():
+            raise InvalidInputError(f"no training row has modality block {int(np.argmin(mask.any(axis=0))) + 1}")
         self.task_, self.classes_, self.modality_dims_, self.modalities_ = task, classes, dims, names
         self.n_features_in_ = X.shape[1]
-        self._fit_scaling(X)
+        self.missing_rows_ = [int(v) for v in (~mask).sum(axis=0)]  # training rows lacking each block
+        self._fit_scaling(X, mask)
         # noise unit: each input feature's training std, measured on what the head is fed
         noise_unit = self.scale_ if self.scale == "none" or self.learn_lambda else np.ones_like(self.scale_)
         if self.learn_lambda:
@@ -426,15 +485,16 @@ class FusionClassifier(_EmbeddingClassifier):
         if self.learn_lambda or self.scale == "none":
             self.mean_, self.scale_ = np.zeros_like(self.mean_), np.ones_like(self.scale_)
         dev = torch.device(self.device)
-        Xt, yt = torch.from_numpy(self._standardise(X)).to(dev), self._targets_tensor(targets).to(dev)
+        Xt, yt = torch.from_numpy(self._inputs(X)).to(dev), self._targets_tensor(targets).to(dev)
+        Mt = torch.from_numpy(mask).to(dev)
         noise_unit = torch.from_numpy(noise_unit.astype(np.float32)).to(dev)
         loss_fn = self._loss(targets).to(dev)
         val = None
         if eval_set is not None:
             X_val, y_val = eval_set
             _, _, val_targets = _encode_labels(y_val, self.classes_, self.task_)
-            Xv = torch.from_numpy(self._standardise(self._check_X(X_val))).to(dev)
-            val = (Xv, self._targets_tensor(val_targets).to(dev), val_targets)
+            Xv, Mv = self._model_input(X_val)
+            val = (Xv.to(dev), Mv.to(dev), self._targets_tensor(val_targets).to(dev), val_targets)
 
         seed = self.random_state if self.random_state is not None else int(np.random.default_rng().integers(2**62))
         self.history_, best_key, best_state, stale = [], None, None, 0
@@ -458,7 +518,7 @@ class FusionClassifier(_EmbeddingClassifier):
             opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
             for epoch in range(1, int(self.epochs) + 1):
                 t0 = time.perf_counter()
-                row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, yt, loss_fn, opt, gen, noise_unit)}
+                row = {"epoch": epoch, "train_loss": self._train_epoch(Xt, Mt, yt, loss_fn, opt, gen, noise_unit)}
                 if self.learn_lambda:
                     row["lambda"] = float(self.model_.shift.lam.detach())  # its trajectory, for the plot
                 row["val_loss"], row["val_macro_f1"] = self._validate(val, loss_fn) if val else (None, None)
@@ -483,7 +543,7 @@ class FusionClassifier(_EmbeddingClassifier):
         self.fit_seconds_ = time.perf_counter() - t_fit
         return self
 
-    def _train_epoch(self, Xt, yt, loss_fn, opt, gen, noise_unit) -> float:
+    def _train_epoch(self, Xt, Mt, yt, loss_fn, opt, gen, noise_unit) -> float:
         # Index tensors held in memory instead of a DataLoader: no per-row collate, no workers.
         self.model_.train()
         n, bs = len(Xt), int(self.batch_size)
@@ -496,7 +556,10 @@ class FusionClassifier(_EmbeddingClassifier):
             xb = Xt.index_select(0, idx)  # 2-5x faster than fancy indexing for a row gather
             if self.noise_std > 0:
                 xb = xb + self.noise_std * noise_unit * torch.randn(xb.shape, generator=gen).to(xb.device)
-            loss = loss_fn(self.model_(xb), yt.index_select(0, idx))
+            mb = Mt.index_select(0, idx)
+            if self.modality_dropout > 0:  # training only: predict and validation see every present block
+                mb = _drop_one_modality(mb, float(self.modality_dropout), gen)
+            loss = loss_fn(self.model_(xb, mb), yt.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -508,9 +571,9 @@ class FusionClassifier(_EmbeddingClassifier):
     def _validate(self, val, loss_fn) -> tuple[float, float]:
         from sklearn.metrics import f1_score  # fit only: predict does not pay for sklearn.metrics
 
-        Xv, yv, targets = val
+        Xv, Mv, yv, targets = val
         self.model_.eval()
-        logits = self.model_(Xv)
+        logits = self.model_(Xv, Mv)
         pred = self._index(self._proba(logits))  # the same path as predict, so scores reproduce
         labels = list(range(len(self.classes_)))
         f1 = f1_score(targets.astype(np.int64), pred, average="macro", labels=labels, zero_division=0)
@@ -518,10 +581,25 @@ class FusionClassifier(_EmbeddingClassifier):
 
     def predict_proba(self, X) -> np.ndarray:
         """Binary (n, 2) [1-p, p]; multiclass softmax (n, k); multilabel sigmoid (n, L)."""
-        Xt = torch.from_numpy(self._standardise(self._check_X(X))).to(self.device)
+        Xt, Mt = self._model_input(X)
         self.model_.eval()
         with torch.no_grad():
-            return self._proba(self.model_(Xt))
+            return self._proba(self.model_(Xt.to(self.device), Mt.to(self.device)))
+
+    def _inputs(self, X) -> np.ndarray:
+        """Standardised rows with a missing block's NaN as 0 (the head puts its token or mask there)."""
+        return np.nan_to_num(self._standardise(X), copy=False, nan=0.0)
+
+    def _model_input(self, X) -> tuple[torch.Tensor, torch.Tensor]:
+        """(standardised X, presence mask) of rows to score; a block the head never saw missing is refused."""
+        X = self._check_X(X)
+        mask = presence_mask(X, self.modality_dims_)
+        for j, learned in enumerate(self.learned_missing_):
+            lacking = int((~mask[:, j]).sum())
+            if lacking and not learned:
+                name = self.modalities_[j] if self.modalities_ else f"modality block {j + 1}"
+                raise InvalidInputError(refusal(name, lacking, len(X)))
+        return torch.from_numpy(self._inputs(X)), torch.from_numpy(mask)
 
     def model_bytes(self) -> int:
         """Bytes of the head's parameters and buffers (BatchNorm statistics included)."""
@@ -534,8 +612,9 @@ class FusionClassifier(_EmbeddingClassifier):
         self._check_fitted()
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
         tensors["mean_"], tensors["scale_"] = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
-        meta = {"format": "embedkit.FusionClassifier", "format_version": 1, **self._fitted_meta()}
-        meta.update(best_epoch=self.best_epoch_, history=self.history_, loss_weight=self.loss_weight_)
+        meta = {"format": "embedkit.FusionClassifier", "format_version": 2, **self._fitted_meta()}
+        meta.update(best_epoch=self.best_epoch_, history=self.history_, loss_weight=self.loss_weight_,
+                    missing_rows=self.missing_rows_)
         return _write(folder, tensors, meta)
 
     @classmethod
@@ -548,6 +627,8 @@ class FusionClassifier(_EmbeddingClassifier):
         est = cls(**params)
         est._restore_meta(meta)
         est.best_epoch_, est.history_ = meta["best_epoch"], meta["history"]
+        # format 1 (before missing modalities): complete rows only, no token
+        est.missing_rows_ = [int(v) for v in meta.get("missing_rows", [0] * len(est.modality_dims_))]
         est.loss_weight_ = None if meta["loss_weight"] is None else np.asarray(meta["loss_weight"])
         est.mean_, est.scale_ = tensors.pop("mean_").numpy(), tensors.pop("scale_").numpy()
         with torch.device("meta"):  # the shapes its JSON implies, checked before anything is allocated
@@ -558,6 +639,14 @@ class FusionClassifier(_EmbeddingClassifier):
         est.model_.to(est.device).eval()
         est.n_parameters_ = sum(p.numel() for p in est.model_.parameters())
         return est
+
+
+def _drop_one_modality(mask: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Modality dropout: each complete row, with probability `share`, loses one block chosen at random."""
+    n, m = mask.shape
+    hit = (torch.rand(n, generator=gen) < share).to(mask.device) & mask.all(dim=1)
+    which = torch.randint(m, (n,), generator=gen).to(mask.device)
+    return mask & ~(hit[:, None] & (torch.arange(m, device=mask.device)[None, :] == which[:, None]))
 
 
 class _ShiftThenHead(nn.Module):
@@ -571,10 +660,10 @@ class _ShiftThenHead(nn.Module):
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)).clone())
         self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)).clone())
 
-    def forward(self, x):
+    def forward(self, x, mask=None):  # complete rows only (fit refuses others): the mask is all True
         d = x.shape[1] // 2
         image, text = self.shift(x[:, :d], x[:, d:])
-        return self.head((torch.cat([image, text], dim=1) - self.mean) / self.scale)
+        return self.head((torch.cat([image, text], dim=1) - self.mean) / self.scale, mask)
 
 
 class LogisticBaseline(_EmbeddingClassifier):

@@ -64,6 +64,22 @@ def expected_calibration_error(confidence, correct, n_bins: int = 10) -> float:
     return float(ece)
 
 
+def reliability_bins(y_true, proba, classes, task: str, threshold: float = 0.5, n_bins: int = 10) -> list[dict]:
+    """The reliability diagram's data, the bins expected_calibration_error averages over: per non-empty bin
+    (lo, hi] of the predicted class's confidence (multilabel: every (row, label) pair), its count, mean
+    confidence and accuracy."""
+    y, pred, scores = _indexed(y_true, proba, classes, task, threshold)
+    if task == "multilabel":
+        conf, correct = np.where(pred == 1, scores, 1 - scores).ravel(), (pred == y).ravel()
+    else:
+        conf, correct = scores[np.arange(len(pred)), pred], pred == y
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "n": int((bins == b).sum()),
+             "confidence": float(conf[bins == b].mean()), "accuracy": float(correct[bins == b].mean())}
+            for b in range(n_bins) if (bins == b).any()]
+
+
 def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -> dict:
     """Accuracy, macro/weighted F1, AUROC, per-class scores, confusion matrix, ECE, n.
 
