@@ -59,6 +59,8 @@ def compare(
     bootstrap: int = typer.Option(1000, min=100, max=100_000, rich_help_panel=_SCORE,
                                   help="Paired resamples of the test groups."),
     epochs: int = typer.Option(30, min=1, max=10_000, rich_help_panel=_SCORE, help="Epochs of each head."),
+    modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, rich_help_panel=_SCORE, help="Heads of both "
+                                           "modalities learn with one masked in this share of training rows."),
     curve_top: int = typer.Option(3, min=1, max=20, rich_help_panel=_CURVE, help="How many of the best "
                                   "configurations get a learning curve."),
     curve_seeds: int = typer.Option(3, min=1, max=20, rich_help_panel=_CURVE, help="Subsamples per size."),
@@ -95,7 +97,8 @@ def compare(
                                       dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file))
     cfg = CompareConfig(label=label, image_models=_names(image_models), text_models=_names(text_models),
                         fusions=_names(fusion), align=_names(align) or ["none"], seeds=seeds, cv=cv, seed=seed,
-                        metric=metric, bootstrap=bootstrap, epochs=epochs, curve=curve, curve_top=curve_top,
+                        metric=metric, bootstrap=bootstrap, epochs=epochs, modality_dropout=modality_dropout,
+                        curve=curve, curve_top=curve_top,
                         curve_seeds=curve_seeds, target=target, raw=raw, raw_epochs=raw_epochs,
                         budget_minutes=budget_minutes, group_col=None if extracting else group_col, groups=groups,
                         data_split=data_split, progress=progress)
