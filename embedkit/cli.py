@@ -9,11 +9,11 @@ from typing import List, Optional, Tuple
 import typer
 
 from embedkit import cli_train
-from embedkit.cli_common import none_word, switch
+from embedkit.cli_common import PlainHelpGroup, none_word, plain_help, switch
 from embedkit.cli_models import models_app
 from embedkit.errors import EmbedkitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainHelpGroup,
                   help="Foundation-model embeddings and small fusion classifiers, on a laptop, offline.")
 
 
@@ -150,7 +150,7 @@ def _print_extract_summary(result) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import console, show_table
 
     table = Table(title=escape(f"embedkit extract -> {result.out}"))
     for col in ("modality · model", "rows", "new", "dropped", "skipped", "truncated", "model s", "items/s",
@@ -162,7 +162,7 @@ def _print_extract_summary(result) -> None:
                       str(r.skipped),
                       str(r.truncated_texts), f"{st.get('model', 0):.1f}", f"{r.costs.get('items_per_second', 0):.1f}",
                       _model_mb(r.provenance), f"{r.costs.get('peak_rss_mb', 0):.0f}", f"{r.bytes / 2**20:.2f}")
-    console.print(table)
+    show_table(table)
     for m, r in result.modalities.items():
         if r.rows_relabelled:
             console.print(f"{m}: {r.rows_relabelled} stored rows relabelled from the table (labels, split, group, "
@@ -191,7 +191,7 @@ def datasets(folder: Optional[Path] = typer.Option(None, help="Another folder of
     """List the shipped data manifests: what each dataset is, its access and its tasks."""
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import show_table, stdout_console
     from embedkit.manifests import list_manifests
 
     table = Table(title="data manifests (use with: embedkit extract ROOT --manifest NAME)")
@@ -199,7 +199,7 @@ def datasets(folder: Optional[Path] = typer.Option(None, help="Another folder of
         table.add_column(col)
     for m in list_manifests(folder):
         table.add_row(m.path.stem, m.access, m.license, "+".join(m.modalities), ", ".join(m.tasks))
-    console.print(table)
+    show_table(table, stdout_console)  # a listing is data: `embedkit datasets > datasets.txt` keeps it
 
 
 # Fitting and scoring live in cli_train.py; registered here, in the order `embedkit --help` lists them.
@@ -463,6 +463,9 @@ def _global_options(debug: bool = typer.Option(False, "--debug/--no-debug",
                                                                 help="Show the Python traceback of a failure.")):
     """Foundation-model embeddings and small fusion classifiers, on a laptop, offline."""
     _DEBUG["on"] = _DEBUG["on"] or debug
+
+
+plain_help(app)  # every command registered above: no `<bool>` / `{data}` placeholders in --help
 
 
 def main() -> None:

@@ -204,7 +204,7 @@ def _print_gap_report(report: dict, out: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import console, show_table
 
     columns = {"gap_norm": "gap norm", "centroid_distance": "centroid dist", "mean_pair_cosine": "pair cos",
                "mean_within_image_cosine": "image cone", "mean_within_text_cosine": "text cone",
@@ -217,7 +217,7 @@ def _print_gap_report(report: dict, out: Path) -> None:
     for name, row in report["methods"].items():
         label = f"shift (λ {row['params']['lambda_']:g})" if name == "shift" else name
         table.add_row(label, *("n/a" if row[k] is None else f"{row[k]:.3f}" for k in columns))
-    console.print(table)
+    show_table(table)
     for key, label in columns.items():
         console.print(f"  [bold]{label}[/]: {escape(report['explain'][key])}")
     unmatched = {m: k for m, k in report.get("unmatched_rows", {}).items() if k}

@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Logs and CI capture stderr without a terminal; rich would then assume 80 columns and squeeze tables.
 console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 120)))
+# Listings a user may redirect (`embedkit datasets > list.txt`) are data: stdout, same width rule.
+stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 120)))
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -29,3 +31,41 @@ def say(message: str) -> None:
     m = _LEADING_STYLE.match(message)
     text = Text.from_markup(m.group(1)) + Text(m.group(2)) if m else Text(message)
     console.print(text)
+
+
+def show_table(table, out: Console | None = None) -> None:
+    """Print a rich Table if its widest cells fit the terminal; otherwise one block per row (the first column's
+    value, then `column: value` pairs packed into lines). Rich would squeeze a table that does not fit into
+    columns a few letters wide, wrapping or cutting each cell; a block keeps every value whole: a command or a
+    path longer than the terminal gets a line of its own, left for the terminal to wrap, never cut."""
+    from rich.text import Text
+
+    out = out or console
+    if out.measure(table).maximum <= out.width:
+        out.print(table)
+        return
+    if table.title:
+        out.print(_as_text(table.title), style="bold", soft_wrap=True)
+    names = [_as_text(c.header).plain for c in table.columns]
+    columns = [[_as_text(cell) for cell in c.cells] for c in table.columns]
+    for row in zip(*columns):
+        out.print(row[0], style="bold", soft_wrap=True)
+        line, room = Text("  "), out.width
+        for name, value in zip(names[1:], row[1:]):
+            if not value.plain.strip():
+                continue
+            pair = Text(f"{name}: ", style="dim") + value
+            if len(line) > 2 and len(line) + 3 + len(pair) > room:
+                out.print(line, soft_wrap=True)
+                line = Text("  ")
+            line += Text("   ") + pair if len(line) > 2 else pair
+        if len(line) > 2:
+            out.print(line, soft_wrap=True)
+
+
+def _as_text(cell):
+    from rich.text import Text
+
+    if isinstance(cell, Text):
+        return cell
+    return Text.from_markup(cell) if isinstance(cell, str) else Text(str(cell))

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
-from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
+from embedkit.encoders.registry import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, require_model,
+                                        resolve_spec)
 from embedkit.engines import get_engine
 from embedkit.engines.base import backend_checked_on_inputs
 from embedkit.errors import EmbedkitError
@@ -161,6 +162,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     for m in todo:  # an unknown backend, a missing package or an impossible precision fails before any work
         check_request(specs[m], m, config.backend, config.precision, config.device)
+        require_model(specs[m])  # a model that is not here and cannot be fetched now: one line, at once
     check_writable_folder(out, "--out")
     with folder_lock(out / ".embedkit.lock", f"--out '{out}'"):
         return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs)
