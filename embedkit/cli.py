@@ -9,7 +9,8 @@ from typing import List, Optional, Tuple
 import typer
 
 from embedkit import cli_train
-from embedkit.cli_common import PlainHelpGroup, none_word, plain_help, switch
+from embedkit.cli_common import (DICOM, ID_COL_HELP, PlainHelpGroup, dicom_source_fields, none_word, plain_help,
+                                 switch)
 from embedkit.cli_models import models_app
 from embedkit.errors import EmbedkitError
 
@@ -32,7 +33,7 @@ def extract(
                                             help="CSV/TSV/JSONL/JSON table describing the items."),
     manifest: Optional[str] = typer.Option(None, rich_help_panel=_IN,
                                            help="A data manifest: NAME (see `embedkit datasets`) or a .toml path."),
-    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with a stable id."),
+    id_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help=ID_COL_HELP),
     image_col: Optional[str] = typer.Option(None, rich_help_panel=_IN,
                                             help="Column with image paths relative to DATA."),
     text_col: Optional[str] = typer.Option(None, rich_help_panel=_IN, help="Column with report text."),
@@ -48,6 +49,10 @@ def extract(
                                                  "('none' turns it off)."),
     max_report_mb: float = typer.Option(5.0, min=0.001, rich_help_panel=_IN,
                                         help="Skip (and record) report files larger than this."),
+    dicom_window: str = DICOM["dicom_window"],
+    dicom_frames: str = DICOM["dicom_frames"],
+    dicom_per: Optional[str] = DICOM["dicom_per"],
+    dicom_salt_file: Optional[Path] = DICOM["dicom_salt_file"],
     image_model: str = typer.Option("efficientnet-lite0", rich_help_panel=_ENC,
                                     help="Registry name, hf:ID, a local folder, shared:PATH, or 'none'."),
     text_model: str = typer.Option("minilm", rich_help_panel=_ENC,
@@ -108,10 +113,11 @@ def extract(
 
     source = SourceOptions(metadata=metadata, id_col=id_col, image_col=image_col, text_col=text_col,
                            text_file_col=text_file_col, text_template=text_template, label_cols=list(label_col),
-                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage)
+                           split_col=split_col, group_col=none_word(group_col), allow_leakage=allow_leakage,
+                           **(dicom := dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file)))
     rows, source = _manifest_or(manifest, data, source)
     if manifest:
-        source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage)
+        source = _extract_flags_over_manifest(source, text_template, group_col, allow_leakage, dicom)
     config = ExtractConfig(image_model=none_word(image_model), text_model=none_word(text_model),
                            image_pooling=image_pooling, text_pooling=text_pooling, max_length=max_length,
                            text_normalize=normalize, device=device, dtype=dtype,
@@ -136,14 +142,15 @@ def _manifest_or(manifest: str | None, data: Path, source):
     return m.load_rows(data), m.source_options()
 
 
-def _extract_flags_over_manifest(source, text_template: str | None, group_col: str | None, allow_leakage: bool):
+def _extract_flags_over_manifest(source, text_template: str | None, group_col: str | None, allow_leakage: bool,
+                                 dicom: dict):
     """The extract flags that refine a data manifest: another sentence (still checked against the manifest's
-    leakage fields), another group column or none, and leave to name leaking fields."""
+    leakage fields), another group column or none, leave to name leaking fields, and how DICOM files are read."""
     from dataclasses import replace
 
     return replace(source, text_template=text_template or source.text_template,
                    group_col=source.group_col if group_col is None else none_word(group_col),
-                   allow_leakage=allow_leakage)
+                   allow_leakage=allow_leakage, **dicom)
 
 
 def _print_extract_summary(result) -> None:
@@ -285,14 +292,18 @@ def _bench_markdown(results: Path, files: List[Path], update: bool) -> None:
 def report(
     run_dir: Path = typer.Argument(..., help="A model folder (embedkit train) or a bench folder (embedkit bench)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
-    emb: Optional[Path] = typer.Option(None, help="Model folders: the labelled embeddings, for the reliability "
-                                                  "diagram (the model's test rows if they are its training data)."),
+    emb: Optional[Path] = typer.Option(None, help="Model folders: labelled embeddings for the reliability diagram "
+                                                  "(rows the model was fitted or tuned on are left out and counted)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model folders: a card.toml (intended use, outcome, "
+                                                             "licence, ...) over the one given to train."),
+    class_names: Optional[str] = typer.Option(None, help="Model folders: what each class means, e.g. 0=no,1=yes."),
 ):
     """One self-contained HTML page (plots inline, no scripts) to read or attach to an email."""
     from embedkit.console import say
+    from embedkit.modelcard import parse_class_names
     from embedkit.report import build_report
 
-    say(f"report -> {build_report(run_dir, out, emb)}")
+    say(f"report -> {build_report(run_dir, out, emb, card, parse_class_names(class_names))}")
 
 
 @app.command()
@@ -376,6 +387,11 @@ def pretrain(
     for name, value in (("split_col", split_col), ("group_col", group_col)):
         if value:  # the flags win over a data manifest's own columns
             setattr(source, name, value)
+    from embedkit.dicom import SALT_FILE
+
+    # beside OUT (which is replaced whole on export): DICOM patient groups, and so the held-out split, stay the
+    # same when the run resumes
+    source.dicom_salt_file = out.with_name(f".{out.name}.{SALT_FILE}")
     scan = scan_source(data, source, rows=rows)
     pairs, note = select_pairs(scan.items, only_split)
     print(note, file=sys.stderr)
@@ -453,6 +469,8 @@ def project(
     what = (f"added '{r['added']['modality']}' ({r['added']['rows']} rows, partner {r['added'].get('partner', '-')})"
             if "added" in r else f"{r['rows']} rows")
     console.print(f"project: {what} -> {r['dim']}-d {r['arch']} space in {out}{scores}", markup=False, soft_wrap=True)
+    if fit.get("fitted_on"):
+        console.print(f"fitted on {fit['fitted_on']}", markup=False, soft_wrap=True)
 
 
 _DEBUG = {"on": bool(__import__("os").environ.get("EMBEDKIT_DEBUG"))}

@@ -61,14 +61,22 @@ def train(
     cv: Optional[int] = typer.Option(None, min=2, rich_help_panel=_SCORE,
                                      help="k-fold cross-validation instead of one split."),
     seed: int = typer.Option(0, rich_help_panel=_SCORE),
+    calibrate_on: str = typer.Option("auto", rich_help_panel=_SCORE,
+                                     help="Rows the temperature is fitted on: auto (validation if >= 200 rows, else "
+                                          "out-of-fold training rows, else none), val or oof."),
+    class_names: Optional[str] = typer.Option(None, help="What each class means, e.g. 0=no,1=yes (model card, "
+                                                         "report)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="card.toml: intended use, out-of-scope use, outcome, "
+                                                             "setting, authors, licence, citation (model card)."),
     class_weights: bool = switch(True, "class-weights", "Re-weight classes (balanced)."),
     learned_lambda: bool = switch(False, "learned-lambda", "Learn the shift's lambda jointly with the classifier."),
-    calibrate: bool = switch(True, "calibrate", "Temperature scaling on validation rows."),
+    calibrate: bool = switch(True, "calibrate", "Temperature scaling where there are enough rows (--calibrate-on)."),
     groups: bool = switch(True, "groups", "Keep a group's rows on one side of every split (--no-groups: rows are "
                                           "independent)."),
     data_split: bool = switch(True, "data-split", "Use the data's split column."),
 ):
     """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
+    from embedkit.modelcard import parse_class_names
     from embedkit.train import TrainConfig
     from embedkit.train import train as run
 
@@ -80,7 +88,8 @@ def train(
                       modality_dropout=modality_dropout, threshold=threshold, calibrate=calibrate,
                       group_col=group_col, groups=groups, data_split=data_split,
                       subgroups=list(subgroup_col), bootstrap=bootstrap, seeds=seeds, cv=cv, seed=seed,
-                      models=chosen_models(image_model, text_model))
+                      models=chosen_models(image_model, text_model), calibrate_on=calibrate_on,
+                      class_names=parse_class_names(class_names), card=str(card) if card else None)
     metrics = run(emb, out, cfg)
     _print_metrics(metrics, out)
 
@@ -103,19 +112,38 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         if s is None:
             continue
         one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
+        defined = "" if s["n_runs"] == spread["n_runs"] else f" ({s['n_runs']} of {spread['n_runs']} runs)"
         t.add_row(k, f"{metrics['test'][k]:.3f}", f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-",
-                  "use --seeds or --cv" if one else f"{s['mean']:.3f} ± {s['std']:.3f} "
-                                                    f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
+                  "use --seeds or --cv" if one else (f"defined in {s['n_runs']} of {spread['n_runs']} runs" if
+                                                     s["n_runs"] < 2 else f"{s['mean']:.3f} ± {s['std']:.3f} "
+                                                     f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]{defined}"),
                   f"{v['mean']:.3f}" if v else "-")
     console.print(t)
+    from embedkit.fusion.clinical import banners
+
+    for b in banners(metrics):  # said before any other line: a reader must not miss them
+        console.print(f"[bold yellow]{b['title']}:[/] " + b["message"].replace("[", "\\["), soft_wrap=True)
     if metrics["test"].get("absent_classes"):
         console.print(f"note: classes absent from the test rows (not averaged into macro-F1): "
                       f"{', '.join(map(str, metrics['test']['absent_classes']))}", markup=False)
     cal = metrics.get("calibration") or {}
     if cal:
-        console.print(f"calibration on validation: temperature {cal['temperature']:.3f}, threshold "
-                      f"{cal['threshold']:.3f} ({cal['threshold_rule']}); test ECE {cal['ece_before']['test']:.3f} "
-                      f"-> {cal['ece_after']['test']:.3f}")
+        iv = cal.get("ece_interval") or {}
+        span = {k: f" [{v['low']:.3f}, {v['high']:.3f}]" if v and v.get("low") == v.get("low") else ""
+                for k, v in (("before", iv.get("test_before")), ("after", iv.get("test_after")))}
+        console.print(f"calibration: temperature {cal['temperature']:.3f} "
+                      f"({(cal.get('calibrated_on') or {}).get('note', 'not fitted')}), "
+                      + ("decision: the most probable class" if metrics["config"].get("labels") and len(
+                          metrics["test"].get("per_class", {})) > 2 and len(metrics["config"]["labels"]) == 1 else
+                         f"threshold {cal['threshold']:.3f} ({cal['threshold_rule']}, on validation)") + "; test ECE "
+                      f"{cal['ece_before']['test']:.3f}{span['before']} -> {cal['ece_after']['test']:.3f}{span['after']}",
+                      markup=False, soft_wrap=True)
+    op = (metrics.get("clinical") or {}).get("operating_point") or {}
+    for c, v in (op.get("classes") or {}).items() if len(op.get("classes") or {}) == 1 else ():
+        iv = v.get("intervals") or {}
+        console.print(f"operating point ({op['rule']}): " + ", ".join(
+            f"{r} {v[r]:.3f}" + (f" [{iv[r]['low']:.3f}, {iv[r]['high']:.3f}]" if r in iv else "")
+            for r in ("sensitivity", "specificity", "ppv", "npv")), markup=False, soft_wrap=True)
     for col, values in (metrics.get("subgroups") or {}).items():
         for value, e in values.items():
             b = e["bootstrap"]["macro_f1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -25,11 +26,27 @@ def progress_bar(enabled: bool = True) -> Progress:
 _LEADING_STYLE = re.compile(r"^(\[(?:bold|yellow|red|green)\][^\[]*\[/\])(.*)$", re.S)
 
 
+_RECORDERS: list[list[str]] = []
+
+
+@contextmanager
+def recording():
+    """Collect the plain text of every say() inside the block: a run's notes and warnings, for its model card."""
+    said: list[str] = []
+    _RECORDERS.append(said)
+    try:
+        yield said
+    finally:
+        _RECORDERS.remove(said)
+
+
 def say(message: str) -> None:
     from rich.text import Text
 
     m = _LEADING_STYLE.match(message)
     text = Text.from_markup(m.group(1)) + Text(m.group(2)) if m else Text(message)
+    for said in _RECORDERS:
+        said.append(text.plain)
     console.print(text)
 
 

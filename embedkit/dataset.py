@@ -191,10 +191,12 @@ def cv_runs(ds: Dataset, cfg, groups) -> list[dict[str, np.ndarray]]:
 
 
 def warn_shared_inputs(ds: Dataset, idx: dict, fix: str = "extract with --group-col (e.g. a patient or image "
-                                                         "column)") -> dict:
-    """Without groups: count test rows whose image file or text is identical to a training row's."""
+                                                         "column)", columns=("image_sha256", "text_sha256")) -> dict:
+    """Count test rows whose image file or text is identical to a training row's. Without groups both count;
+    with groups train passes the image only (one person under two patient ids), since short texts (a
+    question, a templated sentence) repeat across patients without being the same case."""
     shared = {}
-    for col in ("image_sha256", "text_sha256"):
+    for col in columns:
         if col in ds.columns:
             train_hashes = set(ds.columns[col][idx["train"]].tolist()) - {None}
             n = sum(h in train_hashes for h in ds.columns[col][idx["test"]].tolist())
@@ -207,6 +209,26 @@ def warn_shared_inputs(ds: Dataset, idx: dict, fix: str = "extract with --group-
                                                shared.items())
             + f"; these rows are not independent: {fix}")
     return shared
+
+
+def warn_ungrouped(idx: dict, groups) -> dict | None:
+    """--no-groups on data that has a group column: what grouping would have changed (test rows whose group
+    also has training or validation rows, which the test score then counts as new cases)."""
+    if groups is None:
+        return None
+    seen = set(groups[np.concatenate([idx["train"], idx["val"]])].tolist()) - {None}
+    test_groups = groups[idx["test"]]
+    crossing = [g is not None and g in seen for g in test_groups]
+    out = {"test_rows_in_groups_seen_in_training": int(sum(crossing)), "test_rows": int(len(test_groups)),
+           "test_groups_seen_in_training": int(len({g for g, c in zip(test_groups, crossing) if c})),
+           "test_groups": int(len(set(test_groups.tolist()) - {None}))}
+    from embedkit.console import say
+
+    say(f"[yellow]warning:[/] --no-groups: {out['test_rows_in_groups_seen_in_training']} of {out['test_rows']} test "
+        f"rows belong to {out['test_groups_seen_in_training']} of {out['test_groups']} groups that also have training "
+        f"or validation rows; the test score counts them as new cases, so it is optimistic wherever a group's rows "
+        f"resemble each other. Leave out --no-groups to keep each group on one side.")
+    return out
 
 
 def row_keys(ds_like, rows, modalities: list[str]) -> list[str]:

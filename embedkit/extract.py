@@ -22,12 +22,13 @@ import hashlib
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from embedkit.costs import Costs, dir_bytes
+from embedkit.dicom import SALT_FILE
 from embedkit.encoders.registry import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, require_model,
                                         resolve_spec)
 from embedkit.engines import get_engine
@@ -127,6 +128,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     get_engine(config.engine)  # an unknown engine or a missing Ray fails before any file is read
     costs = Costs()
     data, out = Path(data), Path(out)
+    source = source or SourceOptions()
+    if source.dicom_salt_file is None:  # DICOM pseudonyms are keyed by a salt kept in --out
+        source = replace(source, dicom_salt_file=out / SALT_FILE)
     with costs.stage("scan"):
         scan = scan or scan_source(data, source, rows=rows)
     counts = scan.counts()
@@ -135,6 +139,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     if scan.duplicate_ids:
         say(f"note: {scan.duplicate_ids} table rows dropped because their id repeats an earlier row's "
             f"(listed in errors.parquet)")
+    for note in scan.notes:
+        say(f"note: {note}")
     if scan.not_carried:
         say(f"note: column(s) {', '.join(scan.not_carried)} not carried through: embedkit's own columns have these "
             f"names (name such a column with --split-col or --group-col if that is what it holds)")
@@ -165,10 +171,11 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         require_model(specs[m])  # a model that is not here and cannot be fetched now: one line, at once
     check_writable_folder(out, "--out")
     with folder_lock(out / ".embedkit.lock", f"--out '{out}'"):
-        return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs)
+        return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs,
+                               dataset=source.dataset if source is not None else None)
 
 
-def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs) -> ExtractResult:
+def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs, dataset=None) -> ExtractResult:
     results = {}
     for m in todo:
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
@@ -177,7 +184,8 @@ def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs
     result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
     write_json_atomic(out / "manifest.json", {
         "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),
-        **result.to_dict(), "skipped_by_stage": dict(Counter(s.stage for s in skipped))})
+        **result.to_dict(), "skipped_by_stage": dict(Counter(s.stage for s in skipped)),
+        **({"dataset": dataset} if dataset else {})})  # a data manifest's source and label meanings (model cards)
     if not any(r.rows_total for r in results.values()):
         raise EmbedkitError(f"nothing could be embedded: all {len(skipped)} inputs were skipped "
                             f"(reasons in {out / 'errors.parquet'})")
@@ -377,6 +385,8 @@ def _sha256(it: Item, modality: str) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    if modality == "image" and it.dicom is not None:  # a DICOM frame and window are pixels of their own
+        h.update(f"\0dicom frame={it.dicom.frame} window={it.dicom.window}".encode())
     return h.hexdigest()
 
 

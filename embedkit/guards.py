@@ -3,8 +3,9 @@
 - `encoder_identity(spec, config)`: what makes two runs' vectors comparable (the resolved spec, every
   setting that changes vectors, a sha256 of each weight file), computed without loading the model, so
   a resume checks it whether or not rows are pending (`check_encoder_identity`).
-- `folder_lock(lock_file, what)`: one run at a time on a folder. An advisory `flock` is released by
-  the kernel when its process dies, so a killed run's lock is taken over without guessing.
+- `folder_lock(lock_file, what)`: one run at a time on a folder. The operating system's file lock (flock on
+  POSIX, LockFileEx on Windows, through the `filelock` package) is released when its process dies, so a killed
+  run's lock is taken over without guessing.
 - `atomic_folder(final)`: a folder written beside its final place and renamed into it, so a crash
   leaves either the old folder or the new one, never a mix.
 - `check_writable_folder`: an output folder that cannot be written fails before any work.
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -157,22 +157,26 @@ def _short(v) -> str:
 def folder_lock(lock_file: Path, what: str):
     """Hold an exclusive lock while the body runs; a second run fails at once with a one-line error.
 
-    The lock is an flock on `lock_file`, released by the kernel when its holder dies (kill -9 too), so
-    a stale lock never blocks; the file names the holder's pid so the message can say who holds it.
+    The lock is the operating system's lock on `lock_file` (`filelock.lock_descriptor`: flock on POSIX,
+    LockFileEx on Windows), released when its holder dies (kill -9 too), so a stale lock never blocks; the file
+    names the holder's pid so the message can say who holds it.
     """
+    from filelock import lock_descriptor
+
     lock_file = Path(lock_file)
     check_writable_folder(lock_file.parent, what)
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = lock_descriptor(fd, blocking=False)
         except OSError as e:
+            os.close(fd)
+            raise EmbedkitError(f"cannot lock {what}: {e.strerror or type(e).__name__}") from None
+        if not locked:
             holder = _read_holder(fd)
             os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise EmbedkitError(f"{what} is in use by another embedkit run ({holder}); wait for it to finish "
-                                    f"(two runs at once would mix their files)") from None
-            raise EmbedkitError(f"cannot lock {what}: {e.strerror}") from None
+            raise EmbedkitError(f"{what} is in use by another embedkit run ({holder}); wait for it to finish "
+                                f"(two runs at once would mix their files)")
         try:  # the holder may have removed the file between our open and our lock: lock the current one
             same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
         except FileNotFoundError:
@@ -182,8 +186,10 @@ def folder_lock(lock_file: Path, what: str):
         os.close(fd)
     previous = _read_holder(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    # byte 0 stays a space: Windows locks that byte, and a waiting run reads the holder from byte 1 on
+    os.write(fd, b" " + json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
     if previous != "unknown holder":
         from embedkit.console import console
 
@@ -191,18 +197,30 @@ def folder_lock(lock_file: Path, what: str):
     try:
         yield
     finally:
+        os.ftruncate(fd, 0)  # a file left behind (Windows cannot delete an open file) names no holder
         try:
-            os.unlink(lock_file)  # while still holding it, so no one locks a file about to vanish
+            os.unlink(lock_file)  # while still holding it (POSIX), so no one locks a file about to vanish
         except OSError:
             pass
         os.close(fd)
+        try:
+            os.unlink(lock_file)  # Windows: now that it is closed
+        except OSError:
+            pass
 
 
 def _read_holder(fd: int) -> str:
+    raw = b""
+    for offset in (0, 1):  # Windows refuses to read the locked byte 0 of another process's lock
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            raw = os.read(fd, 4096)
+            break
+        except OSError:
+            continue
     try:
-        raw = os.pread(fd, 4096, 0)
-        info = json.loads(raw) if raw else None
-    except (OSError, ValueError):
+        info = json.loads(raw) if raw.strip() else None
+    except ValueError:
         info = None
     if not isinstance(info, dict):
         return "unknown holder"

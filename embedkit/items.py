@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Any
 
 
+@dataclass(frozen=True)
+class DicomFrame:
+    """Which pixels of a DICOM file an item is (see dicom.py): part of its content hash, so a changed frame or
+    window is embedded anew."""
+
+    frame: int | None  # 0-based; None: the middle frame
+    window: str = "auto"  # --dicom-window
+
+
 @dataclass
 class Item:
     """One sample: an image, a text, or both, with its labels.
@@ -23,6 +32,7 @@ class Item:
     split: str | None = None
     group: str | None = None  # rows sharing a group (a patient) never sit on both sides of a split
     meta: dict[str, Any] = field(default_factory=dict)  # other columns carried through to Parquet
+    dicom: DicomFrame | None = None  # set when image_path is a DICOM file
 
     @property
     def has_text(self) -> bool:
@@ -37,7 +47,7 @@ class SourceOptions:
     """
 
     metadata: Path | None = None  # CSV or JSONL table; None means: scan the folder
-    id_col: str | None = None  # default: image path without extension, else row number
+    id_col: str | None = None  # default: image path without extension, else row number; "@row": the row number
     image_col: str | None = None  # paths relative to the data folder
     text_col: str | None = None  # a column holding the report text
     text_file_col: str | None = None  # a column holding a path to a report file
@@ -48,6 +58,12 @@ class SourceOptions:
     meta_cols: list[str] | None = None  # None: carry every other column through
     allow_leakage: bool = False  # a template naming a label column or a leakage field is refused unless this is set
     leakage_fields: list[str] = field(default_factory=list)  # columns known to leak (a data manifest's)
+    # DICOM images (dicom.py)
+    dicom_window: str = "auto"  # auto | minmax | N (the file's N-th window) | C,W
+    dicom_frames: str = "middle"  # middle | all (each frame its own row)
+    dicom_per: str | None = None  # study | series | image; None: series for a folder scan, image for a table
+    dicom_salt_file: Path | None = None  # None: extract keeps it in --out (dicom.SALT_FILE)
+    dataset: dict | None = None  # what a data manifest says of the data (source, licence, labels): for model cards
 
 
 @dataclass

@@ -45,6 +45,7 @@ def scan_text_leakage(
     min_precision: float = 0.9,
     min_lift: float = 0.3,
     min_coverage: float = 0.1,
+    groups=None,
 ) -> dict:
     """Scan training texts for words that give the label away.
 
@@ -61,10 +62,20 @@ def scan_text_leakage(
         "rules": [{"token", "class", "precision", "coverage", "rows"}...], "n_rows_scanned": int}
     where a label word's "rows" counts class-c rows holding it and a rule's "rows" counts all
     scanned rows holding the token.
+
+    groups: one value per row (a patient): every count is then of groups, not rows (each group's texts
+    with one label read as one text), so one patient's many rows holding a token - their name, their
+    ward - are one piece of evidence, not a class-wide leak; `unit` says which.
     """
     if task not in TASKS:
         raise EmbedkitError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
     classes = list(classes)
+    if groups is not None:
+        result = scan_text_leakage(*_per_group(texts, y, groups, task), task, classes, label_names, min_rows, top,
+                                   min_precision, min_lift, min_coverage)
+        result["n_groups_scanned"] = result["n_rows_scanned"]
+        result["n_rows_scanned"] = sum(t is not None for t in texts)
+        return {**result, "unit": "group"}
     texts, Y = _scanned_rows(texts, y, task, classes)
     empty = {"label_words": [], "rules": [], "n_rows_scanned": len(texts)}
     if not texts:
@@ -107,6 +118,21 @@ def _scanned_rows(texts, y, task: str, classes: list) -> tuple[list[str], np.nda
         Y[np.nonzero(k >= 0)[0], k[k >= 0]] = 1.0
     rows = np.nonzero(keep)[0]
     return [str(texts[i]) for i in rows], Y[rows]
+
+
+def _per_group(texts, y, groups, task: str) -> tuple[list, np.ndarray]:
+    """One text per (group, label) pair: the group's texts with that label, joined (a row without a group is
+    a group of its own)."""
+    joined: dict = {}
+    for i, (text, g) in enumerate(zip(texts, groups)):
+        if text is None:
+            continue
+        label = tuple(np.asarray(y[i]).tolist()) if task == "multilabel" else y[i]
+        key = (f"row:{i}" if g is None or g != g else f"g:{g}", label)
+        joined.setdefault(key, []).append(str(text))
+    keys = list(joined)
+    y_out = np.array([k[1] for k in keys], dtype=None if task == "multilabel" else object)
+    return ["\n".join(joined[k]) for k in keys], y_out
 
 
 def _plain(c):
@@ -161,9 +187,10 @@ def _rules(vocabulary, token_rows, token_class_rows, class_rows, classes, n_rows
 def format_leakage(result: dict, label: str) -> list[str]:
     """Short lines for the user, one per finding; [] when the scan found nothing."""
     where = f" (label '{label}')" if label else ""
-    lines = [f"leakage? token '{r['token']}' -> class {r['class']} on {r['coverage']:.0%} of its training rows "
+    unit = result.get("unit", "row")
+    lines = [f"leakage? token '{r['token']}' -> class {r['class']} on {r['coverage']:.0%} of its training {unit}s "
              f"(precision {r['precision']:.2f}){where}" for r in result.get("rules", [])]
     lines += [f"leakage? the {w['source']} word '{w['token']}' is in {w['share']:.0%} of class {w['class']}'s "
-              f"training texts ({w['rows']} rows; {w['share_elsewhere']:.0%} of the other classes'){where}"
+              f"training texts ({w['rows']} {unit}s; {w['share_elsewhere']:.0%} of the other classes'){where}"
               for w in result.get("label_words", [])]
     return lines

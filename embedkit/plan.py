@@ -59,23 +59,15 @@ def item_path(it: Item, modality: str) -> Path | None:
 
 
 def read_item_text(it: Item) -> tuple[str | None, str | None]:
-    """(text as embedded, None) or (None, reason). Reasons never quote the text."""
-    if it.text is not None:
-        text = it.text
-    else:
-        try:
-            raw = it.text_path.read_bytes()
-        except OSError as e:
-            return None, f"cannot read report ({e.strerror or type(e).__name__})"
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            return None, "report is not UTF-8 text"
-        if "\x00" in text:
-            return None, "report looks binary (contains NUL bytes)"
-    if not text.strip():
-        return None, "empty report" if it.text is None else "empty text"
-    return text.strip(), None
+    """(text as embedded, None) or (None, reason). Reasons never quote the text. Report files of every kind
+    (plain text, PDF, .docx, .rtf, .html) are read by documents.read_report."""
+    if it.text is None:
+        from embedkit.documents import read_report
+
+        return read_report(it.text_path)
+    if not it.text.strip():
+        return None, "empty text"
+    return it.text.strip(), None
 
 
 def input_size(path: Path | None) -> int:

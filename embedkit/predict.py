@@ -217,11 +217,13 @@ def predict(model_dir, emb_dir, out_path, models: dict | None = None) -> dict:
 
 
 def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None, split: str | None = None,
-             allow_overlap: bool = False, rows_out=None, models: dict | None = None) -> dict:
+             allow_overlap: bool = False, rows_out=None, models: dict | None = None,
+             exclude_fitted: bool = False) -> dict:
     """The training metrics for a trained model on labelled embeddings it was not fitted on.
 
     split: only rows whose split column says so (e.g. "test" of the training folder). Rows the
-    model was trained or selected on are refused unless allow_overlap (then counted and flagged).
+    model was trained or selected on are refused unless allow_overlap (then counted and flagged), or left
+    out and counted with exclude_fitted (`rows_left_out_as_fitted`).
     """
     from embedkit.dataset import SPLIT_NAMES
     from embedkit.fusion.evaluate import bootstrap_metrics, compute_metrics
@@ -240,6 +242,13 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
         rows = np.flatnonzero(ds.split == want)
         if not len(rows):
             raise EmbedkitError(f"no labelled {want} rows in '{emb_dir}'")
+    left_out = 0
+    if exclude_fitted:
+        fitted = set().union(*(info.get("fitted_rows", {}).values() or [set()]))
+        seen = np.array([k in fitted for k in row_keys(ds, rows, info["modalities"])], dtype=bool)
+        rows, left_out = rows[~seen], int(seen.sum())
+        if not len(rows):
+            raise EmbedkitError(f"every labelled row of '{emb_dir}' was used to train or select this model")
     overlap = _fitted_overlap(info, ds, rows)
     if overlap and not allow_overlap:
         raise EmbedkitError(f"{overlap} of {len(rows)} rows were used to train or select this model; its score on "
@@ -258,6 +267,7 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     groups = None if groups is None or all(g is None for g in groups[rows]) else groups[rows]
     boot = bootstrap_metrics(y, proba, est.classes_, info["task"], threshold, groups)
     result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
+              "rows_left_out_as_fitted": left_out,
               "split": split, "model": str(model_dir), "embeddings": str(emb_dir)}
     if out_path:
         write_json_atomic(Path(out_path), result)

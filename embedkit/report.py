@@ -4,10 +4,13 @@ RUN_DIR is a model folder from `embedkit train` (metrics.json) or a folder from 
 (bench.json). Everything is inline: CSS in the page, plots as base64 PNG data URIs; no scripts,
 no external assets, so it opens the same offline, in a mail client or printed.
 
-A model page: test metrics with their spread over seeds/folds, per-class scores, the confusion
-matrix, calibration (ECE before/after temperature scaling and the reliability diagram of the
-model's test rows, or of --emb), the alignment curve and gap plot when
-training wrote them, the learning curve, costs and the configuration.
+A model page: the model card (modelcard.py: banners when a test interval covers chance or
+validation and test disagree, data, flow of rows, metrics with intervals, operating point,
+calibration, limitations, TRIPOD+AI), then the plots and details, each saying which rows it was
+computed on: per-class scores and the confusion matrix (test rows), the reliability diagram (the
+model's test rows, or the rows of --emb it was neither fitted nor tuned on), the decision curve,
+the alignment curve and gap plot when training wrote them, the learning curve, costs and the
+configuration.
 A bench page: the targets, every table and every plot of the run, the machine and its load.
 """
 
@@ -32,6 +35,8 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bot
 h3{font-size:14px;margin:16px 0 6px}table{border-collapse:collapse;margin:6px 0 4px;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:12px;max-width:900px}
+.banner{background:#fff4e5;border-left:5px solid #b35c00;padding:8px 12px;color:#222;max-width:900px}
+.banner-chance{background:#fdecea;border-left-color:#b3261e}table.card td{text-align:left}
 .met{color:#11772a;font-weight:600}.missed{color:#b3261e;font-weight:600}.muted{color:#777}
 img{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
 table{display:block;max-width:100%;overflow-x:auto}td{overflow-wrap:break-word}
@@ -43,13 +48,15 @@ th,td{padding:3px 5px}table{font-size:13px}}
 # scrolls sideways.
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | Path | None = None) -> Path:
-    """Write the report of a model or bench folder; returns the HTML file's path (default RUN_DIR/report.html)."""
+def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | Path | None = None,
+                 card: str | Path | None = None, class_names: dict | None = None) -> Path:
+    """Write the report of a model or bench folder; returns the HTML file's path (default RUN_DIR/report.html).
+    Model folders: `card` (a card.toml) and `class_names` ({"0": "no", ...}) override what train saved."""
     run_dir = Path(run_dir)
     if (run_dir / "bench.json").is_file():
         page = bench_html(json.loads((run_dir / "bench.json").read_text()), run_dir)
     elif (run_dir / "metrics.json").is_file():
-        page = model_html(run_dir, Path(emb) if emb else None)
+        page = model_html(run_dir, Path(emb) if emb else None, card, class_names)
     else:
         raise EmbedkitError(f"'{run_dir}' is neither a model folder (metrics.json, from `embedkit train`) nor a "
                             f"bench folder (bench.json, from `embedkit bench`)")
@@ -170,31 +177,27 @@ def bench_html(r: dict, folder: Path) -> str:
 # model folders
 
 
-def model_html(folder: Path, emb: Path | None = None) -> str:
-    metrics = json.loads((folder / "metrics.json").read_text())
-    info_path = folder / "embedkit_model.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    spread, data = metrics["spread"], metrics.get("data", {})
-    body = [f"<h1>Model report: {html.escape(folder.name)}</h1>",
-            f"<p>Task {_e(info.get('task'))}, fusion {_e(info.get('fusion'))}, label(s) "
-            f"{_e(', '.join(info.get('labels', [])))}; classes {_e(', '.join(map(str, info.get('classes', []))))}. "
-            f"{_e(data.get('rows'))} rows, split {_e(data.get('split'))} "
-            f"(train / val / test {_e('/'.join(str(v) for v in data.get('n', {}).values()))}).</p>"]
-    enc = info.get("encoders") or {}
-    if enc:
-        body.append("<h3>Encoders</h3>" + html_table(["modality", "model", "dim", "pooling"],
-                                                     [[k, v.get("name"), v.get("dim"), v.get("pooling")]
-                                                      for k, v in enc.items()]))
+def model_html(folder: Path, emb: Path | None = None, card_path=None, class_names: dict | None = None) -> str:
+    from embedkit.modelcard import Card, card_html, named
+
+    card = Card.from_folder(folder, card_path, class_names)
+    metrics, info = card.metrics, card.info
+    spread = metrics["spread"]
+    body = [card_html(card), "<h2>Plots and details</h2>"]
     body.append(_metrics_section(spread))
     body.append(_bootstrap_section(metrics))
     body.append(_subgroup_section(metrics.get("subgroups")))
     test = metrics["test"]
+    classes = [named(c, card.names) for c in test.get("per_class", {})]
+    n_test = test.get("n")
     if test.get("per_class"):
-        body.append("<h2>Per class (test, first run)</h2>" + html_table(
+        body.append(f"<h2>Per class ({_e(n_test)} test rows of the saved model)</h2>" + html_table(
             ["class", "precision", "recall", "F1", "support"],
-            [[c, s["precision"], s["recall"], s["f1"], s["support"]] for c, s in test["per_class"].items()]))
-    body.append(_confusion_section(test.get("confusion_matrix"), list(test.get("per_class", {})), info.get("task")))
+            [[named(c, card.names), s["precision"], s["recall"], s["f1"], s["support"]]
+             for c, s in test["per_class"].items()]))
+    body.append(_confusion_section(test.get("confusion_matrix"), classes, info.get("task"), n_test))
     body.append(_calibration_section(folder, metrics, info, emb))
+    body.append(_decision_curve_section(metrics, card.names))
     if metrics.get("alignment"):
         a = metrics["alignment"]
         body.append("<h2>Modality-gap alignment</h2>"
@@ -202,14 +205,16 @@ def model_html(folder: Path, emb: Path | None = None) -> str:
                     f"{_e(a.get('scale'))}"
                     + (f", chosen on {_e(a.get('selected_on'))}" if a.get("selected_on") else "") + ".</p>")
         if metrics.get("gap"):
-            body.append(html_table(["statistic", "value"], [[k, v] for k, v in _flat(metrics["gap"]).items()]))
-    for name, title in (("lambda_curve.png", "Alignment choice on validation"),
-                        ("lambda_trajectory.png", "Learned lambda per epoch"), ("gap_pca.png", "Modality gap (PCA)")):
+            body.append(html_table(["statistic", "value"], [[k, v] for k, v in _flat(metrics["gap"]).items()],
+                                   "Measured on the training rows of run 0."))
+    for name, title in (("lambda_curve.png", "Alignment choice on validation rows"),
+                        ("lambda_trajectory.png", "Learned lambda per epoch (training rows)"),
+                        ("gap_pca.png", "Modality gap (PCA of the training rows)")):
         if (folder / name).is_file():
             body.append(f"<h3>{title}</h3>" + png_img(folder / name, name))
     curve = _learning_curve(folder)
     if curve:
-        body.append("<h2>Learning curve (first run)</h2>" + png_img(curve, "learning curve"))
+        body.append("<h2>Learning curve (first run: training and validation rows)</h2>" + png_img(curve, "learning curve"))
     costs = _flat(metrics.get("costs", {}))
     body.append("<h2>Costs</h2>" + html_table(["cost", "value"], [[k, v] for k, v in costs.items()],
                                                "seconds, MB and bytes as measured by embedkit train"))
@@ -231,15 +236,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _metrics_section(spread: dict) -> str:
+    if spread["n_runs"] < 2:
+        return ('<p class="note">One run: no spread over seeds or folds (train --seeds N or --cv K gives one).</p>')
     rows = []
     for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece"):
         s, v = spread["test"].get(k), spread["val"].get(k)
         if s is None:
             continue
         rows.append([k, f"{fmt(s['mean'])} ± {fmt(s['std'])}", f"[{fmt(s['ci95_low'])}, {fmt(s['ci95_high'])}]",
-                     v["mean"] if v else None, s["n_runs"]])
+                     v["mean"] if v else None, f"{s['n_runs']} of {s.get('of_runs', spread['n_runs'])}"])
     return (f"<h2>Test metrics over {_e(spread['n_runs'])} {_e(spread['over'])}</h2>"
-            + html_table(["metric", "test (mean ± std)", "95 % interval", "validation mean", "runs"], rows,
+            + html_table(["metric", "test (mean ± std)", "95 % interval", "validation mean", "runs where defined"], rows,
                          "Model selection used the validation split only; the test split was scored once per run."))
 
 
@@ -272,54 +279,112 @@ def _subgroup_section(subgroups: dict | None) -> str:
         "Each subgroup's own test rows; a small subgroup's numbers can move a lot with a few patients.")
 
 
-def _confusion_section(cm, classes: list, task: str | None) -> str:
-    if not cm:
-        return ""
+def text_color_on(rgb) -> str:
+    """Black or white, whichever contrasts more with the background colour `rgb` (WCAG relative luminance):
+    the contrast ratio is then at least 4.5 on any background."""
+    def linear(c):
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgb[:3])
+    lum = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
+def confusion_figure(cm, classes: list):
+    """The confusion matrix as a heatmap; each count in black or white, whichever reads on its cell."""
     from matplotlib.figure import Figure
 
-    if task == "multilabel":
-        rows = [[c, *np.asarray(m).ravel().tolist()] for c, m in zip(classes, cm)]
-        return "<h2>Confusion (per label, test)</h2>" + html_table(["label", "TN", "FP", "FN", "TP"], rows)
     cm = np.asarray(cm)
-    table = html_table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, cm.tolist())])
     fig = Figure(figsize=(1.6 + 0.7 * len(classes), 1.2 + 0.6 * len(classes)))
     ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues")
+    image = ax.imshow(cm, cmap="Blues")
     for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
+        for j in range(cm.shape[1]):  # the text colour from the cell's own colour, not from its count
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+                    color=text_color_on(image.cmap(image.norm(cm[i, j]))))
     names = [str(c).replace("$", r"\$") for c in classes]  # a label is text, never matplotlib math
     ax.set_xticks(range(len(classes)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(classes)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    return "<h2>Confusion matrix (test, first run)</h2>" + table + png_img(figure_png(fig), "confusion matrix")
+    return fig
+
+
+def _confusion_section(cm, classes: list, task: str | None, n_test=None) -> str:
+    if not cm:
+        return ""
+    if task == "multilabel":
+        rows = [[c, *np.asarray(m).ravel().tolist()] for c, m in zip(classes, cm)]
+        return (f"<h2>Confusion (per label, {_e(n_test)} test rows)</h2>"
+                + html_table(["label", "TN", "FP", "FN", "TP"], rows))
+    cm = np.asarray(cm)
+    table = html_table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, cm.tolist())])
+    fig = confusion_figure(cm, classes)
+    ax = fig.axes[0]
+    ax.set_title(f"{n_test} test rows of the saved model", fontsize=9)
+    return (f"<h2>Confusion matrix ({_e(n_test)} test rows of the saved model)</h2>" + table
+            + png_img(figure_png(fig), "confusion matrix"))
+
+
+def _decision_curve_section(metrics: dict, names: dict) -> str:
+    from embedkit.modelcard import named
+
+    dc = (metrics.get("clinical") or {}).get("decision_curve")
+    if not dc:
+        return ""
+    from matplotlib.figure import Figure
+
+    pts = np.asarray(dc["thresholds"])
+    figs = []
+    for c, curve in dc["classes"].items():
+        fig = Figure(figsize=(5.5, 3.6))
+        ax = fig.add_subplot()
+        ax.plot(pts, curve["model"], color="#1f4e9c", label="model")
+        ax.plot(pts, curve["treat_all"], color="#b35c00", ls="--", label="treat all")
+        ax.axhline(0, color="#444", ls=":", label="treat none")
+        top = max(max(curve["model"]), curve["prevalence"], 0.05)
+        ax.set_ylim(-0.1 * top - 0.02, top * 1.15)
+        ax.set_xlabel("threshold probability")
+        ax.set_ylabel("net benefit")
+        ax.set_title(f"{named(c, names).replace('$', chr(92) + '$')}: {metrics['test'].get('n')} test rows", fontsize=9)
+        ax.legend(fontsize=8)
+        figs.append(png_img(figure_png(fig), f"decision curve {named(c, names)}"))
+    return ("<h2>Decision curve (test rows)</h2><p class=\"note\">Net benefit = TP/N - FP/N x pt/(1 - pt) at "
+            "threshold probability pt (Vickers and Elkin 2006), against treating every row and none; read it where "
+            "the probabilities are calibrated.</p>" + "".join(figs))
 
 
 def _calibration_section(folder: Path, metrics: dict, info: dict, emb: Path | None) -> str:
     ece = metrics["spread"]["test"].get("ece", {})
     cal = metrics.get("calibration") or {}
-    head = (f"<h2>Calibration</h2><p>Expected calibration error (10 bins): {_e(ece.get('mean'))} "
-            f"± {_e(ece.get('std'))} over runs; 0 means the predicted confidence matches the accuracy.</p>")
+    spread = (f"{_e(ece.get('mean'))} ± {_e(ece.get('std'))} over {_e(ece.get('n_runs'))} runs"
+              if (ece.get("n_runs") or 0) > 1 else f"{_e(metrics['test'].get('ece'))} on the test rows")
+    head = (f"<h2>Calibration</h2><p>Expected calibration error (10 bins): {spread}; 0 means the predicted "
+            f"confidence matches the accuracy.</p>")
     if cal:
-        head += (f"<p>Fitted on validation rows: temperature {_e(cal.get('temperature'))}, decision threshold "
-                 f"{_e(cal.get('threshold'))} ({html.escape(str(cal.get('threshold_rule')))}); test ECE "
+        fitted = (cal.get("calibrated_on") or {}).get("note", "fitted on validation rows")
+        head += (f"<p>Temperature {_e(cal.get('temperature'))} ({html.escape(fitted)}); decision threshold "
+                 f"{_e(cal.get('threshold'))} ({html.escape(str(cal.get('threshold_rule')))}, chosen on validation "
+                 f"rows); test ECE "
                  f"{_e(cal.get('ece_before', {}).get('test'))} before, {_e(cal.get('ece_after', {}).get('test'))} "
                  f"after temperature scaling.</p>")
     if emb is None and not (folder / "test_predictions.parquet").is_file():
         return head + ('<p class="note">For the reliability diagram, pass the labelled embeddings: '
                        "embedkit report MODEL --emb EMBEDDINGS.</p>")
     conf, correct, where = reliability_inputs(folder, emb, metrics)
-    return head + png_img(figure_png(reliability_figure(conf, correct, where)), "reliability diagram")
+    short = "the model's test rows (run 0)" if emb is None else f"unseen rows of {Path(emb).name}"
+    return (head + f'<p class="note">Reliability diagram on {html.escape(where)}.</p>'
+            + png_img(figure_png(reliability_figure(conf, correct, f"{short}, {len(conf)} predictions")),
+                      "reliability diagram"))
 
 
 def reliability_inputs(folder: Path, emb: Path | None, metrics: dict) -> tuple[np.ndarray, np.ndarray, str]:
     """Confidence of each prediction and whether it was right: on the model's own test rows (written by
-    train as test_predictions.parquet), or on all rows of `emb` when given."""
+    train as test_predictions.parquet), or on the labelled rows of `emb` the model was neither fitted nor
+    tuned on (rows of its training and validation splits are left out, and counted)."""
     import pyarrow.parquet as pq
 
-    from embedkit.predict import load_model, predict
+    from embedkit.predict import evaluate, load_model
 
     _, info = load_model(folder)
     if emb is None:
@@ -328,8 +393,9 @@ def reliability_inputs(folder: Path, emb: Path | None, metrics: dict) -> tuple[n
         import tempfile
 
         path = Path(tempfile.mkdtemp(prefix="embedkit-report-")) / "rows.parquet"
-        predict(folder, emb, path)
-        where = f"all rows of {emb}"
+        r = evaluate(folder, emb, exclude_fitted=True, rows_out=path)
+        where = (f"rows of {Path(emb).name} the model was neither fitted nor tuned on "
+                 f"({r['rows_left_out_as_fitted']} fitted or tuning rows left out)")
     t = pq.read_table(path).to_pydict()
     classes, threshold = info["classes"], (info.get("calibration") or {}).get("threshold", 0.5)
     if info["task"] == "multilabel":

@@ -7,6 +7,10 @@ Three layouts, detected in this order:
   paired folder images and same-stem report files (case01.jpg + case01.txt), any depth
 Class folders may hold reports too; they pair the same way.
 
+DICOM files (by .dcm-like name or the DICM marker) are images wherever an image can be: dicom.py reads their
+headers, pseudonymises their ids and picks their frames. Reports may be .txt/.md or documents (.pdf, .docx,
+.rtf, .html: documents.py reads them when their batch is embedded).
+
 Every input path stays inside the data folder: a table path like `../x.jpg` or `/abs/x.jpg`, or a
 symlink pointing out of DATA, is skipped ("outside the data folder"), never read.
 """
@@ -21,13 +25,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedkit.dicom import DICOM_EXTS, DicomReader, check_choice, check_window, dicom_key, looks_like_dicom, select_and_expand
+from embedkit.documents import DOCUMENT_EXTS
 from embedkit.errors import EmbedkitError
 from embedkit.items import Item, SkippedInput, SourceOptions
 from embedkit.store import RESERVED_COLUMNS
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-TEXT_EXTS = {".txt", ".md"}
+TEXT_EXTS = {".txt", ".md"} | DOCUMENT_EXTS
 TABLE_EXTS = {".csv", ".jsonl", ".json", ".tsv"}
+ROW_ID = "@row"  # --id-col @row: the row number is the id (a table without an id column)
 
 
 @dataclass
@@ -40,6 +47,8 @@ class SourceScan:
     group_col: str | None = None  # the column item.group came from (None: no groups)
     duplicate_ids: int = 0  # table rows dropped because their id repeats an earlier row's
     not_carried: list[str] = field(default_factory=list)  # table columns named like embedkit's own columns
+    notes: list[str] = field(default_factory=list)  # what the user should know (DICOM files chosen, frames)
+    dicom_not_chosen: int = 0  # DICOM files left out by --dicom-per
 
     def counts(self) -> dict:
         images = sum(i.image_path is not None for i in self.items)
@@ -48,13 +57,17 @@ class SourceScan:
         reasons = Counter(s.stage for s in self.skipped)
         return {"items": len(self.items), "images": images, "texts": texts, "pairs": pairs,
                 "images_without_text": images - pairs, "texts_without_image": texts - pairs,
-                "skipped": len(self.skipped), **{f"skipped_{k}": v for k, v in sorted(reasons.items())}}
+                "skipped": len(self.skipped), **{f"skipped_{k}": v for k, v in sorted(reasons.items())},
+                **({"dicom_files_not_chosen": self.dicom_not_chosen} if self.dicom_not_chosen else {})}
 
 
 def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[dict] | None = None) -> SourceScan:
     """Find every item under `root` (or in `rows`, from a data manifest)."""
     root = Path(root)
     opts = opts or SourceOptions()
+    check_window(opts.dicom_window)
+    check_choice(opts.dicom_frames, ("middle", "all"), "--dicom-frames")
+    check_choice(opts.dicom_per, ("study", "series", "image"), "--dicom-per")
     if not root.exists():
         raise EmbedkitError(f"data folder '{root}' does not exist")
     if rows is not None:
@@ -63,13 +76,13 @@ def scan_source(root: str | Path, opts: SourceOptions | None = None, rows: list[
         return items_from_table(read_table(opts.metadata), root, opts, layout=f"table {Path(opts.metadata).name}")
     if not root.is_dir():
         raise EmbedkitError(f"'{root}' is a file: pass a data folder, or a table with --metadata")
-    return scan_folder(root)
+    return scan_folder(root, opts)
 
 
 # ---------------------------------------------------------------- folders
 
 
-def scan_folder(root: Path) -> SourceScan:
+def scan_folder(root: Path, opts: SourceOptions | None = None) -> SourceScan:
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
     skipped: list[SkippedInput] = []
     real_root = root.resolve()
@@ -82,17 +95,18 @@ def scan_folder(root: Path) -> SourceScan:
             skipped.append(SkippedInput(rel.with_suffix("").as_posix(), rel.as_posix(), "scan", OUTSIDE))
     files = inside
     top_dirs = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
+    kinds = {p: _file_kind(p, root) for p in files}
     # ImageFolder style: every image sits exactly one level down, in >= 2 sub-folders
-    depths = {len(p.relative_to(root).parts) for p in files if p.suffix.lower() in IMAGE_EXTS | TEXT_EXTS}
+    depths = {len(p.relative_to(root).parts) for p in files if kinds[p] in ("image", "dicom", "report")}
     class_folders = depths == {2} and len(top_dirs) >= 2
 
     images: dict[str, Path] = {}
     reports: dict[str, Path] = {}
     for p in files:
         rel = p.relative_to(root)
-        key = rel.with_suffix("").as_posix()
+        key = dicom_key(rel) if kinds[p] == "dicom" else rel.with_suffix("").as_posix()
         ext = p.suffix.lower()
-        bucket = images if ext in IMAGE_EXTS else reports if ext in TEXT_EXTS else None
+        bucket = images if kinds[p] in ("image", "dicom") else reports if kinds[p] == "report" else None
         if bucket is None:
             if not (p.parent == root and ext in TABLE_EXTS):  # a metadata table at the root is expected
                 skipped.append(SkippedInput(key, rel.as_posix(), "scan", f"not an image or report ({ext or 'no extension'})"))
@@ -114,8 +128,36 @@ def scan_folder(root: Path) -> SourceScan:
                 path = (it.image_path or it.text_path).relative_to(root).as_posix()
                 skipped.append(SkippedInput(it.id, path, "pair", f"no {missing} file with the same stem"))
     layout = "class sub-folders (label = folder name)" if class_folders else "folder"
-    kinds = " + ".join(k for k, d in (("images", images), ("same-stem reports", reports)) if d)
-    return SourceScan(f"{layout}: {kinds or 'no images or reports'}", items, skipped)
+    found = " + ".join(k for k, d in (("images", images), ("same-stem reports", reports)) if d)
+    scan = SourceScan(f"{layout}: {found or 'no images or reports'}", items, skipped)
+    return _with_dicom(scan, root, opts or SourceOptions(), DicomReader(_salt_file(opts)), per_default="series")
+
+
+def _file_kind(p: Path, root: Path) -> str | None:
+    """image | dicom | report | None, by extension, and for names without a known one by content (DICM)."""
+    ext = p.suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in TEXT_EXTS:
+        return "report"
+    if ext in TABLE_EXTS and p.parent == root:
+        return None
+    return "dicom" if looks_like_dicom(p) else None
+
+
+def _salt_file(opts: SourceOptions | None):
+    return opts.dicom_salt_file if opts is not None else None
+
+
+def _with_dicom(scan: SourceScan, root: Path, opts: SourceOptions, reader: DicomReader, per_default: str):
+    """The scan with its DICOM items described, grouped by patient, chosen and given their frames."""
+    d = select_and_expand(scan.items, root, reader, per=opts.dicom_per or per_default, frames=opts.dicom_frames,
+                          window=check_window(opts.dicom_window), default_group=opts.group_col is None)
+    scan.items, scan.notes, scan.dicom_not_chosen = d.items, scan.notes + d.notes, d.not_chosen
+    scan.skipped += d.skipped
+    if scan.group_col is None and any(it.dicom is not None and it.group is not None for it in scan.items):
+        scan.group_col = "dicom_patient"
+    return scan
 
 
 def _hidden(rel: Path) -> bool:
@@ -231,6 +273,9 @@ def infer_column_types(rows: list[dict]) -> list[dict]:
 def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: str) -> SourceScan:
     if not rows:
         raise EmbedkitError("the metadata table has no rows")
+    reader = DicomReader(opts.dicom_salt_file)
+    if opts.image_col:  # DICOM images bring their dicom_* columns into the row: templates and --group-col see them
+        reader.add_columns(rows, root, opts.image_col)
     columns = set().union(*(r.keys() for r in rows))
     _check_named_columns(columns, opts)
     template = _checked_template(opts, columns)
@@ -241,14 +286,17 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
     not_carried = [c for c in meta_cols if c in RESERVED_COLUMNS]  # a stray 'split' must not pose as the split
     meta_cols = [c for c in meta_cols if c not in RESERVED_COLUMNS]
     paths = _TablePaths(root)
-    items, skipped, seen, duplicates = [], paths.skipped, {}, 0
+    items, skipped, seen, duplicates, differing = [], paths.skipped, {}, 0, 0
+    content = [opts.text_col, opts.text_file_col, *opts.label_cols, *(template.fields if template else [])]
     for n, row in enumerate(rows):
         image = row.get(opts.image_col) if opts.image_col else None
-        if opts.id_col:
+        if opts.id_col == ROW_ID:
+            key = f"row{n:06d}"  # the row number, as for a text-only table without an id column
+        elif opts.id_col:
             key = row.get(opts.id_col)
             key = None if key is None else str(key)
         elif image:
-            key = Path(str(image)).with_suffix("").as_posix()
+            key = _image_key(str(image))
         else:
             key = f"row{n:06d}"  # text-only table without an id column: row order is the only key
         where = f"row {n + 1}"
@@ -257,7 +305,11 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
             continue
         if key in seen:
             duplicates += 1
-            skipped.append(SkippedInput(key, where, "scan", f"duplicate id (first seen in row {seen[key] + 1})"))
+            first = rows[seen[key]]
+            differs = not opts.id_col and any(row.get(c) != first.get(c) for c in content if c)
+            differing += differs
+            hint = "; its text or labels differ: --id-col @row keeps every row" if differs else ""
+            skipped.append(SkippedInput(key, where, "scan", f"duplicate id (first seen in row {seen[key] + 1}){hint}"))
             continue
         seen[key] = n
         item = Item(id=key, labels={c: row.get(c) for c in opts.label_cols},
@@ -281,19 +333,46 @@ def items_from_table(rows: list[dict], root: Path, opts: SourceOptions, layout: 
         if item.image_path is not None or item.has_text:
             items.append(item)
     paths.check_any_found()
-    _check_duplicates(duplicates, len(rows), opts)
+    _check_duplicates(duplicates, len(rows), opts, differing)
     # numbers are stored as numbers (age 65, not "65"); the text and paths above used the cells as written
     infer_column_types([it.labels for it in items])  # in place: the dicts are the items' own
     infer_column_types([it.meta for it in items])
-    return SourceScan(layout, items, skipped, group_col=opts.group_col, duplicate_ids=duplicates,
+    scan = SourceScan(layout, items, skipped, group_col=opts.group_col, duplicate_ids=duplicates,
                       not_carried=not_carried)
+    scan = _with_dicom(scan, root, opts, reader, per_default="image")  # a table's rows are each kept
+    if opts.id_col == ROW_ID and opts.group_col is None:
+        _group_rows_by_image(scan, root, opts)
+    return scan
+
+
+def _group_rows_by_image(scan: SourceScan, root: Path, opts: SourceOptions) -> None:
+    """--id-col @row: rows that share an image share a group (the image path), so no split puts one image on both
+    sides; a group column or a DICOM patient, where there is one, already did better."""
+    shared = Counter(it.image_path for it in scan.items if it.image_path is not None and it.group is None)
+    for it in scan.items:
+        if it.group is None and it.image_path is not None:
+            it.group = it.image_path.relative_to(root).as_posix()
+    if scan.group_col is None and shared:
+        scan.group_col = opts.image_col
+        repeated = sum(n for n in shared.values() if n > 1)
+        if repeated:
+            scan.notes.append(f"--id-col @row: {repeated} rows share an image with another row; each image's rows "
+                              f"form one group (column '{opts.image_col}'), so a split keeps them on one side "
+                              f"(name a patient column with --group-col to group by patient)")
+
+
+def _image_key(image: str) -> str:
+    """A row's id from its image path: the path without its extension; a name without a known one (a DICOM file
+    named by UID, 1.2.840.113619.2.55.3) is kept whole, so two UIDs never collapse to one id."""
+    path = Path(image)
+    return (path.with_suffix("") if path.suffix.lower() in IMAGE_EXTS | DICOM_EXTS else path).as_posix()
 
 
 def _check_named_columns(columns: set[str], opts: SourceOptions) -> None:
     named = {"--id-col": opts.id_col, "--image-col": opts.image_col, "--text-col": opts.text_col,
              "--text-file-col": opts.text_file_col, "--split-col": opts.split_col, "--group-col": opts.group_col}
     for flag, col in list(named.items()) + [("--label-col", c) for c in opts.label_cols]:
-        if col and col not in columns:
+        if col and col not in columns and not (flag == "--id-col" and col == ROW_ID):
             raise EmbedkitError(f"column '{col}' ({flag}) is not in the table; columns are: "
                                 f"{', '.join(sorted(columns))}")
     for col in opts.label_cols:
@@ -371,11 +450,14 @@ class _TablePaths:
 MAX_DUPLICATE_FRACTION = 0.01
 
 
-def _check_duplicates(duplicates: int, n_rows: int, opts: SourceOptions) -> None:
+def _check_duplicates(duplicates: int, n_rows: int, opts: SourceOptions, differing: int = 0) -> None:
     if duplicates < 2 or duplicates <= MAX_DUPLICATE_FRACTION * n_rows:
         return
     if opts.id_col:
         where, fix = f"column '{opts.id_col}'", "for a patient column use --group-col"
     else:  # ids come from image paths: several rows about one image (questions, readers)
         where, fix = f"column '{opts.image_col}' (the id is the image path)", "name a row id column with --id-col"
+        if differing:
+            fix += (f", or pass --id-col @row to make each row its own sample ({differing} of the repeated rows "
+                    f"come with different text or labels)")
     raise EmbedkitError(f"{duplicates} of {n_rows} rows repeat an id in {where}: ids must be unique per row; {fix}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups,
-                              row_keys, split_for_run, warn_shared_inputs)
+                              row_keys, split_for_run, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
 from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, jsonable,  # noqa: F401
                               load_model, model_features, predict, prediction_columns, write_rows)
@@ -52,7 +52,8 @@ class TrainConfig:
     scale: str | None = None  # standard | none; None: none when aligning (keeps the shift), else standard
     modality_dropout: float = 0.0  # share of training rows whose image or text is replaced by its stand-in
     threshold: str = "val-f1"  # binary decision threshold: val-f1 (chosen on validation) | 0.5 | a number
-    calibrate: bool = True  # temperature scaling fitted on validation rows
+    calibrate: bool = True  # temperature scaling, fitted where there are enough rows (calibrate_on)
+    calibrate_on: str = "auto"  # auto (validation if >= 200 rows, else out-of-fold training rows, else none) | val | oof
     group_col: str | None = None  # None: the group stored by extract (e.g. a patient id), if any
     groups: bool = True  # False (--no-groups): rows are treated as independent
     data_split: bool = True  # use the data's split column when it has one
@@ -65,6 +66,8 @@ class TrainConfig:
     seed: int = 0
     models: dict[str, str] = field(default_factory=dict)  # modality -> model name when several were extracted
     device: str = "cpu"
+    class_names: dict[str, str] = field(default_factory=dict)  # class -> what it means, e.g. {"0": "no", "1": "yes"}
+    card: str | None = None  # card.toml: what only a person knows (intended use, outcome, licence, ...)
 
 
 def modalities_for(fusion: str, available: list[str]) -> list[str]:
@@ -181,6 +184,8 @@ class Run:
     calibration: dict
     idx: dict
     test_proba: np.ndarray
+    val_proba: np.ndarray | None = None  # calibrated, as the choices saw them
+    raw_test_proba: np.ndarray | None = None  # before temperature scaling
 
 
 def fit_candidate(ds, cfg, modalities, idx, seed, cand) -> tuple:
@@ -215,7 +220,7 @@ def fit_candidate(ds, cfg, modalities, idx, seed, cand) -> tuple:
 def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, seed: int) -> Run:
     """One run: fit each alignment candidate on train, keep the best on validation, calibrate on
     validation, then score the test rows once with the chosen model."""
-    from embedkit.fusion.calibrate import TemperatureScaler, choose_threshold
+    from embedkit.fusion.calibrate import choose_calibration_rows, choose_threshold
     from embedkit.fusion.evaluate import compute_metrics
 
     t0 = time.perf_counter()
@@ -236,8 +241,13 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     task, classes = est.task_, est.classes_
     calibration = {"temperature": 1.0, "threshold": 0.5, "threshold_rule": "0.5"}
     val_targets = _targets(ds.y[va], classes, task)
-    if cfg.calibrate and len(va) >= 2:
-        calibration["temperature"] = TemperatureScaler().fit(val_proba, val_targets, task).temperature_
+    if cfg.calibrate:
+        fitted = choose_calibration_rows(task, val_proba, val_targets, _targets(ds.y[idx["train"]], classes, task),
+                                         lambda: _out_of_fold(ds, cfg, modalities, idx, seed, chosen, classes, task,
+                                                              getattr(est, "best_epoch_", None)),
+                                         cfg.calibrate_on)
+        calibration["temperature"] = fitted.pop("temperature")
+        calibration["calibrated_on"] = fitted
     val_cal = apply_calibration(val_proba, calibration, task)
     if task == "binary":
         calibration["threshold_rule"] = cfg.threshold
@@ -269,7 +279,26 @@ def run_once(ds: Dataset, cfg: TrainConfig, modalities: list[str], idx: dict, se
     if info["learned_lambda"]:
         metrics["learned_lambda"] = float(est.learned_lambda_)
         metrics["alignment"]["lambda"] = metrics["learned_lambda"]
-    return Run(est, info, metrics, calibration, idx, test_cal)
+    return Run(est, info, metrics, calibration, idx, test_cal, val_cal, raw_test)
+
+
+def _out_of_fold(ds, cfg, modalities, idx, seed, cand, classes, task, best_epoch=None):
+    """The chosen candidate's out-of-fold predictions of the training rows (calibrate.out_of_fold), each fold
+    model trained as long as the chosen one was; -> (proba, targets, how) or None."""
+    from dataclasses import replace
+
+    from embedkit.fusion.calibrate import out_of_fold
+
+    cfg = replace(cfg, epochs=best_epoch, patience=None) if best_epoch else cfg
+
+    def fit_predict(fit_rows, held_rows):
+        est, info, _ = fit_candidate(ds, cfg, modalities, {"train": fit_rows, "val": idx["val"]}, seed, cand)
+        if [str(c) for c in est.classes_] != [str(c) for c in classes]:  # a fold without a class: unusable
+            return None
+        return est.predict_proba(model_features(info, {m: ds.blocks[m][held_rows] for m in ds.blocks}))
+
+    made = out_of_fold(ds.y, idx["train"], groups_for(ds, cfg.group_col, cfg.groups)[0], fit_predict, seed)
+    return None if made is None else (made[0], _targets(ds.y[made[1]], classes, task), made[2])
 
 
 def _complexity(cand: dict) -> float:
@@ -297,13 +326,19 @@ def train(emb_dir, out_dir, cfg: TrainConfig) -> dict:
     The folder is written beside its place and renamed into it when complete (guards.replaced_folder):
     a crash leaves the previous model whole, and no earlier artefact sits beside a new one.
     """
+    from embedkit.console import recording
     from embedkit.guards import replaced_folder
+    from embedkit.modelcard import read_card_toml, write_model_card
 
-    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging:
-        return _train_into(emb_dir, staging, cfg)
+    if cfg.card:
+        read_card_toml(cfg.card)  # a bad card.toml fails before any fit
+    with replaced_folder(Path(out_dir), "model folder", "embedkit_model.json") as staging, recording() as said:
+        metrics = _train_into(emb_dir, staging, cfg, said)
+        write_model_card(staging, emb_dir, cfg.card, name=Path(out_dir).name)
+        return metrics
 
 
-def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
+def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None = None) -> dict:
     from embedkit.console import say
     from embedkit.fusion.evaluate import bootstrap_metrics, subgroup_metrics, summarize_runs
 
@@ -317,6 +352,9 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
     data_modalities = ["image", "text"] if aligning else modalities
     with costs.stage("load"):
         ds = load_dataset(emb_dir, cfg.labels, data_modalities, cfg.models)
+    if ds.dropped_unlabelled:
+        say(f"note: {ds.dropped_unlabelled} of {ds.dropped_unlabelled + len(ds.ids)} rows have no "
+            f"{' / '.join(cfg.labels)} label and are left out")
     if len(cfg.labels) == 1:
         classes = {v for v in ds.y}
         if len(classes) < 2:
@@ -328,6 +366,9 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
             from embedkit.fusion.align import make_aligner
 
             make_aligner("none").fit({"image": ds.blocks["image"][:2], "text": ds.blocks["text"][:2]})  # explains
+    unknown = sorted(set(map(str, cfg.class_names)) - ({str(v) for v in ds.y} if ds.y.ndim == 1 else set(cfg.labels)))
+    if unknown:
+        raise EmbedkitError(f"--class-names names {', '.join(unknown)}, which label '{cfg.labels[0]}' does not have")
     for name in cfg.subgroups:
         if name not in ds.columns:
             raise EmbedkitError(f"subgroup column '{name}' is not in the embeddings; columns carried through: "
@@ -352,9 +393,15 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
         runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
     first = runs[0]
     te = first.idx["test"]
-    fix = "leave out --no-groups" if not cfg.groups and groups_for(ds, cfg.group_col)[0] is not None else None
-    shared_inputs = (warn_shared_inputs(ds, first.idx, *([fix] if fix else [])) if groups is None else {})
-    leakage = _leakage_scan(ds, cfg, first)
+    stored_groups = groups_for(ds, cfg.group_col)[0] if not cfg.groups else groups
+    fix = "leave out --no-groups" if not cfg.groups and stored_groups is not None else None
+    if groups is None:
+        shared_inputs = warn_shared_inputs(ds, first.idx, *([fix] if fix else []))
+    else:  # one person under two group ids puts the same image on both sides
+        shared_inputs = warn_shared_inputs(ds, first.idx, "the same image under two group ids (one patient under "
+                                           "two ids?): merge those ids or de-duplicate", columns=("image_sha256",))
+    ungrouped = warn_ungrouped(first.idx, stored_groups) if fix else None
+    leakage = _leakage_scan(ds, cfg, first, groups)
 
     with costs.stage("intervals"):
         g_test = None if groups is None else groups[te]
@@ -392,7 +439,8 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
                  "split": _split_description(ds, cfg), "groups": group_note,
                  "purged_rows": purged, "n": first.metrics["n"], "groups_per_split": _groups_per_split(first.idx,
                                                                                                       groups),
-                 "test_rows_sharing_inputs_with_train": shared_inputs, "seeds": seeds},
+                 "test_rows_sharing_inputs_with_train": shared_inputs, "seeds": seeds,
+                 **({"ungrouped": ungrouped} if ungrouped else {})},
         "costs": {**first.metrics["costs"], "peak_rss_mb": round(peak_rss_mb(), 1),
                   "model_bytes": _model_bytes(first.est), "folder_bytes": dir_bytes(out_dir),
                   "stage_seconds": costs.to_dict()["stage_seconds"]},
@@ -400,8 +448,28 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig) -> dict:
     }
     if aligning:
         _alignment_artifacts(ds, first, out_dir, metrics)
+    with costs.stage("intervals"):
+        _clinical_metrics(ds, first, cfg, groups, metrics)
+    metrics["warnings"] = [m for m in (said or []) if m.startswith(("warning", "note", "leakage"))]
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _clinical_metrics(ds: Dataset, run: Run, cfg: TrainConfig, groups, metrics: dict) -> None:
+    """fusion/clinical.py's additions to metrics.json, and the mean cosine of a shared or projected space."""
+    from embedkit.fusion.clinical import add_clinical_metrics
+
+    add_clinical_metrics(metrics, {k: ds.y[run.idx[k]] for k in ("train", "val", "test")}, run.val_proba,
+                         run.test_proba, run.raw_test_proba, run.est.classes_, run.est.task_,
+                         run.calibration["threshold"], None if groups is None else
+                         {k: groups[run.idx[k]] for k in ("val", "test")}, cfg.bootstrap, cfg.seed)
+    shared = [m for m in run.info["modalities"] if ds.provenance[m].get("family") == "shared"
+              or "projection" in ds.provenance[m]]
+    if shared:  # a shared or projected space can collapse: the card says so
+        from embedkit.shared_encoder.collapse import mean_pairwise_cosine
+
+        metrics["data"]["mean_within_cosine"] = {m: round(mean_pairwise_cosine(ds.blocks[m][run.idx["train"][:500]]),
+                                                          4) for m in shared}
 
 
 def _warn_small_validation(ds: Dataset, idx: dict) -> None:
@@ -417,7 +485,7 @@ def _warn_small_validation(ds: Dataset, idx: dict) -> None:
             + ": the best epoch, threshold and temperature chosen on it are noisy; use more data or --cv")
 
 
-def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run) -> dict | None:
+def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run, groups=None) -> dict | None:
     """Training rows' texts: label words and single tokens that alone predict the label."""
     if "text" not in ds.columns or "text" not in run.info["modalities"]:
         return None
@@ -426,7 +494,8 @@ def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run) -> dict | None:
 
     tr = run.idx["train"]
     result = scan_text_leakage(ds.columns["text"][tr].tolist(), ds.y[tr], run.est.task_,
-                               [str(c) for c in run.est.classes_], label_names=cfg.labels)
+                               [str(c) for c in run.est.classes_], label_names=cfg.labels,
+                               groups=None if groups is None else groups[tr])
     for line in format_leakage(result, ", ".join(cfg.labels)):
         say(f"[yellow]{line}[/]")
     return result
@@ -441,6 +510,7 @@ def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:
         "encoders": {m: {k: ds.provenance[m].get(k) for k in (*PROVENANCE_MATCH, "name")} for m in ds.provenance},
         "alignment": run.info["alignment"], "learned_lambda": run.info["learned_lambda"],
         "calibration": {k: run.calibration[k] for k in ("temperature", "threshold", "threshold_rule")},
+        "class_names": {str(k): str(v) for k, v in cfg.class_names.items()},
         "group_col": (cfg.group_col or "group") if groups is not None else None,
         # hashed, so the folder names no patient; evaluate refuses rows the model was fitted or selected on
         "fitted_rows": {k: sorted(row_keys(ds, run.idx[k], run.info["modalities"])) for k in ("train", "val")},

@@ -130,7 +130,7 @@ def test_bad_inputs_are_recorded_and_the_run_continues(tiny_models, paired_folde
     assert ("empty.jpg", "decode") in errs and ("notimage.png", "decode") in errs
     assert ("truncated.jpg", "decode") in errs
     assert ("blank.txt", "read") in errs and ("latin1.txt", "read") in errs
-    assert ("case01.png", "scan") in errs and ("scan.pdf", "scan") in errs
+    assert ("case01.png", "scan") in errs and ("scan.pdf", "read") in errs  # a report now, unreadable
     assert ("lonely.jpg", "pair") in errs
     s = load_embeddings(out, modalities=["image"])
     assert "ward_a/cases/lonely" in set(s.ids)  # unpaired still embedded for its modality

@@ -350,7 +350,9 @@ def test_many_repeated_ids_fail_a_few_are_recorded(tmp_path):
     make_image(tmp_path / "x.jpg", 0)  # no id column: the image path is the id, and two questions share one
     _write_csv(tmp_path / "q.csv", [{"image": "x.jpg", "question": q} for q in ("left?", "right?", "both?")])
     with pytest.raises(EmbedkitError, match=r"^2 of 3 rows repeat an id in column 'image' \(the id is the image "
-                                            r"path\): ids must be unique per row; name a row id column with --id-col$"):
+                                            r"path\): ids must be unique per row; name a row id column with --id-col, "
+                                            r"or pass --id-col @row to make each row its own sample \(2 of the "
+                                            r"repeated rows come with different text or labels\)$"):
         scan_source(tmp_path, SourceOptions(metadata=tmp_path / "q.csv", image_col="image", text_col="question"))
 
 

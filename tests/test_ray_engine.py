@@ -128,3 +128,22 @@ def test_ray_actors_run_the_backend_the_local_engine_runs(local_ray, tiny_models
     for modality in ("image", "text"):
         prov = res.modalities[modality].provenance
         assert prov["backend"] == "onnxruntime" and prov["parity_min_cosine"] >= 0.9999
+
+
+def test_dicom_frames_and_windows_reach_the_actors(local_ray, tiny_models, tmp_path):
+    # each frame is its own row: an actor must decode the frame and window the driver planned, not the default
+    from embedkit.bench.dicom_data import write_dicom
+    from embedkit.items import SourceOptions
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 4000, (4, 40, 40)).astype(np.uint16)
+    write_dicom(tmp_path / "data" / "mf.dcm", frames, bits_stored=12, window=[(500, 400), (2000, 4000)])
+    # one salt for both folders, so the patient pseudonyms (groups) match too
+    source = SourceOptions(dicom_frames="all", dicom_window="2", dicom_salt_file=tmp_path / "salt.key")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    extract(tmp_path / "data", local, _cfg(tiny_models, text_model=None, batch_size=4), source=source)
+    extract(tmp_path / "data", on_ray, _cfg(tiny_models, engine="ray", text_model=None, batch_size=4), source=source)
+    _assert_same_output(local, on_ray)
+    table = read_embedding_table(next(on_ray.glob("image__*")))
+    assert sorted(table.ids) == [f"mf#frame{k}" for k in range(4)]
+    assert len({v.tobytes() for v in table.embeddings}) == 4  # four frames, four vectors

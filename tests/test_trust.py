@@ -91,7 +91,9 @@ def test_test_rows_never_reach_a_fit_and_are_scored_once_per_run(tmp_path, calls
 def test_grouped_split_reports_chance_on_random_labels_per_group(tmp_path):
     """150 patients x 3 near-duplicate rows, labels random per patient: the honest answer is chance."""
     emb, _ = marked_clinic(tmp_path, n_groups=150, labels="random", dim=64)
-    cfg = dict(labels=["dx"], fusion="early", seeds=3, epochs=40)
+    # calibrate_on="val": this test is about splits; out-of-fold calibration (issue 25) would refit each run
+    # three more times on these 450 rows (+5 s) without changing what is checked here
+    cfg = dict(labels=["dx"], fusion="early", seeds=3, epochs=40, calibrate_on="val")
     grouped = train(emb, tmp_path / "g", TrainConfig(**cfg))
     rows = train(emb, tmp_path / "r", TrainConfig(**cfg, groups=False))
     acc_grouped = grouped["spread"]["test"]["accuracy"]["mean"]
@@ -130,26 +132,68 @@ def test_cv_keeps_the_official_test_split_out_of_the_folds(tmp_path, calls):
 
 
 def test_threshold_and_temperature_are_fitted_on_validation_only(tmp_path, monkeypatch):
+    """Rule changed in issue 25: the threshold is chosen on validation; the temperature is fitted on validation
+    only when it has enough rows (or when asked: calibrate_on="val"), else on out-of-fold training rows, else
+    not at all. What reaches each fit is compared with the saved model's own predictions of those rows, so a
+    reordering that fits either on the test rows fails here even when the row counts agree."""
+    from embedkit.dataset import row_keys
     from embedkit.fusion import calibrate
+    from embedkit.predict import apply_calibration, load_model
 
     emb, _ = marked_clinic(tmp_path)
     seen = []
     real_fit, real_choose = calibrate.TemperatureScaler.fit, calibrate.choose_threshold
 
     def fit(self, proba, targets, task):
-        seen.append(("temperature", len(targets)))
+        seen.append(("temperature", np.asarray(proba).copy(), np.asarray(targets).copy()))
         return real_fit(self, proba, targets, task)
 
     def choose(p, targets, rule):
-        seen.append(("threshold", len(targets)))
+        seen.append(("threshold", np.asarray(p).copy(), np.asarray(targets).copy()))
         return real_choose(p, targets, rule)
 
     monkeypatch.setattr(calibrate.TemperatureScaler, "fit", fit)
     monkeypatch.setattr(calibrate, "choose_threshold", choose)
-    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3))
-    assert seen == [("temperature", m["data"]["n"]["val"]), ("threshold", m["data"]["n"]["val"])]
+    m = train(emb, tmp_path / "auto", TrainConfig(labels=["dx"], fusion="early", epochs=3))
+    assert [s[0] for s in seen] == ["threshold"]  # 27 validation and 126 training rows: too few for a temperature
+    assert m["calibration"]["temperature"] == 1.0 and "no temperature scaling" in m["calibration"]["calibrated_on"]["note"]
+    seen.clear()
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=3, calibrate_on="val"))
+    assert [s[0] for s in seen] == ["temperature", "threshold"]
+    # the rows each choice saw are the validation rows, as the saved model predicts them
+    ds = train_module.load_dataset(emb, ["dx"], ["image", "text"])
+    est, info = load_model(tmp_path / "m")
+    fitted_val = set(info["fitted_rows"]["val"])
+    val = np.array([i for i, k in enumerate(row_keys(ds, np.arange(len(ds.ids)), ["image", "text"])) if k in fitted_val])
+    assert len(val) == m["data"]["n"]["val"]
+    raw = est.predict_proba(train_module.model_features(info, {k: b[val] for k, b in ds.blocks.items()}))
+    targets = (ds.y[val] == "pos").astype(int)
+    for what, proba, y in seen:
+        assert np.array_equal(y, targets)
+        got = proba[:, 1] if proba.ndim == 2 else proba
+        want = raw[:, 1] if what == "temperature" else apply_calibration(raw, info["calibration"], "binary")[:, 1]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     cal = m["calibration"]
     assert cal["threshold_rule"] == "val-f1" and 0 < cal["threshold"] < 1 and cal["temperature"] > 0
+    assert cal["calibrated_on"]["fitted_on"] == "validation"
+
+
+def test_out_of_fold_temperature_sees_training_rows_only(tmp_path, calls):
+    emb, group = marked_clinic(tmp_path)
+    m = train(emb, tmp_path / "m", TrainConfig(labels=["dx"], fusion="early", epochs=2, calibrate_on="oof"))
+    idx = train_module.split_for_run(train_module.load_dataset(emb, ["dx"], ["image", "text"]),
+                                     TrainConfig(labels=["dx"]), 0, group)
+    train_rows, test = set(idx["train"].tolist()), set(idx["test"].tolist())
+    # train, validation, then per fold: fit rows, validation rows, held-out fold; then the test rows, once
+    k_folds = 3  # calibrate.CALIBRATION_FOLDS
+    assert calls[-1] == test and len(calls) == 2 + 3 * k_folds + 1
+    folds = calls[2:-1]
+    held = [folds[3 * k + 2] for k in range(k_folds)]
+    assert set().union(*held) == train_rows and sum(len(h) for h in held) == len(train_rows)  # each once
+    assert all(folds[3 * k] | folds[3 * k + 2] == train_rows for k in range(k_folds))
+    assert all(not (c & test) for c in calls[:-1])
+    assert m["calibration"]["calibrated_on"]["fitted_on"] == "out-of-fold"
+    assert m["calibration"]["calibrated_on"]["rows"] == len(train_rows)
 
 
 def test_evaluate_refuses_rows_the_model_was_fitted_on(tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from embedkit.dicom import DICOM_EXTS, DicomReadError, dicom_rgb, looks_like_dicom
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -62,8 +64,13 @@ def square_preprocess(size: int) -> ImagePreprocess:
     return ImagePreprocess(resize=size, crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def decode_image(source: str | Path | bytes, pre: ImagePreprocess) -> np.ndarray:
-    """Decode one image to a `crop x crop x 3` uint8 array, or raise ImageDecodeError."""
+def decode_image(source: str | Path | bytes, pre: ImagePreprocess, dicom=None) -> np.ndarray:
+    """Decode one image to a `crop x crop x 3` uint8 array, or raise ImageDecodeError.
+
+    DICOM files (a .dcm-like name, `dicom` given, or the DICM marker in a file Pillow does not know) go through
+    dicom.py: `dicom` is the item's DicomFrame (frame and window); without it, the middle frame, auto window."""
+    if not isinstance(source, bytes) and (dicom is not None or Path(source).suffix.lower() in DICOM_EXTS):
+        return _decode_dicom(source, pre, dicom)
     try:
         if isinstance(source, bytes):
             img = Image.open(io.BytesIO(source))
@@ -74,25 +81,42 @@ def decode_image(source: str | Path | bytes, pre: ImagePreprocess) -> np.ndarray
                 # Smallest DCT scale whose result still has both sides >= the resize target.
                 img.draft("RGB", (pre.resize, pre.resize))
             img = img.convert("RGB")  # also forces the full decode, so truncation surfaces here
-            w, h = img.size
-            if w == 0 or h == 0:
-                raise ImageDecodeError("image has zero size")
-            scale = pre.resize / min(w, h)
-            new_w, new_h = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), _RESAMPLE[pre.resample])
-            left, top = (new_w - pre.crop) // 2, (new_h - pre.crop) // 2
-            img = img.crop((left, top, left + pre.crop, top + pre.crop))
-            return np.asarray(img, dtype=np.uint8)
+            return resize_and_crop(img, pre)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except UnidentifiedImageError:
+        if not isinstance(source, bytes) and looks_like_dicom(Path(source)):  # a DICOM file named by its UID
+            return _decode_dicom(source, pre, dicom)
         raise ImageDecodeError("not an image (format not recognised)") from None
     except _DECODE_ERRORS as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {reason[:120]})") from None
+
+
+def _decode_dicom(source, pre: ImagePreprocess, dicom) -> np.ndarray:
+    try:
+        rgb = dicom_rgb(source, dicom)
+    except DicomReadError as e:
+        raise ImageDecodeError(str(e)) from None
+    if 0 in rgb.shape[:2]:
+        raise ImageDecodeError("image has zero size")
+    return resize_and_crop(Image.fromarray(rgb, "RGB"), pre)
+
+
+def resize_and_crop(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
+    """An RGB image -> shorter side resized to `pre.resize`, centre crop `pre.crop`, as uint8 H x W x 3."""
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ImageDecodeError("image has zero size")
+    scale = pre.resize / min(w, h)
+    new_w, new_h = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _RESAMPLE[pre.resample])
+    left, top = (new_w - pre.crop) // 2, (new_h - pre.crop) // 2
+    img = img.crop((left, top, left + pre.crop, top + pre.crop))
+    return np.asarray(img, dtype=np.uint8)
 
 
 def normalize_batch(images: list[np.ndarray], pre: ImagePreprocess, out: np.ndarray | None = None) -> np.ndarray:

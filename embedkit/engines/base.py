@@ -43,12 +43,12 @@ def open_encoder(spec: EncoderSpec, modality: str, config, log=None):
                           parity_floor=config.parity_floor, log=log)
 
 
-def decode(path, preprocess) -> tuple[np.ndarray | None, str | None]:
-    """(decoded and resized image, None) or (None, reason)."""
+def decode(path, preprocess, dicom=None) -> tuple[np.ndarray | None, str | None]:
+    """(decoded and resized image, None) or (None, reason). `dicom`: the item's DicomFrame, for DICOM files."""
     from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 
     try:
-        return decode_image(path, preprocess), None
+        return decode_image(path, preprocess, dicom=dicom), None
     except ImageDecodeError as e:
         return None, str(e)
 
@@ -127,7 +127,7 @@ def _parity_sample(spec: EncoderSpec, plan: Plan):
         if len(found) == PARITY_SAMPLE:
             break
         if plan.modality == "image":
-            image, _ = decode(it.image_path, spec.preprocess)
+            image, _ = decode(it.image_path, spec.preprocess, it.dicom)
             if image is not None:
                 found.append(image)
         else:

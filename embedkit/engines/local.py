@@ -51,7 +51,7 @@ def _images(batches: list[list[Item]], encoder, config, costs: Costs):
     def timed_decode(it: Item):
         t0 = time.perf_counter()
         try:
-            return decode(it.image_path, pre)
+            return decode(it.image_path, pre, it.dicom)
         finally:
             costs.add("decode", time.perf_counter() - t0)
 

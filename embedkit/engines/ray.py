@@ -28,7 +28,7 @@ from embedkit.costs import Costs
 from embedkit.encoders.registry import EncoderSpec
 from embedkit.engines.base import decode, embed_images, embed_texts
 from embedkit.errors import EmbedkitError
-from embedkit.items import Item
+from embedkit.items import DicomFrame, Item
 from embedkit.plan import EmbeddedBatch, Plan, item_path
 
 # A dying actor (OOM, segfault, lost node) is restarted and its batch re-run; bounded, so that an
@@ -73,8 +73,9 @@ class Embedder:
     def _images(self, block, vectors, errors, costs: Costs) -> int:
         ok, arrays = [], []
         with costs.stage("decode"):
-            for i, path in enumerate(block["path"]):
-                image, reason = decode(path, self.encoder.preprocess)
+            for i, (path, frame, window) in enumerate(zip(block["path"], block["frame"], block["window"])):
+                dicom = DicomFrame(None if frame < 0 else int(frame), window) if window else None
+                image, reason = decode(path, self.encoder.preprocess, dicom)
                 if image is None:
                     errors[i] = reason
                 else:
@@ -177,8 +178,12 @@ def _block(batch: list[Item], start: int, modality: str) -> pa.Table:
     # absolute: actors need not share the driver's working directory
     paths = [str(p.absolute()) if (p := item_path(it, modality)) is not None else None for it in batch]
     texts = [it.text if modality == "text" else None for it in batch]
+    dicom = [it.dicom if modality == "image" else None for it in batch]  # which frame and window of a DICOM file
+    frames = [-1 if d is None or d.frame is None else d.frame for d in dicom]
     return pa.table({"uid": pa.array(range(start, start + len(batch)), pa.int64()),
-                     "path": pa.array(paths, pa.string()), "text": pa.array(texts, pa.string())})
+                     "path": pa.array(paths, pa.string()), "text": pa.array(texts, pa.string()),
+                     "frame": pa.array(frames, pa.int64()),
+                     "window": pa.array([d.window if d else "" for d in dicom], pa.string())})
 
 
 def _batches(blocks, units: list[Item], costs: Costs):

@@ -140,10 +140,16 @@ def compute_metrics(y_true, proba, classes, task: str, threshold: float = 0.5) -
     return out
 
 
+# metrics whose values lie in [0, 1]: an interval of them is clipped to that range
+UNIT_RANGE = ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece", "sensitivity", "specificity", "ppv", "npv")
+
+
 def summarize_runs(runs: list[dict]) -> dict:
     """Mean, sample std and a t-based 95 % confidence interval of every scalar metric over runs.
 
-    Non-finite values (an undefined AUROC, say) are left out, so n_runs can differ per metric.
+    Non-finite values (an undefined AUROC, say) are left out: each metric's `n_runs` counts the runs
+    where it is defined, out of `of_runs`. Intervals of metrics in UNIT_RANGE are clipped to [0, 1]
+    (`clipped` says when): a t interval over a few runs can otherwise reach past what the metric can be.
     """
     from scipy import stats
 
@@ -158,54 +164,103 @@ def summarize_runs(runs: list[dict]) -> dict:
         mean = float(v.mean()) if n else float("nan")
         std = float(v.std(ddof=1)) if n > 1 else float("nan")
         half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
-        summary[k] = {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n_runs": n}
+        low, high = mean - half, mean + half
+        entry = {"mean": mean, "std": std, "ci95_low": low, "ci95_high": high, "n_runs": n, "of_runs": len(runs)}
+        if k in UNIT_RANGE and n > 1:
+            entry["ci95_low"], entry["ci95_high"] = max(low, 0.0), min(high, 1.0)
+            entry["clipped"] = bool(low < 0 or high > 1)
+        summary[k] = entry
     return summary
 
 
 # ---------------------------------------------------------------------------------------------
 # bootstrap intervals over test rows (or test groups)
 
-BOOTSTRAP_METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
+BOOTSTRAP_METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece")
+
+
+def group_strata(y_index, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row as 0..G-1, stratum of each group): a group's stratum is its most frequent class
+    (ties: the first); a 2-D y (multilabel) or no class gives one stratum."""
+    y_index = np.asarray(y_index)
+    n = len(y_index)
+    group_of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].ravel() \
+        if groups is not None else np.arange(n)
+    n_groups = int(group_of_row.max()) + 1 if n else 0
+    if y_index.ndim != 1 or n == 0:
+        return group_of_row, np.zeros(n_groups, dtype=np.int64)
+    counts = np.zeros((n_groups, int(y_index.max()) + 1))
+    np.add.at(counts, (group_of_row, y_index), 1)
+    return group_of_row, counts.argmax(1)
+
+
+def resample_weights(y_index, groups=None, n_resamples: int = 1000, seed: int = 0, chunk_rows: int = 2_000_000):
+    """Bootstrap resamples as weight matrices (resamples x rows: how often each row is drawn), chunk by chunk.
+
+    Whole groups are drawn (a patient's rows stay together), stratified: each class keeps as many groups
+    as the data has (a group counts for its most frequent class), so no resample loses a class whose
+    groups are all of that class. Without stratification, a test set with 2-3 minority patients loses the
+    minority class in about one resample in eight, and a metric averaged over the classes present then
+    scores majority-only resamples (issue 25). Rows of a minority class inside another class's groups can
+    still be absent; bootstrap_metrics counts those resamples.
+    """
+    group_of_row, stratum = group_strata(y_index, groups)
+    n_groups = len(stratum)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(stratum == s) for s in np.unique(stratum)]
+    for chunk in np.array_split(np.arange(n_resamples), max(1, n_resamples * len(group_of_row) // chunk_rows)):
+        counts = np.zeros((len(chunk), n_groups), dtype=np.int64)
+        for m in members:
+            counts[:, m] = rng.multinomial(len(m), np.full(len(m), 1.0 / len(m)), size=len(chunk))
+        yield counts[:, group_of_row].astype(np.float64)
 
 
 def bootstrap_metrics(y_true, proba, classes, task: str, threshold: float = 0.5, groups=None,
                       n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile bootstrap intervals of accuracy, macro/weighted F1 and AUROC over the given rows.
+    """Percentile bootstrap intervals of accuracy, macro/weighted F1, AUROC and ECE over the given rows.
 
     With `groups`, whole groups are resampled (a patient's rows stay together), so the interval
-    reflects how many independent patients the test set holds. Each resample is a vector of row
-    weights, and every metric is computed for all resamples at once from weighted counts; the
-    same definitions as compute_metrics (macro-F1 over the classes present in the resample).
-    Intervals lie within [0, 1] by construction; a metric undefined in some resamples (AUROC
-    without both classes) uses the resamples where it is defined and says how many.
+    reflects how many independent patients the test set holds; resampling is stratified by class
+    (resample_weights). Each resample is a vector of row weights, and every metric is computed for
+    all resamples at once from weighted counts, with compute_metrics' definitions: macro-F1 averages
+    the classes present in the rows given; a resample lacking one of them scores it 0 (as scikit-learn
+    does) and `resamples_lacking_a_class` says how many did. Intervals lie within [0, 1]; a metric
+    undefined in some resamples (AUROC without both classes) uses those where it is defined and says
+    how many.
     """
     y, pred, scores = _indexed(y_true, proba, classes, task, threshold)
     n = len(y)
     if n == 0:
         raise InvalidInputError("bootstrap needs at least one row")
-    group_of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].ravel() \
-        if groups is not None else np.arange(n)
-    n_groups = int(group_of_row.max()) + 1
-    rng = np.random.default_rng(seed)
+    support = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=scores.shape[1])
+    present = np.asarray(support) > 0
     values = {k: [] for k in BOOTSTRAP_METRICS}
-    for chunk in np.array_split(np.arange(n_resamples), max(1, n_resamples * n // 2_000_000)):
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=len(chunk))
-        w = counts[:, group_of_row].astype(np.float64)  # (resamples, rows)
-        for k, v in _weighted_metrics(y, pred, scores, task, w).items():
+    lacking = 0
+    group_of_row, _ = group_strata(y, groups)
+    for w in resample_weights(y, groups, n_resamples, seed):
+        for k, v in _weighted_metrics(y, pred, scores, task, w, present).items():
             values[k].append(v)
+        resampled = w @ (y.astype(np.float64) if task == "multilabel" else np.eye(scores.shape[1])[y])
+        lacking += int(((resampled <= 0) & present).any(1).sum())
     alpha = (1 - level) / 2
     out = {"level": level, "n_resamples": n_resamples, "unit": "group" if groups is not None else "row",
-           "n_units": n_groups, "seed": seed, "metrics": {}}
+           "n_units": int(group_of_row.max()) + 1, "seed": seed, "stratified": task != "multilabel",
+           "resamples_lacking_a_class": lacking, "metrics": {}}
     for k, chunks in values.items():
-        v = np.concatenate(chunks)
-        v = v[np.isfinite(v)]
-        if len(v) < 0.5 * n_resamples:
-            out["metrics"][k] = {"low": float("nan"), "high": float("nan"), "n_valid": int(len(v))}
-            continue
-        low, high = np.quantile(v, [alpha, 1 - alpha])
-        out["metrics"][k] = {"low": float(np.clip(low, 0, 1)), "high": float(np.clip(high, 0, 1)),
-                             "n_valid": int(len(v))}
+        out["metrics"][k] = percentile_interval(np.concatenate(chunks), level, n_resamples)
     return out
+
+
+def percentile_interval(values, level: float = 0.95, n_resamples: int | None = None) -> dict:
+    """{low, high, n_valid}: the percentile interval of the finite values, clipped to [0, 1]; NaN when fewer
+    than half of the resamples define the value."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    alpha = (1 - level) / 2
+    if len(v) == 0 or len(v) < 0.5 * (n_resamples or len(values)):
+        return {"low": float("nan"), "high": float("nan"), "n_valid": int(len(v))}
+    low, high = np.quantile(v, [alpha, 1 - alpha])
+    return {"low": float(np.clip(low, 0, 1)), "high": float(np.clip(high, 0, 1)), "n_valid": int(len(v))}
 
 
 def _indexed(y_true, proba, classes, task, threshold):
@@ -225,14 +280,19 @@ def _indexed(y_true, proba, classes, task, threshold):
     return y, proba.argmax(1), proba
 
 
-def _weighted_metrics(y, pred, scores, task, w) -> dict:
-    """Every bootstrap metric for each row of the weight matrix w (resamples x rows)."""
+def _weighted_metrics(y, pred, scores, task, w, present=None) -> dict:
+    """Every bootstrap metric for each row of the weight matrix w (resamples x rows).
+
+    present: the classes macro-F1 averages over (absent from a resample: F1 0); None: those present in
+    each resample."""
     total = w.sum(1)
     if task == "multilabel":
         truth, hits = y.astype(np.float64), (pred == y).all(1)
         predicted = pred.astype(np.float64)
         auc_columns = range(y.shape[1])
         positive = lambda j: y[:, j] == 1  # noqa: E731
+        conf = np.where(pred == 1, scores, 1 - scores)
+        gap = ((pred == y) - conf)  # (rows, labels): every (row, label) pair is one prediction
     else:
         k = scores.shape[1]
         truth = np.eye(k)[y]
@@ -240,15 +300,32 @@ def _weighted_metrics(y, pred, scores, task, w) -> dict:
         hits = pred == y
         auc_columns = [1] if task == "binary" else range(k)
         positive = lambda j: y == j  # noqa: E731
+        conf = scores[np.arange(len(pred)), pred]
+        gap = (hits - conf)[:, None]
     support, n_pred, tp = w @ truth, w @ predicted, w @ (truth * predicted)
     denom = support + n_pred
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = support > 0
-    macro = np.where(present.any(1), (f1 * present).sum(1) / np.maximum(present.sum(1), 1), np.nan)
+    averaged = support > 0 if present is None else np.broadcast_to(np.asarray(present, dtype=bool), support.shape)
+    macro = np.where(averaged.any(1), (f1 * averaged).sum(1) / np.maximum(averaged.sum(1), 1), np.nan)
     aucs = np.column_stack([_weighted_auc(scores[:, j], positive(j), w) for j in auc_columns])
     return {"accuracy": w @ hits / total, "macro_f1": macro,
             "weighted_f1": (f1 * support).sum(1) / np.maximum(support.sum(1), 1e-300),
-            "auroc": aucs.mean(1)}  # NaN when any class lacks positives or negatives, as compute_metrics
+            "auroc": aucs.mean(1),  # NaN when any class lacks positives or negatives, as compute_metrics
+            "ece": _weighted_ece(conf, gap, w)}
+
+
+def _weighted_ece(conf, gap, w, n_bins: int = 10) -> np.ndarray:
+    """expected_calibration_error for each weight row: sum over bins of |sum w (correct - confidence)| / sum w.
+    conf and gap are (rows, columns): one column, or one per label (each (row, label) pair is a prediction)."""
+    conf = np.asarray(conf, dtype=np.float64).reshape(len(gap), -1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    per_bin = np.zeros((w.shape[0], n_bins))
+    for j in range(gap.shape[1]):
+        onehot = np.zeros((len(gap), n_bins))
+        onehot[np.arange(len(gap)), bins[:, j]] = gap[:, j]
+        per_bin += w @ onehot
+    return np.abs(per_bin).sum(1) / np.maximum(w.sum(1) * gap.shape[1], 1e-300)
 
 
 def _weighted_auc(score, positive, w) -> np.ndarray:

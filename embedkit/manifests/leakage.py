@@ -20,4 +20,22 @@ def source_options(m) -> SourceOptions:
                          text_col=m.text_col, text_template=m.text_template,
                          text_file_col=TEXT_PATH_COL if m.text_file_pattern else m.text_file_col,
                          label_cols=[lab.name for lab in m.labels], split_col=m.split_col,
-                         group_col=m.group_col, leakage_fields=leaking_columns(m))
+                         group_col=m.group_col, leakage_fields=leaking_columns(m), dataset=dataset_card(m))
+
+
+def dataset_card(m) -> dict:
+    """What a model card says of the data: source, licence, citation, split advice and each label's meaning
+    (its class names where the derivation gives them: yes_no -> 0 = no, 1 = yes; a map -> its first key)."""
+    labels = {}
+    for lab in m.labels:
+        names = {}
+        derive = lab.derive or {}
+        if derive.get("yes_no"):
+            names = {"0": "no", "1": "yes"}
+        for raw, value in derive.get("map", {}).items():
+            names.setdefault(str(value), str(raw))
+        labels[lab.name] = {"task": lab.task, "description": lab.description, "source_column": lab.column,
+                            "class_names": names, "positive": lab.positive}
+    return {"manifest": m.name, "description": m.description, "license": m.license, "access": m.access,
+            "citation": m.citation, "homepage": m.homepage, "split": m.split_recommended,
+            "group_col": m.group_col, "leakage_notes": list(m.leakage), "labels": labels}

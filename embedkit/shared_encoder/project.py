@@ -300,6 +300,17 @@ def fit_added_modality(
 # ----------------------------------------------------------------------------- extract folders in and out
 
 
+def fitted_on(columns: dict, rows: np.ndarray) -> str:
+    """Which rows a projection was fitted on, in words, and how to keep future test rows out of it."""
+    split = columns.get("split")
+    if split is None or all(s is None for s in split):
+        return (f"all {int(rows.sum())} rows (the folder has no split column): a classifier trained later on this "
+                f"projection has its test rows inside the projection's fit; to keep them out, extract with "
+                f"--split-col (or a manifest with a split) and project again, or project a folder of training "
+                f"rows only and apply the heads (--heads) to the rest")
+    return f"the {int(rows.sum())} training-split rows whose group has no rows in another split"
+
+
 def projection_rows(columns: dict) -> np.ndarray:
     """Rows the heads may be fitted on: the training split (all rows without one), minus training rows
     whose group (a patient, an image) also has rows in another split, which a later test would score."""
@@ -377,6 +388,7 @@ def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epoc
                                         dim=dim, epochs=epochs, seed=seed, arch=arch, up=up,
                                         groups=held_out_groups({k: v[train_rows] for k, v in es.columns.items()}))
         metrics["val_ids"] = es.ids[train_rows][metrics.pop("val_rows")].tolist()  # rows -> ids: readable later
+        metrics["fitted_on"] = fitted_on(es.columns, train_rows)
     else:
         heads = ProjectionHeads.load(heads_dir)
     if add is not None:

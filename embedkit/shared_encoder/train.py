@@ -39,6 +39,7 @@ from embedkit.encoders.preprocess import ImageDecodeError, decode_image
 from embedkit.errors import EmbedkitError
 from embedkit.guards import atomic_folder, check_writable_folder, folder_lock, recover_folder, sibling_lock
 from embedkit.items import Item, SkippedInput
+from embedkit.plan import read_item_text
 from embedkit.shared_encoder import stages
 from embedkit.shared_encoder.budget import resolve_budget
 from embedkit.shared_encoder.collapse import collapse_check, first_per_image, warning_line
@@ -95,28 +96,23 @@ def prepare_pairs(pairs: list[Item], cfg: SharedEncoderConfig, tokenizer) -> dic
         if path is None or not item.has_text:
             skipped.append(SkippedInput(item.id, path, "pair", "needs both an image and a text"))
             continue
-        text = item.text
-        if text is None:
-            try:
-                text = Path(item.text_path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                skipped.append(SkippedInput(item.id, str(item.text_path), "read", f"cannot read text file ({type(e).__name__})"))
-                continue
-        if not text.strip():
-            skipped.append(SkippedInput(item.id, path, "read", "empty text"))
+        text, reason = read_item_text(item)  # report files of every kind (documents.py), as extract reads them
+        if reason:
+            skipped.append(SkippedInput(item.id, str(item.text_path or path), "read", reason))
             continue
-        if path not in image_of_path:
+        key = (path, item.dicom)  # a DICOM file's frames are images of their own
+        if key not in image_of_path:
             try:
-                images.append(decode_image(path, pre))
-                image_of_path[path] = len(images) - 1
+                images.append(decode_image(path, pre, dicom=item.dicom))
+                image_of_path[key] = len(images) - 1
             except ImageDecodeError as e:
-                image_of_path[path] = str(e)  # the reason, reused for every pair of this image
-        if isinstance(image_of_path[path], str):
-            skipped.append(SkippedInput(item.id, path, "decode", image_of_path[path]))
+                image_of_path[key] = str(e)  # the reason, reused for every pair of this image
+        if isinstance(image_of_path[key], str):
+            skipped.append(SkippedInput(item.id, path, "decode", image_of_path[key]))
             continue
         kept.append(item.id)
         texts.append(text)
-        image_index.append(image_of_path[path])
+        image_index.append(image_of_path[key])
         groups.append(None if item.group is None else str(item.group))
     if len(kept) < 2:
         raise EmbedkitError(f"shared encoder training needs at least 2 usable image/text pairs, got {len(kept)}")

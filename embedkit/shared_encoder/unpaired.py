@@ -96,9 +96,9 @@ def reference_keys(pair_data: dict, val_rows: torch.Tensor, held_back: list[Item
             "texts": {pair_data["texts"][i].strip() for i in val},
             "groups": {pair_data["groups"][i] for i in val} if grouped else set()}
     pre = image_preprocess(cfg)
-    for path in {str(it.image_path) for it in held_back if it.image_path is not None}:  # each image once
+    for path, dicom in {(str(it.image_path), it.dicom) for it in held_back if it.image_path is not None}:  # once
         try:
-            keys["images"].add(digest(decode_image(path, pre)))
+            keys["images"].add(digest(decode_image(path, pre, dicom=dicom)))
         except ImageDecodeError:
             pass  # an image that cannot be decoded cannot be matched either
     for it in held_back:
@@ -131,7 +131,7 @@ def prepare_unpaired(unpaired: Unpaired, pair_data: dict, val_rows: torch.Tensor
             continue
         if is_image:
             try:
-                im = decode_image(str(it.image_path), pre)
+                im = decode_image(str(it.image_path), pre, dicom=it.dicom)
             except ImageDecodeError as e:
                 skipped.append(SkippedInput(it.id, str(it.image_path), "decode", str(e)))
                 continue
