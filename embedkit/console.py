@@ -40,6 +40,20 @@ def recording():
         _RECORDERS.remove(said)
 
 
+_HELD: list[bool] = []
+
+
+@contextmanager
+def held():
+    """Inside the block say() prints nothing (recording() still collects): for a caller that runs a step many
+    times and says each distinct message once (the demo trains nine models on the same data)."""
+    _HELD.append(True)
+    try:
+        yield
+    finally:
+        _HELD.pop()
+
+
 def say(message: str) -> None:
     from rich.text import Text
 
@@ -47,7 +61,8 @@ def say(message: str) -> None:
     text = Text.from_markup(m.group(1)) + Text(m.group(2)) if m else Text(message)
     for said in _RECORDERS:
         said.append(text.plain)
-    console.print(text)
+    if not _HELD:
+        console.print(text)
 
 
 def show_table(table, out: Console | None = None) -> None:
@@ -58,7 +73,7 @@ def show_table(table, out: Console | None = None) -> None:
     from rich.text import Text
 
     out = out or console
-    if out.measure(table).maximum <= out.width:
+    if table_width(table, out) <= out.width:
         out.print(table)
         return
     if table.title:
@@ -78,6 +93,14 @@ def show_table(table, out: Console | None = None) -> None:
             line += Text("   ") + pair if len(line) > 2 else pair
         if len(line) > 2:
             out.print(line, soft_wrap=True)
+
+
+def table_width(table, out: Console | None = None) -> int:
+    """The columns a table needs with no cell wrapped (rich's own measure stops at the terminal's width)."""
+    from rich.measure import Measurement
+
+    out = out or console
+    return Measurement.get(out, out.options.update_width(10**6), table).maximum
 
 
 def _as_text(cell):

@@ -33,6 +33,25 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak-memory mark afresh (Linux: writing 5 to clear_refs resets VmHWM), so that the next
+    peak_rss_mb() is the peak of what ran since; False where the OS does not allow it (the mark then
+    keeps the process's earlier peak, an upper bound)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def cuda_peak_mb() -> float | None:
     torch = sys.modules.get("torch")  # only if the command already imported it
     if torch is None or not torch.cuda.is_available():

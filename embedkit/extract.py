@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.costs import Costs, dir_bytes
+from embedkit.costs import Costs, dir_bytes, reset_peak_rss
 from embedkit.dicom import SALT_FILE
 from embedkit.encoders.registry import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, require_model,
                                         resolve_spec)
@@ -178,9 +178,11 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs, dataset=None) -> ExtractResult:
     results = {}
     for m in todo:
+        reset_peak_rss()  # each modality's peak_rss_mb is its own, not the high-water mark of what ran before it
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
     write_errors(out, skipped)
     total = costs.to_dict()
+    total["peak_rss_mb"] = max([total["peak_rss_mb"], *(r.costs.get("peak_rss_mb", 0) for r in results.values())])
     result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
     write_json_atomic(out / "manifest.json", {
         "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),
