@@ -446,6 +446,7 @@ def project(
                                           "joining the most rows)."),
     add_source: Optional[str] = typer.Option(None, help="--add-modality: which table of EMB2 (image or text; "
                                              "default: its only one)."),
+    progress: bool = switch(True, "progress", "Show a progress bar over the epochs."),
 ):
     """Learn a light contrastive projection of two unimodal encoders into one space (seconds on CPU).
 
@@ -456,7 +457,8 @@ def project(
 
     add = None if add_modality is None else AddModality(add_modality[0], add_modality[1], partner, add_source)
     up = UniversalSettings(width=up_width, n_tokens=up_tokens, depth=up_depth) if arch == "up" else None
-    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed, arch=arch, up=up, add=add)
+    r = project_embeddings(emb, out, heads_dir=heads, dim=dim, epochs=epochs, seed=seed, arch=arch, up=up, add=add,
+                           progress=progress)
     fit = r["added"].get("fit", {}) if "added" in r else r["fit"]
     held = fit.get("val_retrieval_distinct", fit.get("val_retrieval"))
     scores = "" if not held else (f"; held-out R@1 both ways {held['i2t_R@1']:.3f} / {held['t2i_R@1']:.3f} "

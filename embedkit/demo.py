@@ -143,7 +143,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> dict:
                 f"into one {cfg.shared_dim}-d space (fitted on the training rows)")
             with _step(steps, "project"):
                 project_embeddings(out / "emb", out / "emb_shared", dim=cfg.shared_dim, epochs=cfg.project_epochs,
-                                   seed=0)
+                                   seed=0, progress=cfg.progress)
             shared = out / "emb_shared"
         variants = _variants(cfg, "shared space" if shared == out / "emb" else "projected space", shared)
         say(f"[bold]4/4[/] training {len(variants)} classifiers, {cfg.seeds} seeds each")
