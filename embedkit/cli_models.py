@@ -44,8 +44,11 @@ def models(ctx: typer.Context):
                       "--out NAME.tar`; copy the file here and run `embedkit models install NAME.tar` (GGUF files: "
                       f"copy them into {escape(str(DEFAULT_GGUF_DIR))})", markup=False)
         width = max(len(r["name"]) for r in missing)
-        for r in missing:
-            console.print(f"  {r['name']:<{width}}  {r['download']}", markup=False, soft_wrap=True)
+        for r in missing:  # a command is never broken: too long beside its name, it gets a line of its own
+            beside = f"  {r['name']:<{width}}  {r['download']}"
+            lines = [beside] if len(beside) <= console.width else [f"  {r['name']}", f"      {r['download']}"]
+            for line in lines:
+                console.print(line, markup=False, soft_wrap=True)
     installed = installed_models()
     store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
     for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
@@ -60,7 +63,7 @@ def models(ctx: typer.Context):
         show_table(store, console)
     else:
         console.print(f"no models installed from bundles in {escape(str(model_store()))} (embedkit models install "
-                      f"BUNDLE)", soft_wrap=True)
+                      f"BUNDLE)")
 
 
 @models_app.command("pack")

@@ -68,8 +68,9 @@ def say(message: str) -> None:
 def show_table(table, out: Console | None = None) -> None:
     """Print a rich Table if its widest cells fit the terminal; otherwise one block per row (the first column's
     value, then `column: value` pairs packed into lines). Rich would squeeze a table that does not fit into
-    columns a few letters wide, wrapping or cutting each cell; a block keeps every value whole: a command or a
-    path longer than the terminal gets a line of its own, left for the terminal to wrap, never cut."""
+    columns a few letters wide, wrapping or cutting each cell; a block keeps every value whole: a pair longer
+    than a line gets lines of its own, broken only between words, never cut."""
+    from rich.padding import Padding
     from rich.text import Text
 
     out = out or console
@@ -88,11 +89,14 @@ def show_table(table, out: Console | None = None) -> None:
                 continue
             pair = Text(f"{name}: ", style="dim") + value
             if len(line) > 2 and len(line) + 3 + len(pair) > room:
-                out.print(line, soft_wrap=True)
+                out.print(line)
                 line = Text("  ")
+            if 2 + len(pair) > room:  # too long for any line: its own, wrapped between words
+                out.print(Padding(pair, (0, 0, 0, 2), expand=False))
+                continue
             line += Text("   ") + pair if len(line) > 2 else pair
         if len(line) > 2:
-            out.print(line, soft_wrap=True)
+            out.print(line)
 
 
 def table_width(table, out: Console | None = None) -> int:

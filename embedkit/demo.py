@@ -323,7 +323,7 @@ def print_summary(summary: dict) -> None:
 
     show_table(format_summary(summary))
     for line in summary["messages"]["lines"]:
-        console.print(line, markup=False, soft_wrap=True)
+        console.print(line, markup=False)
     if summary["messages"]["by_design"]:
         console.print(f"note: {summary['messages']['by_design']}", markup=False)
     if summary["gap_shift"] != "run":
@@ -331,9 +331,8 @@ def print_summary(summary: dict) -> None:
     folded = summary["library_warnings"]
     if folded["count"]:
         console.print(f"note: the libraries underneath raised {folded['count']} warning(s) ({folded['distinct']} "
-                      f"distinct), kept in {folded['file']}", markup=False, soft_wrap=True)
+                      f"distinct), kept in {folded['file']}", markup=False)
     best = summary["best"]
-    console.print(f"total {summary['total_seconds']:.0f} s; everything is in {summary['out']}", markup=False,
-                  soft_wrap=True)
+    console.print(f"total {summary['total_seconds']:.0f} s; everything is in {summary['out']}", markup=False)
     console.print(f"open {best['report']}  (the report of '{best['model']}', best on {best['chosen_on']})",
                   markup=False, soft_wrap=True)

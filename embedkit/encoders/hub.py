@@ -3,8 +3,7 @@
 A clinic laptop is often offline, and huggingface_hub on a machine without a network retries each
 request five times with back-off (about 40 s and a dozen log lines per file) before it gives up.
 So a hub model is looked for on this machine first (a local folder, the model store, the Hugging
-Face cache: registry.py and loading.py ask `on_this_machine`), and loaded from there with
-`local_files_only`, which makes no network call at all. Only a model found nowhere here makes us
+Face cache: `cached_folder`), and loaded from that folder, which makes no network call at all. Only a model found nowhere here makes us
 ask the hub, and only after one quick probe (HUB_TIMEOUT_S) says it answers: otherwise the user
 gets one line saying where to get the model, at once.
 """
@@ -25,14 +24,18 @@ def offline() -> bool:
                                                                                       "TRANSFORMERS_OFFLINE"))
 
 
-def in_hub_cache(source: str, revision: str | None = None) -> bool:
-    """Is `source`'s config.json in the Hugging Face cache (at `revision`, default the cached main)?"""
+def cached_folder(source: str, revision: str | None = None) -> str | None:
+    """The snapshot folder of `source` in the Hugging Face cache (at `revision`, default the cached main), when its
+    config.json is there. Read from the filesystem only: loading from this folder asks the hub nothing, where
+    huggingface_hub's own download functions build request headers first, and that alone may go to the network
+    (its agent registry), even with local_files_only."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str)
+        hit = try_to_load_from_cache(source, "config.json", revision=revision)
     except Exception:  # noqa: BLE001 - an id the hub would refuse is simply not cached
-        return False
+        return None
+    return str(Path(hit).parent) if isinstance(hit, str) else None
 
 
 def quiet_hub() -> None:
@@ -74,11 +77,6 @@ def hub_answers(timeout: float | None = None) -> bool:
     threading.Thread(target=probe, daemon=True, name="embedkit-hub-probe").start()
     _PROBE[endpoint] = answered.wait(wait)
     return _PROBE[endpoint]
-
-
-def on_this_machine(source: str, revision: str | None = None) -> bool:
-    """A folder, or a hub id whose files are in the Hugging Face cache (the model store is the registry's)."""
-    return Path(source).expanduser().is_dir() or in_hub_cache(source, revision)
 
 
 def require_hub(source: str, name: str | None = None) -> None:

