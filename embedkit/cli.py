@@ -247,9 +247,10 @@ def bench(
     update: bool = switch(False, "update", "With --markdown FILES: rewrite their bench blocks in place "
                                            "(without: list stale blocks, exit 1 if any)."),
     files: Optional[List[Path]] = typer.Argument(None, help="With --markdown: files with <!-- bench:NAME --> blocks."),
+    progress: bool = switch(True, "progress", "Show a progress bar over the sections."),
 ):
     """Measure extraction, batching, training and memory side by side on this machine; write bench.json/.md + plots."""
-    from embedkit.bench import SECTIONS, BenchConfig, run_bench
+    from embedkit.bench import BenchConfig, run_bench
     from embedkit.console import console, say
     from embedkit.report import fmt
 
@@ -257,8 +258,8 @@ def bench(
         _bench_markdown(results, files or [], update)
         return
     cfg = BenchConfig(preset=preset or ("quick" if quick else "full"), images=images, threads=threads,
-                      sections=tuple(x.strip() for x in sections.split(",")) if sections else SECTIONS)
-    result = run_bench(out, cfg, log=say)
+                      sections=tuple(x.strip() for x in sections.split(",")) if sections else None)
+    result = run_bench(out, cfg, log=say, progress=progress)
     for t in result["targets"]:
         verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: "-"}[t["met"]]
         console.print(f"{verdict:>16}  {t['target']}: {fmt(t['measured'])} (goal {t['goal']}) {t['note']}")
