@@ -169,11 +169,11 @@ def models_check(
             failed.setdefault(r["error"], []).append(f"{r['modality']} {r['backend']} {r['precision']}")
     for error, which in failed.items():
         console.print(f"  {', '.join(which)}: {error}", markup=False, soft_wrap=True)
-    if not any(r["verdict"] == "passes" for r in rows):
-        raise EmbedkitError(f"no backend runs {model} on this machine"
-                            + (": see the errors above" if failed else f" at parity >= {parity_floor:g}"))
     asked_one = backend != "all" and precision is not None
     if asked_one and any(r["verdict"] != "passes" for r in rows):
-        failed = next(r for r in rows if r["verdict"] != "passes")
-        raise EmbedkitError(failed.get("error") or f"{failed['backend']} {failed['precision']} is below the parity "
-                                                   f"floor {parity_floor:g} for {model}")
+        bad = next(r for r in rows if r["verdict"] != "passes")
+        raise EmbedkitError(bad.get("error") or f"{bad['backend']} {bad['precision']} is below the parity "
+                                                f"floor {parity_floor:g} for {model}")
+    if not any(r["verdict"] == "passes" for r in rows):  # every row an error: the check failed, whatever was asked
+        raise EmbedkitError(f"no backend runs {model} on this machine"
+                            + (": see the errors above" if failed else f" at parity >= {parity_floor:g}"))
