@@ -16,6 +16,9 @@ _API = {
     "resolve_spec": ("embedkit.encoders.registry", "resolve_spec"),
     "create_encoder": ("embedkit.encoders", "create_encoder"),
     "EmbedkitError": ("embedkit.errors", "EmbedkitError"),
+    "audit": ("embedkit.audit", "audit"),
+    "audit_dataset": ("embedkit.audit", "audit_dataset"),
+    "AuditConfig": ("embedkit.audit", "AuditConfig"),
 }
 
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from embedkit import cli_train
+from embedkit import cli_audit, cli_train
 from embedkit.cli_common import (DICOM, ID_COL_HELP, PlainHelpGroup, dicom_source_fields, none_word, plain_help,
                                  switch)
 from embedkit.cli_models import models_app
@@ -105,6 +105,7 @@ def extract(
                                          "of the table."),
     strict: bool = switch(False, "strict", "Fail on the first bad input instead of recording it."),
     progress: bool = switch(True, "progress", "Show a progress bar."),
+    group_near_duplicates: bool = switch(False, "group-near-dups", "One group per near-duplicate cluster."),
 ):
     """Embed every image and report into Parquet (resumes; bad inputs go to errors.parquet)."""
     from embedkit.extract import ExtractConfig
@@ -127,7 +128,7 @@ def extract(
                            overwrite=overwrite, strict=strict, progress=progress, engine=engine,
                            ray_address=address, ray_actors=actors, ray_cpus_per_actor=cpus_per_actor,
                            ray_gpus_per_actor=gpus_per_actor, prune=prune,
-                           max_report_bytes=int(max_report_mb * 2**20))
+                           max_report_bytes=int(max_report_mb * 2**20), group_near_duplicates=group_near_duplicates)
     result = run(data, out, config=config, source=source, rows=rows)
     _print_extract_summary(result)
 
@@ -210,7 +211,8 @@ def datasets(folder: Optional[Path] = typer.Option(None, help="Another folder of
 
 
 # Fitting and scoring live in cli_train.py; registered here, in the order `embedkit --help` lists them.
-for _command in (cli_train.train, cli_train.predict, cli_train.evaluate, cli_train.gap, cli_train.zeroshot):
+for _command in (cli_audit.audit, cli_train.train, cli_train.predict, cli_train.evaluate, cli_train.gap,
+                 cli_train.zeroshot):
     app.command()(_command)
 
 

@@ -12,7 +12,7 @@ from embedkit.cli_common import chosen_models, switch
 
 
 # Option panels of `train --help`: one table each, so each table's columns fit 80 columns of terminal.
-_FIT, _ALIGN, _SCORE = "Classifier", "Modality alignment", "Splits and scoring"
+_FIT, _ALIGN, _SCORE, _CHECK = "Classifier", "Modality alignment", "Splits and scoring", "Data checks"
 
 
 def train(
@@ -68,12 +68,21 @@ def train(
                                                          "report)."),
     card: Optional[Path] = typer.Option(None, "--card", help="card.toml: intended use, out-of-scope use, outcome, "
                                                              "setting, authors, licence, citation (model card)."),
+    near_duplicate_threshold: Optional[float] = typer.Option(None, "--near-dup-threshold", rich_help_panel=_CHECK,
+                                                             help="Cosine at which two rows are near-duplicates "
+                                                                  "(default: calibrated per encoder)."),
+    ood_guard: str = typer.Option("centroids", rich_help_panel=_CHECK,
+                                  help="OOD guard prototypes: centroids (no training row stored), rows (every "
+                                       "training row's embedding stored; more sensitive) or none."),
+    ood_percentile: float = typer.Option(95.0, min=50.0, max=99.99, rich_help_panel=_CHECK,
+                                         help="Validation percentile above which predict flags a row as OOD."),
     class_weights: bool = switch(True, "class-weights", "Re-weight classes (balanced)."),
     learned_lambda: bool = switch(False, "learned-lambda", "Learn the shift's lambda jointly with the classifier."),
     calibrate: bool = switch(True, "calibrate", "Temperature scaling where there are enough rows (--calibrate-on)."),
     groups: bool = switch(True, "groups", "Keep a group's rows on one side of every split (--no-groups: rows are "
                                           "independent)."),
     data_split: bool = switch(True, "data-split", "Use the data's split column."),
+    group_near_duplicates: bool = switch(False, "group-near-dups", "One group per near-duplicate cluster."),
 ):
     """Train a fusion classifier; choose on validation, test once; intervals over test groups and seeds."""
     from embedkit.modelcard import parse_class_names
@@ -87,6 +96,8 @@ def train(
                       align_sweep=align_sweep, learned_lambda=learned_lambda, scale=scale,
                       modality_dropout=modality_dropout, threshold=threshold, calibrate=calibrate,
                       group_col=group_col, groups=groups, data_split=data_split,
+                      group_near_duplicates=group_near_duplicates, near_duplicate_threshold=near_duplicate_threshold,
+                      ood_guard=ood_guard, ood_percentile=ood_percentile,
                       subgroups=list(subgroup_col), bootstrap=bootstrap, seeds=seeds, cv=cv, seed=seed,
                       models=chosen_models(image_model, text_model), calibrate_on=calibrate_on,
                       class_names=parse_class_names(class_names), card=str(card) if card else None)
@@ -153,6 +164,14 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     c = metrics["costs"]
     console.print(f"train {c['train_seconds']:.2f} s · predict {c['predict_seconds']:.3f} s · "
                   f"peak RSS {c['peak_rss_mb']:.0f} MB · model {c['model_bytes'] / 1024:.0f} KiB")
+    o = metrics.get("ood")
+    if o:
+        by = o["test_by_ood"]
+        f1 = {k: (f"{v['metrics']['macro_f1']:.3f}" if "metrics" in v else "-") + (" (few rows)" if "note" in v else "")
+              for k, v in by.items()}
+        console.print(f"OOD guard ({o['prototypes']}, {o['threshold_rule']}): {o['test']['flagged']} of "
+                      f"{o['test']['rows']} test rows flagged; macro-F1 in-distribution {f1['in_distribution']}, "
+                      f"flagged {f1['flagged']}", markup=False)
     a = metrics.get("alignment")
     if a:
         lam = a["lambda"]
@@ -181,6 +200,12 @@ def predict(
     r = run(model, emb, out, models=chosen_models(image_model, text_model))
     had = ", ".join(f"{k or 'none'} {v}" for k, v in r["modalities"].items())
     say(f"{r['rows']} predictions ({had}) -> {r['out']} ({r['predict_seconds']:.3f} s)")
+    if r["ood"] is not None:
+        o = r["ood"]
+        say(("[yellow]" if o["flagged"] else "[bold]") + f"ood[/]: {o['flagged']} of {o['rows']} rows ({o['share']:.0%}) "
+            f"are unlike the training data (column ood): do not trust their predictions")
+    else:
+        say("ood: this model folder has no OOD guard (trained before it existed, or with --ood-guard none)")
 
 
 def evaluate(
@@ -207,6 +232,10 @@ def evaluate(
     summary = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "auroc", "ece") if k in m}
     summary["bootstrap95"] = {k: [round(v["low"], 4), round(v["high"], 4)] for k, v in b.items()}
     summary["rows_seen_in_training"] = r["rows_seen_in_training"]
+    if r.get("ood"):
+        by = r["ood"]["by_ood"]
+        summary["ood"] = {"flagged": r["ood"]["flagged"],
+                          **{k: {"n": by[k]["n"], "macro_f1": by[k].get("metrics", {}).get("macro_f1")} for k in by}}
     typer.echo(json.dumps(summary))
 
 

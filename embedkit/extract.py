@@ -80,6 +80,7 @@ class ExtractConfig:
     max_drop_share: float = 0.1  # a small table may lose up to `max_drop_rows` rows (cheap to recompute)
     max_drop_rows: int = 3
     max_report_bytes: int = 5 * 2**20  # a larger report file is skipped (recorded), never read whole
+    group_near_duplicates: bool = False  # rewrite `group` so each near-duplicate cluster is one (near_duplicates.py)
 
 
 @dataclass
@@ -180,6 +181,13 @@ def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs
     for m in todo:
         reset_peak_rss()  # each modality's peak_rss_mb is its own, not the high-water mark of what ran before it
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
+    if config.group_near_duplicates and any(r.rows_total for r in results.values()):
+        from embedkit.console import say
+        from embedkit.near_duplicates import regroup_store
+
+        g = regroup_store(out)
+        say(f"near-duplicate groups: {g['groups_formed']} groups join {g['rows_regrouped']} rows "
+            f"({', '.join(m + ' cosine >= ' + format(t['threshold'], 'g') for m, t in g['thresholds'].items())})")
     write_errors(out, skipped)
     total = costs.to_dict()
     total["peak_rss_mb"] = max([total["peak_rss_mb"], *(r.costs.get("peak_rss_mb", 0) for r in results.values())])
@@ -240,7 +248,8 @@ def _extract_modality(modality: str, spec: EncoderSpec, scan: SourceScan, root: 
     label_cols = sorted({k for it in items for k in it.labels})
     meta_cols = sorted({k for it in items for k in it.meta} - set(label_cols))
     # what the table says now: stored rows follow it (relabel_parts), new rows are written with it
-    table_keys = {"label_columns": label_cols, "metadata_columns": meta_cols, "group_col": scan.group_col}
+    table_keys = {"label_columns": label_cols, "metadata_columns": meta_cols, "group_col": scan.group_col,
+                  "group_near_duplicates": None}  # set again by the --group-near-dups pass, if asked
     columns = {c: [it.labels.get(c) for it in items] for c in label_cols}
     columns.update({c: [it.meta.get(c) for it in items] for c in meta_cols})
     by_id = {it.id: it for it in items}

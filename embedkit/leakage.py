@@ -111,8 +111,10 @@ def _scanned_rows(texts, y, task: str, classes: list) -> tuple[list[str], np.nda
     else:
         if y.ndim != 1:
             raise EmbedkitError("leakage scan: binary and multiclass labels must be one column")
-        index = {c: k for k, c in enumerate(classes)}
-        k = np.array([index.get(v, -1) if v is not None else -1 for v in y], dtype=np.int64)
+        # labels and class names are matched by value, not type: extract stores 0/1 labels as numbers while a
+        # caller may name the classes "0" and "1" (or 0.0 and 1.0); a type mismatch once scanned 0 rows
+        index = {label_key(c): k for k, c in enumerate(classes)}
+        k = np.array([index.get(label_key(v), -1) if v is not None else -1 for v in y], dtype=np.int64)
         keep = has_text & (k >= 0)  # unlabelled rows tell nothing about the label
         Y = np.zeros((len(k), len(classes)))
         Y[np.nonzero(k >= 0)[0], k[k >= 0]] = 1.0
@@ -133,6 +135,21 @@ def _per_group(texts, y, groups, task: str) -> tuple[list, np.ndarray]:
     keys = list(joined)
     y_out = np.array([k[1] for k in keys], dtype=None if task == "multilabel" else object)
     return ["\n".join(joined[k]) for k in keys], y_out
+
+
+def label_key(v) -> str:
+    """One spelling per label value: 1, 1.0, "1", np.int64(1) -> "1"; True -> "True"; text stripped."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        f = float(v)
+        return str(int(f)) if f.is_integer() else repr(f)
+    text = str(v).strip()
+    try:
+        f = float(text)
+    except ValueError:
+        return text
+    return str(int(f)) if f.is_integer() else repr(f)
 
 
 def _plain(c):

@@ -1,6 +1,7 @@
 """Using a trained model folder: predict new rows, evaluate on labelled ones.
 
-The saved alignment and calibration are applied exactly as in training. Rows that lack a
+The saved alignment and calibration are applied exactly as in training; the saved OOD guard
+(fusion/ood.py) adds `ood_score` and `ood` per row and never changes a prediction. Rows that lack a
 modality are predicted when the model carries an aligner: the missing modality is stood in for
 by the present one moved across the gap fitted on training rows, and every output row says
 which modalities it had. evaluate refuses rows the model was fitted or selected on.
@@ -15,6 +16,7 @@ import numpy as np
 
 from embedkit.dataset import Dataset, load_dataset, row_keys
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.ood import guard_scores, metrics_by_flag, ood_columns, ood_summary
 from embedkit.store import IDENTITY_FIELDS, find_datasets, load_embeddings, write_json_atomic
 
 # What must agree between training and new embeddings: the store's identity fields, except the
@@ -210,10 +212,12 @@ def predict(model_dir, emb_dir, out_path, models: dict | None = None) -> dict:
     x, had = _rows_features(info, es)
     proba = apply_calibration(est.predict_proba(x), info.get("calibration"), info["task"])
     pred = decide(proba, info["classes"], info["task"], (info.get("calibration") or {}).get("threshold", 0.5))
+    ood = guard_scores(model_dir, info, x, had)  # None for a model trained without the guard
     seconds = time.perf_counter() - t0
-    out = write_rows(prediction_columns(info, es.ids, es.columns, proba, pred, had), out_path)
+    out = write_rows({**prediction_columns(info, es.ids, es.columns, proba, pred, had), **ood_columns(ood)}, out_path)
     counts = {k: had.count(k) for k in sorted(set(had))}
-    return {"rows": len(es.ids), "modalities": counts, "predict_seconds": round(seconds, 4), "out": str(out)}
+    return {"rows": len(es.ids), "modalities": counts, "predict_seconds": round(seconds, 4), "out": str(out),
+            "ood": None if ood is None else ood_summary(ood > 1)}
 
 
 def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None, split: str | None = None,
@@ -266,16 +270,19 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     groups = ds.columns.get("group")
     groups = None if groups is None or all(g is None for g in groups[rows]) else groups[rows]
     boot = bootstrap_metrics(y, proba, est.classes_, info["task"], threshold, groups)
+    ood = guard_scores(model_dir, info, x)
     result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
               "rows_left_out_as_fitted": left_out,
-              "split": split, "model": str(model_dir), "embeddings": str(emb_dir)}
+              "split": split, "model": str(model_dir), "embeddings": str(emb_dir),
+              "ood": None if ood is None else {**ood_summary(ood > 1), "by_ood": metrics_by_flag(
+                  y, proba, est.classes_, info["task"], threshold, ood > 1, all_rows=metrics)}}
     if out_path:
         write_json_atomic(Path(out_path), result)
     if rows_out:
         pred = decide(proba, info["classes"], info["task"], threshold)
         cols = {k: v[rows] for k, v in ds.columns.items()}
-        write_rows(prediction_columns(info, ds.ids[rows], cols, proba, pred,
-                                    ["+".join(info["modalities"])] * len(rows)), rows_out)
+        write_rows({**prediction_columns(info, ds.ids[rows], cols, proba, pred,
+                                         ["+".join(info["modalities"])] * len(rows)), **ood_columns(ood)}, rows_out)
     return result
 
 

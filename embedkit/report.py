@@ -12,6 +12,7 @@ model's test rows, or the rows of --emb it was neither fitted nor tuned on), the
 the alignment curve and gap plot when training wrote them, the learning curve, costs and the
 configuration.
 A bench page: the targets, every table and every plot of the run, the machine and its load.
+An audit page (`embedkit audit --out DIR`): every finding of audit.json, the id lists capped at 50 rows.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, emb: str | 
         page = bench_html(json.loads((run_dir / "bench.json").read_text()), run_dir)
     elif (run_dir / "metrics.json").is_file():
         page = model_html(run_dir, Path(emb) if emb else None, card, class_names)
+    elif (run_dir / "audit.json").is_file():
+        page = audit_html(json.loads((run_dir / "audit.json").read_text()))
     else:
-        raise EmbedkitError(f"'{run_dir}' is neither a model folder (metrics.json, from `embedkit train`) nor a "
-                            f"bench folder (bench.json, from `embedkit bench`)")
+        raise EmbedkitError(f"'{run_dir}' is neither a model folder (metrics.json, from `embedkit train`), a "
+                            f"bench folder (bench.json, from `embedkit bench`) nor an audit folder (audit.json, "
+                            f"from `embedkit audit`)")
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
@@ -467,3 +471,55 @@ def _learning_curve(folder: Path) -> bytes | None:
     ax.set_ylabel("loss")
     ax.legend(fontsize=8, loc="upper right")
     return figure_png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit folders
+
+
+def audit_html(r: dict, shown: int = 50) -> str:
+    """The audit's findings: the summary, then one table per finding (the first `shown` ids of each list)."""
+    from embedkit.audit import summary_lines
+
+    body = [f"<h1>Data audit: {html.escape(str(r.get('embeddings', '')))}</h1>",
+            '<pre style="white-space:pre-wrap">' + html.escape("\n".join(summary_lines(r))) + "</pre>"]
+    for m, d in r["near_duplicates"].items():
+        note = (f"cosine >= {fmt(d['threshold'])} ({d['threshold_source']}); {d['pairs']} pairs of distinct "
+                f"contents, {d['across_splits']['pairs']} across splits and groups; the "
+                f"{min(shown, len(d['listed']))} most similar (rows: how many rows hold that content)")
+        if not d["listed"]:
+            body.append(f"<h2>Near-duplicate {html.escape(m)}s</h2><p>None at cosine >= {_e(d['threshold'])} "
+                        f"({html.escape(d['threshold_source'])}).</p>")
+            continue
+        body.append(f"<h2>Near-duplicate {html.escape(m)}s</h2>" + html_table(
+            ["id a", "rows", "splits a", "id b", "rows", "splits b", "cosine", "across splits and groups"],
+            [[p["a"], p["rows_a"], ", ".join(p["splits_a"]), p["b"], p["rows_b"], ", ".join(p["splits_b"]),
+              p["cosine"], p["across_splits_and_groups"]] for p in d["listed"][:shown]], note))
+    lk = r.get("leakage")
+    if lk and (lk["rules"] or lk["label_words"]):
+        body.append("<h2>Text leakage (training rows)</h2>" + html_table(
+            ["token", "class", "precision / share", "rows"],
+            [[x["token"], x["class"], x["precision"], x["rows"]] for x in lk["rules"]]
+            + [[x["token"], x["class"], x["share"], x["rows"]] for x in lk["label_words"]]))
+    for s, b in (r.get("balance") or {}).items():
+        parts = b.get("classes") or b.get("positives") or {}
+        body.append(f"<h3>Labels in split {html.escape(s)}</h3>" + html_table(
+            ["class", "rows"], [[k, v] for k, v in parts.items()] + [["(unlabelled)", b["unlabelled"]]]))
+    tiny = r["tiny"]
+    if tiny["classes"] or tiny["subgroups"]:
+        body.append("<h2>Tiny classes and subgroups</h2>" + html_table(
+            ["where", "value", "rows"], [[f"split {t['split']}", t["class"], t["rows"]] for t in tiny["classes"]]
+            + [[f"column {t['column']}", t["value"], t["rows"]] for t in tiny["subgroups"]][:shown]))
+    for m, o in r["outliers"].items():
+        if o["listed"]:
+            body.append(f"<h2>Outlier {html.escape(m)}s</h2>" + html_table(
+                ["ids", "splits", "distance"], [[", ".join(x["ids"][:3]) + (" ..." if len(x["ids"]) > 3 else ""),
+                                                 ", ".join(x["splits"]), x["distance"]] for x in o["listed"][:shown]],
+                o["rule"]))
+    ln = r.get("label_noise")
+    if ln and ln.get("listed"):
+        body.append("<h2>Label-noise candidates</h2>" + html_table(
+            ["id", "split", "label", "predicted", "P(label)"],
+            [[x["id"], x["split"], x["label"], x["predicted"], x["self_confidence"]] for x in ln["listed"][:shown]],
+            f"{ln['method']}. {ln['advice']}."))
+    return _page("embedkit audit", "".join(body))

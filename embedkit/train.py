@@ -23,6 +23,8 @@ from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.dataset import (Dataset, carried_columns, cv_runs, groups_for, load_dataset, purge_shared_groups,
                               row_keys, split_for_run, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
+from embedkit.near_duplicates import grouping_modalities, near_duplicate_groups, warn_near_duplicates
 from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evaluate, jsonable,  # noqa: F401
                               load_model, model_features, predict, prediction_columns, write_rows)
 from embedkit.store import find_datasets, write_json_atomic
@@ -56,6 +58,10 @@ class TrainConfig:
     calibrate_on: str = "auto"  # auto (validation if >= 200 rows, else out-of-fold training rows, else none) | val | oof
     group_col: str | None = None  # None: the group stored by extract (e.g. a patient id), if any
     groups: bool = True  # False (--no-groups): rows are treated as independent
+    group_near_duplicates: bool = False  # each near-duplicate cluster becomes one group (near_duplicates.py)
+    near_duplicate_threshold: float | None = None  # cosine; None: calibrated per encoder (near_duplicates.py)
+    ood_guard: str = "centroids"  # centroids | rows | none: prototypes of the OOD guard (fusion/ood.py)
+    ood_percentile: float = 95.0  # of validation rows' guard distances: the flagging threshold
     data_split: bool = True  # use the data's split column when it has one
     subgroups: list[str] = field(default_factory=list)  # columns to report metrics per value of
     bootstrap: int = 1000  # resamples for the test-set intervals (0: none)
@@ -374,6 +380,12 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
             raise EmbedkitError(f"subgroup column '{name}' is not in the embeddings; columns carried through: "
                                 f"{', '.join(carried_columns(ds.columns)) or 'none'}")
     groups, group_note = groups_for(ds, cfg.group_col, cfg.groups)
+    nd_modalities = grouping_modalities([m for m in modalities if m in ds.blocks])
+    nd_thresholds = {m: cfg.near_duplicate_threshold for m in nd_modalities if cfg.near_duplicate_threshold}
+    if cfg.group_near_duplicates:
+        groups, nd_grouping = near_duplicate_groups(ds, groups, nd_modalities, nd_thresholds)
+        group_note += (f" + near-duplicate clusters of {', '.join(nd_modalities)} ({nd_grouping['groups_formed']} "
+                       f"groups joining {nd_grouping['rows_regrouped']} rows)")
     say(f"groups: {group_note}")
     purged = {"train": 0, "val": 0}
     if ds.split is not None and cfg.data_split:
@@ -402,6 +414,8 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
                                            "two ids?): merge those ids or de-duplicate", columns=("image_sha256",))
     ungrouped = warn_ungrouped(first.idx, stored_groups) if fix else None
     leakage = _leakage_scan(ds, cfg, first, groups)
+    near_dups = warn_near_duplicates(ds, first.idx, groups, nd_modalities, nd_thresholds, cfg.group_near_duplicates)
+    guard, test_ood = _fit_ood_guard(ds, cfg, first)
 
     with costs.stage("intervals"):
         g_test = None if groups is None else groups[te]
@@ -414,11 +428,15 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
 
     with costs.stage("save"):
         info = _model_info(ds, cfg, first, groups)
+        if guard is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            info["ood_guard"] = guard.save(out_dir)
         _save_model_folder(out_dir, first.est, info)
         # run 0's test rows, one line each: what the report's reliability diagram and a reader can check
         pred = decide(first.test_proba, info["classes"], first.est.task_, thr)
-        write_rows(prediction_columns(info, ds.ids[te], {k: v[te] for k, v in ds.columns.items()}, first.test_proba,
-                                      pred, ["+".join(modalities)] * len(te)), out_dir / "test_predictions.parquet")
+        cols = prediction_columns(info, ds.ids[te], {k: v[te] for k, v in ds.columns.items()}, first.test_proba,
+                                  pred, ["+".join(modalities)] * len(te))
+        write_rows({**cols, **ood_columns(test_ood)}, out_dir / "test_predictions.parquet")
     spread_key = "folds" if cfg.cv else "seeds"
     metrics = {
         "test": first.metrics["test"], "val": first.metrics["val"],
@@ -435,11 +453,16 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
         "alignment": _alignment_summary(cfg, runs, first) if aligning else None,
         "subgroups": subgroups or None,
         "leakage": leakage,
+        "ood": None if guard is None else {**guard.to_dict(), "test": ood_summary(test_ood > 1),
+                                           "test_by_ood": metrics_by_flag(ds.y[te], first.test_proba, classes, task,
+                                                                          thr, test_ood > 1,
+                                                                          all_rows=first.metrics["test"])},
         "data": {"rows": int(len(ds.ids)), "dropped_unlabelled": ds.dropped_unlabelled,
                  "split": _split_description(ds, cfg), "groups": group_note,
                  "purged_rows": purged, "n": first.metrics["n"], "groups_per_split": _groups_per_split(first.idx,
                                                                                                       groups),
                  "test_rows_sharing_inputs_with_train": shared_inputs, "seeds": seeds,
+                 "near_duplicates_across_splits": near_dups, "group_near_duplicates": cfg.group_near_duplicates,
                  **({"ungrouped": ungrouped} if ungrouped else {})},
         "costs": {**first.metrics["costs"], "peak_rss_mb": round(peak_rss_mb(), 1),
                   "model_bytes": _model_bytes(first.est), "folder_bytes": dir_bytes(out_dir),
@@ -493,12 +516,29 @@ def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run, groups=None) -> dict 
     from embedkit.leakage import format_leakage, scan_text_leakage
 
     tr = run.idx["train"]
-    result = scan_text_leakage(ds.columns["text"][tr].tolist(), ds.y[tr], run.est.task_,
-                               [str(c) for c in run.est.classes_], label_names=cfg.labels,
+    texts = ds.columns["text"][tr].tolist()
+    # multilabel estimators number their outputs: the scan needs the label names
+    classes = list(cfg.labels) if run.est.task_ == "multilabel" else [str(c) for c in run.est.classes_]
+    result = scan_text_leakage(texts, ds.y[tr], run.est.task_, classes, label_names=cfg.labels,
                                groups=None if groups is None else groups[tr])
     for line in format_leakage(result, ", ".join(cfg.labels)):
         say(f"[yellow]{line}[/]")
+    if not result["n_rows_scanned"] and any(t is not None for t in texts):
+        say("[yellow]warning:[/] the text-leakage scan matched no training row to its label: nothing was scanned")
     return result
+
+
+def _fit_ood_guard(ds: Dataset, cfg: TrainConfig, run: Run):
+    """The OOD guard on run 0's training rows in the model's input space, threshold on its validation
+    rows; -> (guard, test rows' ood_score) or (None, None) with --ood-guard none."""
+    if cfg.ood_guard == "none":
+        return None, None
+    mods = run.info["modalities"]
+    dims = {m: ds.blocks[m].shape[1] for m in mods}
+    feats = {k: split_blocks(model_features(run.info, {m: ds.blocks[m][run.idx[k]] for m in ds.blocks}), mods, dims)
+             for k in ("train", "val", "test")}
+    guard = OODGuard(cfg.ood_guard, cfg.ood_percentile, random_state=cfg.seed).fit(feats["train"], feats["val"])
+    return guard, guard.score(feats["test"])[0]
 
 
 def _model_info(ds: Dataset, cfg: TrainConfig, run: Run, groups) -> dict:

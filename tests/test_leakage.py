@@ -184,3 +184,59 @@ def test_bad_arguments_are_one_line_errors():
         scan_text_leakage(["a"], [0], "regression", [0, 1])
     with pytest.raises(EmbedkitError, match="labels"):
         scan_text_leakage(["a", "b"], [0], "binary", [0, 1])
+
+
+# ---------------------------------------------------------------- label types (issue 26: numeric labels scanned 0 rows)
+
+
+def test_numeric_labels_with_class_names_as_text_are_scanned():
+    """extract stores 0/1 labels as numbers; train names the classes as text: the scan must still see every row."""
+    texts, y = outcome_corpus()
+    for labels, classes in ((y, ["0", "1"]), (y.astype(float), ["0", "1"]), (y, [0.0, 1.0]),
+                            (np.array([str(v) for v in y], dtype=object), [0, 1])):
+        r = scan_text_leakage(texts, labels, "binary", classes)
+        assert r["n_rows_scanned"] == 75
+        assert [x["token"] for x in r["rules"]] == ["died", "deceased"]
+
+
+def test_string_labels_are_scanned():
+    texts, y = outcome_corpus()
+    names = np.array(["dead", "alive"], dtype=object)[y]
+    r = scan_text_leakage(texts, names, "binary", ["alive", "dead"])
+    assert r["n_rows_scanned"] == 75 and (r["rules"][0]["token"], r["rules"][0]["class"]) == ("died", "dead")
+
+
+def test_training_scans_numeric_multilabel_and_string_labels(tmp_path):
+    """End to end through train: 0/1 integer labels as extract stores them, a multilabel pair, string labels."""
+    from embedkit.store import BASE_COLUMNS, PartWriter, build_schema
+    from embedkit.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    n = 120
+    y = np.arange(n) % 2
+    other = (np.arange(n) // 12) % 2  # every neutral word in both of its classes
+    texts = [f"{neutral(i // 2)}{' died' if y[i] == 1 and i % 3 else ''}" for i in range(n)]
+    cols = {"outcome": y.tolist(), "other": other.tolist(), "word": ["yes" if v else "no" for v in y],
+            "split": ["train"] * 80 + ["val"] * 20 + ["test"] * 20}
+    ids = [f"r{i:03d}" for i in range(n)]
+    for modality in ("image", "text"):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        prov = {"name": "t", "source": "t", "family": "t", "revision": "1", "pooling": "mean", "dim": 8,
+                "preprocess": None, "max_length": None, "normalize": False, "dtype": "float32",
+                "label_columns": ["outcome", "other", "word"]}
+        labels = {k: v for k, v in cols.items() if k != "split"}
+        w = PartWriter(tmp_path / "emb" / f"{modality}__t", build_schema(8, labels, prov, text_column=modality == "text"))
+        batch = {"id": ids, "path": ids, "sha256": [f"{modality}{i}" for i in ids], "group": [None] * n, **cols}
+        if modality == "text":
+            batch["text"] = texts
+        w.write({**batch, **{k: [None] * n for k in BASE_COLUMNS if k not in batch and k != "embedding"}}, x)
+        w.close()
+    fast = dict(fusion="text", epochs=1, bootstrap=0, ood_guard="none")
+    m = train(tmp_path / "emb", tmp_path / "m1", TrainConfig(labels=["outcome"], **fast))
+    assert m["leakage"]["n_rows_scanned"] == 80  # every training row (it was 0 with integer labels)
+    assert [(r["token"], r["class"]) for r in m["leakage"]["rules"]] == [("died", "1")]
+    m = train(tmp_path / "emb", tmp_path / "m2", TrainConfig(labels=["word"], **fast))
+    assert m["leakage"]["n_rows_scanned"] == 80 and m["leakage"]["rules"][0]["class"] == "yes"
+    m = train(tmp_path / "emb", tmp_path / "m3", TrainConfig(labels=["outcome", "other"], **fast))
+    assert m["leakage"]["n_rows_scanned"] == 80
+    assert [(r["token"], r["class"]) for r in m["leakage"]["rules"]] == [("died", "outcome")]  # named, not "0"

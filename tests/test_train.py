@@ -125,7 +125,8 @@ def test_predict_applies_the_saved_alignment(tmp_path):
     out = tmp_path / "preds.parquet"
     predict(tmp_path / "model", emb, out)
     t = pq.read_table(out).to_pydict()
-    assert set(t) == {"id", "group", "split", "true_dx", "modalities", "predicted", "prob_a", "prob_b", "prob_c"}
+    assert set(t) == {"id", "group", "split", "true_dx", "modalities", "predicted", "prob_a", "prob_b", "prob_c",
+                      "ood_score", "ood"}
     assert set(t["modalities"]) == {"image+text"} and t["true_dx"][:3] == ["a", "b", "c"]
     probs = np.stack([t["prob_a"], t["prob_b"], t["prob_c"]], 1)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
