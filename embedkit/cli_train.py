@@ -332,7 +332,7 @@ def _print_zeroshot(report: dict, out: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import console, show_table
 
     check = report["encoder_check"]
     console.print(f"prompts embedded with {escape(report['text_model'])}"
@@ -352,7 +352,7 @@ def _print_zeroshot(report: dict, out: Path) -> None:
             b = (m.get("bootstrap") or {}).get("metrics", {}).get("macro_f1")
             t.add_row(escape(name), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
                       f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-", f"{m['auroc']:.3f}")
-        console.print(t)
+        show_table(t)
     else:
         console.print("no label column to score against (--label): predictions only")
     console.print(f"{report['rows']} predictions ({escape(report['predicted_with'])}) -> "
