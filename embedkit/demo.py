@@ -101,8 +101,9 @@ class DemoConfig:
 
 # What the demo's own data trigger on purpose: its reports are built from a few phrases (so texts repeat across
 # splits) and their history names the finding in about 3 of 5 cases (so single words predict the label).
-BY_DESIGN = ("the synthetic reports reuse a few phrases and name the finding on purpose, so the training steps "
-             "flagged {what}: expected here, kept in each model's metrics.json, worth reading on your own data")
+BY_DESIGN = ("the synthetic pictures come from one drawing routine and the reports reuse a few phrases that name "
+             "the finding on purpose, so the training steps flagged {what}: expected here, kept in each model's "
+             "metrics.json, worth reading on your own data")
 
 
 def run_demo(out: Path, cfg: DemoConfig | None = None) -> dict:
@@ -225,24 +226,35 @@ def _step(steps: dict, name: str):
 
 def _said_once(said_by: dict) -> dict:
     """Every distinct message of the training steps once, with the models that said it; the ones the synthetic
-    data trigger by design (leakage scan, texts repeated across splits) counted into one explaining line."""
+    data trigger by design (leakage scan, texts repeated across splits, near-duplicate pictures and reports across
+    splits) counted into one explaining line. What is by design is read from each model's metrics.json, so a
+    finding of another kind is still said."""
     from embedkit.leakage import format_leakage
 
     distinct: dict[str, list[str]] = {}
-    leakage, shared = set(), 0
+    leakage, shared, near = set(), 0, {}
     for name, (said, m) in said_by.items():
         expected = set(format_leakage(m["leakage"], "label")) if m.get("leakage") else set()
         leakage |= expected
         repeats = (m["data"].get("test_rows_sharing_inputs_with_train") or {}).get("text", 0)
         shared = max(shared, repeats)
+        prefixes = [f"warning: {repeats} test rows have the same text"] if repeats else []
+        for modality, r in (m["data"].get("near_duplicates_across_splits") or {}).items():
+            if r.get("test_rows") or r.get("val_rows"):
+                near[modality] = max(near.get(modality, 0), r["test_rows"] + r["val_rows"])
+                prefixes.append(f"warning: {r['test_rows']} test and {r['val_rows']} validation rows have a "
+                                f"near-duplicate {modality} ")
         for line in said:
-            if line in expected or (repeats and line.startswith(f"warning: {repeats} test rows have the same text")):
+            if line in expected or line.startswith(tuple(prefixes)):
                 continue
             distinct.setdefault(line, []).append(name)
     n_models = len(said_by)
     lines = [line + ("" if len(who) == n_models else f" ({', '.join(who)})") for line, who in distinct.items()]
-    what = " and ".join(p for p in (f"{len(leakage)} possible leakage finding(s)" if leakage else "",
-                                     f"{shared} test report(s) identical to a training report" if shared else "") if p)
+    parts = [f"{len(leakage)} possible leakage finding(s)" if leakage else "",
+             f"{shared} test report(s) identical to a training report" if shared else "",
+             ", ".join(f"up to {n} validation and test rows with a near-duplicate {mod} in training" for mod, n in
+                       near.items())]
+    what = "; ".join(p for p in parts if p)
     by_design = BY_DESIGN.format(what=what) if what else None
     return {"lines": lines, "by_design": by_design}
 

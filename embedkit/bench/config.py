@@ -53,7 +53,9 @@ PRESETS = {
     "quick": Preset(("dinov2-small",), images=16, images_other=0, pipeline_images=8, texts=128, raw_rows=32,
                     raw_emb_epochs=3, scaling=(200, 3200), train_rows=2000, train_epochs=2, quant_rows=90,
                     quant_epochs=15, quant_seeds=2, repeats=2, backend_image_models=("efficientnet-lite0",),
-                    backend_images=64, backend_texts=192, sections=tuple(s for s in SECTIONS if s != "backends")),
+                    backend_images=64, backend_texts=192, sections=tuple(s for s in SECTIONS if s != "backends"),
+                    reference_seconds=(("images", 226.4), ("text", 115.0), ("raw", 48.5), ("scaling", 96.0),
+                                       ("train", 39.4), ("quantize", 42.5))),  # 2 cores at load 6 (issue 28)
     # for tests: every code path, seconds of work
     "tiny": Preset(("dinov2-tiny",), images=8, images_other=0, pipeline_images=3, texts=24, raw_rows=12,
                    raw_emb_epochs=2, scaling=(16, 64), train_rows=200, train_epochs=1, quant_rows=30, quant_epochs=3,
