@@ -78,11 +78,11 @@ def show_table(table, out: Console | None = None) -> None:
         out.print(table)
         return
     if table.title:
-        out.print(_as_text(table.title), style="bold", soft_wrap=True)
+        out.print(_as_text(table.title), style="bold")
     names = [_as_text(c.header).plain for c in table.columns]
     columns = [[_as_text(cell) for cell in c.cells] for c in table.columns]
     for row in zip(*columns):
-        out.print(row[0], style="bold", soft_wrap=True)
+        out.print(row[0], style="bold")
         line, room = Text("  "), out.width
         for name, value in zip(names[1:], row[1:]):
             if not value.plain.strip():
