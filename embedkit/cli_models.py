@@ -37,18 +37,17 @@ def models(ctx: typer.Context):
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
                       "[green]yes[/]" if r["available"] else "[red]no[/]")
     show_table(table, console)
-    # the commands that bring the others here: whole lines, never squeezed into a cell
-    missing = [r for r in rows if not r["available"]]
+    # where each one is, and the commands that bring the others here: whole lines, never squeezed into a cell
+    here, missing = [r for r in rows if r["available"]], [r for r in rows if not r["available"]]
+    width = max(len(r["name"]) for r in rows)
+    if here:
+        console.print("here:", markup=False)
+        _name_and_value(console, [(r["name"], r["where"]) for r in here], width)
     if missing:
         console.print("not here: on a connected machine run the command beside each, then `embedkit models pack NAME "
                       "--out NAME.tar`; copy the file here and run `embedkit models install NAME.tar` (GGUF files: "
                       f"copy them into {escape(str(DEFAULT_GGUF_DIR))})", markup=False)
-        width = max(len(r["name"]) for r in missing)
-        for r in missing:  # a command is never broken: too long beside its name, it gets a line of its own
-            beside = f"  {r['name']:<{width}}  {r['download']}"
-            lines = [beside] if len(beside) <= console.width else [f"  {r['name']}", f"      {r['download']}"]
-            for line in lines:
-                console.print(line, markup=False, soft_wrap=True)
+        _name_and_value(console, [(r["name"], r["download"]) for r in missing], width)
     installed = installed_models()
     store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
     for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
@@ -64,6 +63,15 @@ def models(ctx: typer.Context):
     else:
         console.print(f"no models installed from bundles in {escape(str(model_store()))} (embedkit models install "
                       f"BUNDLE)")
+
+
+def _name_and_value(console, pairs: list[tuple[str, str]], width: int) -> None:
+    """`  name  value` lines; a value (a command, a path) is never broken: too long beside its name, it gets a line
+    of its own, left whole for the terminal to wrap."""
+    for name, value in pairs:
+        beside = f"  {name:<{width}}  {value}"
+        for line in [beside] if len(beside) <= console.width else [f"  {name}", f"      {value}"]:
+            console.print(line, markup=False, soft_wrap=True)
 
 
 @models_app.command("pack")
