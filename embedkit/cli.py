@@ -236,8 +236,8 @@ def demo(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for bench.json, bench.md and plots."),
-    quick: bool = switch(False, "quick", "Smaller N, no backends section: about 3 minutes on 2 idle cores "
-                                         "(10 measured on 2 cores at load 6)."),
+    quick: bool = switch(False, "quick", "Smaller N, no backends section: about 2.5 minutes on 2 idle cores "
+                                         "(582 s measured on 2 cores at load 6)."),
     preset: Optional[str] = typer.Option(None, hidden=True, help="full, quick or tiny (tests)."),
     sections: Optional[str] = typer.Option(None, help="Comma-separated subset of: images, text, raw, scaling, "
                                                       "train, quantize, backends."),
