@@ -227,7 +227,7 @@ def demo(
     progress: bool = switch(True, "progress", "Show progress bars."),
 ):
     """End to end on a generated SYNTHETIC clinic: extract, train every fusion, one table of results and costs
-    (about a minute on 2 cores)."""
+    (1-2 minutes on 2 cores: 61-97 s measured)."""
     from embedkit.demo import DemoConfig, print_summary, run_demo
 
     print_summary(run_demo(out, DemoConfig(n=n, seeds=seeds, backend=backend, progress=progress)))
