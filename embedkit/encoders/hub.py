@@ -3,9 +3,10 @@
 A clinic laptop is often offline, and huggingface_hub on a machine without a network retries each
 request five times with back-off (about 40 s and a dozen log lines per file) before it gives up.
 So a hub model is looked for on this machine first (a local folder, the model store, the Hugging
-Face cache: `cached_folder`), and loaded from that folder, which makes no network call at all. Only a model found nowhere here makes us
-ask the hub, and only after one quick probe (HUB_TIMEOUT_S) says it answers: otherwise the user
-gets one line saying where to get the model, at once.
+Face cache: `cached_folder`), and loaded from that folder, which makes no network call at all.
+Only a model found nowhere here makes us ask the hub, and only after one quick probe
+(HUB_TIMEOUT_S) says it answers: otherwise the user gets one line saying where to get the model,
+at once.
 """
 
 from __future__ import annotations
