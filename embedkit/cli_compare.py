@@ -113,7 +113,7 @@ def print_leaderboard(board, out: Path) -> None:
     from rich.table import Table
 
     from embedkit.comparison.report import NAMES
-    from embedkit.console import console
+    from embedkit.console import console, show_table
 
     metric = board.attrs["summary"]["metric"]
     t = Table(title=f"embedkit compare · {NAMES.get(metric, metric)}, mean over runs [95% paired bootstrap]")
@@ -126,7 +126,7 @@ def print_leaderboard(board, out: Path) -> None:
         vs_best = "" if r["verdict"] == "best" else f"{r['delta_vs_best']:+.3f}"
         t.add_row(str(r["rank"]), r["config"], f"{r[metric]:.3f} [{r[f'{metric}_low']:.2f}, {r[f'{metric}_high']:.2f}]",
                   vs_best, r["verdict"], r.get("vs_chance") if isinstance(r.get("vs_chance"), str) else "")
-    console.print(t)
+    show_table(t)  # a table where it fits, one block per configuration where it does not (80 columns)
     for line in board.attrs["lines"]:
         console.print(line, markup=False, soft_wrap=False)
     console.print(f"files: {out / 'leaderboard.csv'}, {out / 'compare.json'}, {out / 'report.html'}", markup=False)
