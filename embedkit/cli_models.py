@@ -152,6 +152,7 @@ def models_check(
     """Export (once, cached), measure parity to torch fp32 and speed of every backend for MODEL on this machine.
 
     Exits 2 when a single --backend and --precision were asked for and fall below --parity-floor."""
+    from rich.markup import escape
     from rich.table import Table
 
     from embedkit.console import console, show_table
