@@ -109,3 +109,67 @@ def dicom_source_fields(dicom_window: str, dicom_frames: str, dicom_per, dicom_s
     return {"dicom_window": check_window(dicom_window),
             "dicom_frames": check_choice(dicom_frames, FRAME_CHOICES, "--dicom-frames"),
             "dicom_per": check_choice(dicom_per, PER_CHOICES, "--dicom-per"), "dicom_salt_file": dicom_salt_file}
+
+
+# ---------------------------------------------------------------- help without placeholder noise
+# Typer labels every option with its Python type, a flag too ("--help <bool>", "--debug <bool>"), and writes a
+# required argument as "{data}" in the usage line. A flag takes no value, and an argument reads best as DATA.
+
+
+def _plain_flags(params) -> None:
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""  # typer prints the metavar, when there is one, instead of the type
+
+
+def _usage_pieces(command, ctx) -> list[str]:
+    from typer.core import TyperArgument
+
+    pieces = [command.options_metavar] if command.options_metavar else []
+    for p in command.get_params(ctx):
+        if isinstance(p, TyperArgument):
+            name = (p.metavar or p.name or "").upper() + ("..." if p.nargs != 1 else "")
+            pieces.append(name if p.required else f"[{name}]")
+    return pieces
+
+
+class PlainHelpCommand(typer.core.TyperCommand):
+    """A command whose --help shows no `<bool>` beside flags and names its arguments DATA, [OUT]."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _plain_flags(self.params)
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        _plain_flags([opt] if opt is not None else [])
+        return opt
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return _usage_pieces(self, ctx)
+
+
+class PlainHelpGroup(typer.core.TyperGroup):
+    """A group (the app, `models`) with the same plain help as PlainHelpCommand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _plain_flags(self.params)
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        _plain_flags([opt] if opt is not None else [])
+        return opt
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [*_usage_pieces(self, ctx), self.subcommand_metavar]
+
+
+def plain_help(app: typer.Typer) -> typer.Typer:
+    """Give every command registered on `app` and its sub-apps the plain help; call once all are registered."""
+    for info in app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = PlainHelpCommand
+    for group in app.registered_groups:
+        plain_help(group.typer_instance)
+    return app

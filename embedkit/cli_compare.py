@@ -59,6 +59,8 @@ def compare(
     bootstrap: int = typer.Option(1000, min=100, max=100_000, rich_help_panel=_SCORE,
                                   help="Paired resamples of the test groups."),
     epochs: int = typer.Option(30, min=1, max=10_000, rich_help_panel=_SCORE, help="Epochs of each head."),
+    modality_dropout: float = typer.Option(0.0, min=0.0, max=1.0, rich_help_panel=_SCORE, help="Heads of both "
+                                           "modalities learn with one masked in this share of training rows."),
     curve_top: int = typer.Option(3, min=1, max=20, rich_help_panel=_CURVE, help="How many of the best "
                                   "configurations get a learning curve."),
     curve_seeds: int = typer.Option(3, min=1, max=20, rich_help_panel=_CURVE, help="Subsamples per size."),
@@ -95,7 +97,8 @@ def compare(
                                       dicom_source_fields(dicom_window, dicom_frames, dicom_per, dicom_salt_file))
     cfg = CompareConfig(label=label, image_models=_names(image_models), text_models=_names(text_models),
                         fusions=_names(fusion), align=_names(align) or ["none"], seeds=seeds, cv=cv, seed=seed,
-                        metric=metric, bootstrap=bootstrap, epochs=epochs, curve=curve, curve_top=curve_top,
+                        metric=metric, bootstrap=bootstrap, epochs=epochs, modality_dropout=modality_dropout,
+                        curve=curve, curve_top=curve_top,
                         curve_seeds=curve_seeds, target=target, raw=raw, raw_epochs=raw_epochs,
                         budget_minutes=budget_minutes, group_col=None if extracting else group_col, groups=groups,
                         data_split=data_split, progress=progress)
@@ -110,7 +113,7 @@ def print_leaderboard(board, out: Path) -> None:
     from rich.table import Table
 
     from embedkit.comparison.report import NAMES
-    from embedkit.console import console
+    from embedkit.console import console, show_table
 
     metric = board.attrs["summary"]["metric"]
     t = Table(title=f"embedkit compare · {NAMES.get(metric, metric)}, mean over runs [95% paired bootstrap]")
@@ -123,7 +126,7 @@ def print_leaderboard(board, out: Path) -> None:
         vs_best = "" if r["verdict"] == "best" else f"{r['delta_vs_best']:+.3f}"
         t.add_row(str(r["rank"]), r["config"], f"{r[metric]:.3f} [{r[f'{metric}_low']:.2f}, {r[f'{metric}_high']:.2f}]",
                   vs_best, r["verdict"], r.get("vs_chance") if isinstance(r.get("vs_chance"), str) else "")
-    console.print(t)
+    show_table(t)  # a table where it fits, one block per configuration where it does not (80 columns)
     for line in board.attrs["lines"]:
         console.print(line, markup=False, soft_wrap=False)
     console.print(f"files: {out / 'leaderboard.csv'}, {out / 'compare.json'}, {out / 'report.html'}", markup=False)

@@ -8,10 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.cli_common import none_word, switch
+from embedkit.cli_common import PlainHelpGroup, none_word, switch
 from embedkit.errors import EmbedkitError
 
-models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+models_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, cls=PlainHelpGroup,
                          help="The model registry and store: list, check CPU backends, pack and install bundles.")
 
 
@@ -24,16 +24,30 @@ def models(ctx: typer.Context):
     from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import show_table, stdout_console
+    from embedkit.encoders.gguf_files import DEFAULT_GGUF_DIR
     from embedkit.encoders.registry import installed_models, list_models, model_store
 
+    console = stdout_console  # a listing is data: `embedkit models > models.txt` keeps it
     table = Table(title="embedkit models (any transformers id, local folder or gguf:PATH works too)")
-    for col in ("name", "family", "modalities", "dim", "pooling", "available here"):
+    for col in ("name", "family", "modalities", "dim", "pooling", "here"):
         table.add_column(col)
-    for r in list_models():
+    rows = list_models()
+    for r in rows:
         table.add_row(r["name"], r["family"], r["modalities"], str(r["dim"]), r["pooling"],
-                      ("[green]yes[/] " if r["available"] else "[red]no[/] ") + escape(r["where"]))
-    console.print(table)
+                      "[green]yes[/]" if r["available"] else "[red]no[/]")
+    show_table(table, console)
+    # where each one is, and the commands that bring the others here: whole lines, never squeezed into a cell
+    here, missing = [r for r in rows if r["available"]], [r for r in rows if not r["available"]]
+    width = max(len(r["name"]) for r in rows)
+    if here:
+        console.print("here:", markup=False)
+        _name_and_value(console, [(r["name"], r["where"]) for r in here], width)
+    if missing:
+        console.print("not here: on a connected machine run the command beside each, then `embedkit models pack NAME "
+                      "--out NAME.tar`; copy the file here and run `embedkit models install NAME.tar` (GGUF files: "
+                      f"copy them into {escape(str(DEFAULT_GGUF_DIR))})", markup=False)
+        _name_and_value(console, [(r["name"], r["download"]) for r in missing], width)
     installed = installed_models()
     store = Table(title=f"installed from bundles · model store {escape(str(model_store()))}")
     for col in ("name", "source", "revision", "licence", "files", "MB", "installed"):
@@ -44,8 +58,20 @@ def models(ctx: typer.Context):
                                                 m.get("license"), len(files),
                                                 f"{sum(f['bytes'] for f in files.values()) / 2**20:.1f}",
                                                 m.get("installed"))))
-    console.print(store if installed else f"no models installed from bundles in {escape(str(model_store()))} "
-                                          f"(embedkit models install BUNDLE)")
+    if installed:
+        show_table(store, console)
+    else:
+        console.print(f"no models installed from bundles in {escape(str(model_store()))} (embedkit models install "
+                      f"BUNDLE)")
+
+
+def _name_and_value(console, pairs: list[tuple[str, str]], width: int) -> None:
+    """`  name  value` lines; a value (a command, a path) is never broken: too long beside its name, it gets a line
+    of its own, left whole for the terminal to wrap."""
+    for name, value in pairs:
+        beside = f"  {name:<{width}}  {value}"
+        for line in [beside] if len(beside) <= console.width else [f"  {name}", f"      {value}"]:
+            console.print(line, markup=False, soft_wrap=True)
 
 
 @models_app.command("pack")
@@ -95,7 +121,7 @@ def models_presets():
     from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import show_table, stdout_console
     from embedkit.shared_encoder.pretrain_config import PretrainConfig, load_preset, preset_names
 
     defaults = PretrainConfig()
@@ -109,7 +135,7 @@ def models_presets():
                    for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
         changed += [f"stages: {' -> '.join(s.name for s in cfg.stages)}"] if cfg.stages else []
         table.add_row(name, escape(cfg.description), escape(", ".join(changed) or "-"))
-    console.print(table)
+    show_table(table, stdout_console)
 
 
 @models_app.command("check")
@@ -126,9 +152,10 @@ def models_check(
     """Export (once, cached), measure parity to torch fp32 and speed of every backend for MODEL on this machine.
 
     Exits 2 when a single --backend and --precision were asked for and fall below --parity-floor."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from embedkit.console import console
+    from embedkit.console import console, show_table
     from embedkit.encoders.backend_choice import check_backends
 
     rows = check_backends(model, modality=modality, backend=backend, precision=none_word(precision), threads=threads,
@@ -144,12 +171,18 @@ def models_check(
                       "" if p is None else f"{p['mean_cosine']:.4f}", f"{r.get('items_per_second') or 0:.1f}",
                       f"{r.get('speedup') or 0:.2f}", "" if r.get("export_seconds") is None else
                       f"{r['export_seconds']:.1f}", r["verdict"])
-    console.print(table)
+    show_table(table)
+    failed: dict[str, list[str]] = {}  # one line per distinct error, naming every row it stopped
     for r in rows:
         if r.get("error"):
-            console.print(f"  {r['modality']} {r['backend']} {r['precision']}: {r['error']}", soft_wrap=True)
+            failed.setdefault(r["error"], []).append(f"{r['modality']} {r['backend']} {r['precision']}")
+    for error, which in failed.items():
+        console.print(f"  {', '.join(which)}: {error}", markup=False, soft_wrap=True)
     asked_one = backend != "all" and precision is not None
     if asked_one and any(r["verdict"] != "passes" for r in rows):
-        failed = next(r for r in rows if r["verdict"] != "passes")
-        raise EmbedkitError(failed.get("error") or f"{failed['backend']} {failed['precision']} is below the parity "
-                                                   f"floor {parity_floor:g} for {model}")
+        bad = next(r for r in rows if r["verdict"] != "passes")
+        raise EmbedkitError(bad.get("error") or f"{bad['backend']} {bad['precision']} is below the parity "
+                                                f"floor {parity_floor:g} for {model}")
+    if not any(r["verdict"] == "passes" for r in rows):  # every row an error: the check failed, whatever was asked
+        raise EmbedkitError(f"no backend runs {model} on this machine"
+                            + (": see the errors above" if failed else f" at parity >= {parity_floor:g}"))

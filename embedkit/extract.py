@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.costs import Costs, dir_bytes
+from embedkit.costs import Costs, dir_bytes, reset_peak_rss
 from embedkit.dicom import SALT_FILE
 from embedkit.encoders.preprocess import IMAGE_DECODE
-from embedkit.encoders.registry import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, resolve_spec
+from embedkit.encoders.registry import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, EncoderSpec, require_model,
+                                        resolve_spec)
 from embedkit.engines import get_engine
 from embedkit.engines.base import backend_checked_on_inputs
 from embedkit.errors import EmbedkitError
@@ -174,6 +175,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     for m in todo:  # an unknown backend, a missing package or an impossible precision fails before any work
         check_request(specs[m], m, config.backend, config.precision, config.device)
+        require_model(specs[m])  # a model that is not here and cannot be fetched now: one line, at once
     check_writable_folder(out, "--out")
     with folder_lock(out / ".embedkit.lock", f"--out '{out}'"):
         return _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs,
@@ -183,6 +185,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs, dataset=None) -> ExtractResult:
     results = {}
     for m in todo:
+        reset_peak_rss()  # each modality's peak_rss_mb is its own, not the high-water mark of what ran before it
         results[m] = _extract_modality(m, specs[m], scan, data, out, config, skipped)
     if config.group_near_duplicates and any(r.rows_total for r in results.values()):
         from embedkit.console import say
@@ -193,6 +196,7 @@ def _extract_locked(data, out, config, scan, counts, specs, todo, skipped, costs
             f"({', '.join(m + ' cosine >= ' + format(t['threshold'], 'g') for m, t in g['thresholds'].items())})")
     write_errors(out, skipped)
     total = costs.to_dict()
+    total["peak_rss_mb"] = max([total["peak_rss_mb"], *(r.costs.get("peak_rss_mb", 0) for r in results.values())])
     result = ExtractResult(str(out), scan.layout, counts, results, skipped, total)
     write_json_atomic(out / "manifest.json", {
         "embedkit_version": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": str(data.resolve()),

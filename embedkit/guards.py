@@ -144,17 +144,14 @@ def _weights_folder(spec) -> Path | None:
             return None
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser()
+    from embedkit.encoders.hub import cached_folder
     from embedkit.encoders.registry import store_folder
 
     installed = store_folder(source)  # verified against its bundle's hashes on the way
     if installed is not None:
         return Path(installed)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, revision=spec.revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached here (or not a hub id): the identity rests on the rest
-        return None
+    folder = cached_folder(source, spec.revision)  # the filesystem only: asks the hub nothing
+    return Path(folder) if folder else None  # not cached here (or not a hub id): the identity rests on the rest
 
 
 def _short(v) -> str:

@@ -333,7 +333,7 @@ def evaluate(model_dir, emb_dir, labels: list[str] | None = None, out_path=None,
     result = {"eval": metrics, "bootstrap": boot, "rows": int(len(rows)), "rows_seen_in_training": overlap,
               "rows_left_out_as_fitted": left_out, "rows_left_out_missing_modality": refused,
               "by_combination": _by_combination(y, raw, calib, est, info, combos, groups),
-              "robustness": None if drop_modality is None else _robustness(est, info, sub, y, groups, drop_modality,
+              "robustness": None if drop_modality is None else robustness(est, info, sub, y, groups, drop_modality,
                                                                            rates),
               "split": split, "model": str(model_dir), "embeddings": str(emb_dir),
               "ood": None if ood is None else {**ood_summary(ood > 1), "by_ood": metrics_by_flag(
@@ -380,7 +380,9 @@ def _by_combination(y, raw, calib: dict, est, info: dict, combos, groups) -> dic
     return combination_metrics(y, raw, calib, est.classes_, info["task"], combos, groups)
 
 
-def _robustness(est, info: dict, blocks: dict, y, groups, modality: str, rates) -> dict:
+def robustness(est, info: dict, blocks: dict, y, groups, modality: str, rates=None, n_resamples: int = 1000) -> dict:
+    """The model's robustness curve as `modality` goes missing from a share of these rows (fusion/robustness.py);
+    `info` needs modalities, task, calibration and the alignment, as a model folder's embedkit_model.json has."""
     from embedkit.fusion.robustness import parse_rates, robustness_curve
 
     calib = info.get("calibration") or {}
@@ -392,7 +394,7 @@ def _robustness(est, info: dict, blocks: dict, y, groups, modality: str, rates) 
 
     rates = parse_rates(rates) if rates is None or isinstance(rates, str) else rates
     return robustness_curve(score, blocks, y, est.classes_, info["task"], calib.get("threshold", 0.5), modality,
-                            rates, groups)
+                            rates, groups, n_resamples)
 
 
 def _fitted_overlap(info: dict, ds: Dataset, rows) -> int:

@@ -81,7 +81,7 @@ def test_a_hub_model_packed_online_installs_offline_and_embeds_with_the_same_pro
     listing = subprocess.run([sys.executable, "-m", "embedkit.cli", "models"], capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO), "EMBEDKIT_MODEL_STORE": str(store),
                                   "COLUMNS": "250"})
-    assert listing.returncode == 0 and "org/tiny-bert" in listing.stderr and "apache-2.0" in listing.stderr
+    assert listing.returncode == 0 and "org/tiny-bert" in listing.stdout and "apache-2.0" in listing.stdout
 
 
 def test_a_folder_bundle_round_trips_and_leaves_pickles_out(tiny_models, tmp_path, store):

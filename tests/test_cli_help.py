@@ -49,6 +49,9 @@ def test_help_at_80_columns_shows_every_flag_name_whole(path, cmd, monkeypatch):
     assert max(map(len, out.splitlines())) <= 80
     assert "--no-no-" not in out
     assert "…" not in out, out  # rich's mark of a cut cell
+    assert "<bool>" not in out, out  # a flag takes no value: no type placeholder beside it
+    usage = next(line for line in out.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage, usage  # arguments read DATA, not {data}
     for p in cmd.params:
         if p.hidden:
             continue
@@ -86,7 +89,9 @@ def test_project_and_retrieval_keep_stdout_to_one_compact_line(tmp_path):
                         "--epochs", "10"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""  # the per-epoch losses go to the file, not the terminal
-    assert r.stderr.startswith("project: 300 rows -> 8-d linear space") and len(r.stderr) < 400, r.stderr  # one summary
+    bar, summary = r.stderr.splitlines()[0], "\n".join(r.stderr.splitlines()[1:])
+    assert bar.startswith("projection epochs") and "10/10" in bar, r.stderr  # the progress bar, on stderr
+    assert summary.startswith("project: 300 rows -> 8-d linear space") and len(summary) < 400, r.stderr  # one summary
     assert len(json.loads((out / "manifest.json").read_text())["fit"]["train_loss"]) == 10
     r = subprocess.run([sys.executable, "-m", "embedkit.cli", "retrieval", out], capture_output=True, text=True,
                        env=env, timeout=300)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_datasets_lists_the_shipped_manifests():
     r = _cli("datasets")
     assert r.returncode == 0
     for name in ("brset", "ham10000", "vqa_rad", "mimic_cxr", "iu_xray"):
-        assert name in r.stderr
+        assert name in r.stdout  # a listing is data: `embedkit datasets > file` keeps it
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -83,21 +84,49 @@ def test_demo_data_is_synthetic_and_balanced(tmp_path):
     assert all((root / r["image"]).is_file() and (root / r["report"]).is_file() for r in rows)
 
 
-def test_demo_runs_end_to_end_with_the_offline_models(tmp_path):
-    out = tmp_path / "demo"
-    r = _cli("demo", "--out", out, "--n", "36", "--seeds", "2", env={"EMBEDKIT_CACHE": str(tmp_path / "cache")})
+def test_demo_runs_end_to_end_keeps_its_outputs_and_says_each_thing_once(tmp_path):
+    """The README's first command as a new user runs it (no --out, 80 columns), on a smaller clinic."""
+    r = subprocess.run([sys.executable, "-m", "embedkit.cli", "demo", "--n", "36", "--seeds", "2"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80",
+                            "EMBEDKIT_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
+    out = tmp_path / "embedkit-demo"  # the default --out: kept, not a temporary folder
     summary = json.loads((out / "summary.json").read_text())
-    for m in ("image", "text"):  # --backend auto: the fastest here whose parity to torch fp32 passes the floor
-        e = summary["extract"][m]
-        assert e["backend"] in ("torch", "onnxruntime", "openvino")
-        assert e["backend"] == "torch" and e["precision"] == "fp32" or e["parity_min_cosine"] >= 0.99
     assert summary["synthetic"] is True and summary["n"] == 36
-    assert summary["extract"]["image"]["model"] == "efficientnet-lite0" and summary["extract"]["image"]["dim"] == 1280
-    assert summary["extract"]["text"]["model"] == "minilm" and summary["extract"]["text"]["dim"] == 384
+    for m, model, dim in (("image", "efficientnet-lite0", 1280), ("text", "minilm", 384)):
+        e = summary["extract"][m]
+        assert (e["model"], e["dim"], e["backend"], e["precision"]) == (model, dim, "torch", "fp32")
+    assert not (tmp_path / "cache").exists()  # torch fp32 by default: no backend exports built and left behind
     models = [row["model"] for row in summary["results"]]
     assert {"image only", "text only", "early fusion", "late fusion", "logistic regression"} <= set(models)
-    for row in summary["results"]:
-        assert row["spread"]["macro_f1"]["n_runs"] == 2
-    assert "early fusion" in r.stderr and "macro-F1" in r.stderr  # the table a user reads
     assert (out / "models" / "early_fusion" / "model.safetensors").is_file()
+
+    # the last line says what to open: the report of the model best on VALIDATION, never chosen on test
+    best = max(summary["results"], key=lambda row: row["val_macro_f1"])
+    assert summary["best"]["model"] == best["model"]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("open ") and last.split()[1] == str(Path("embedkit-demo") / Path(best["folder"]).relative_to(
+        Path(summary["out"])) / "report.html"), last
+    assert (tmp_path / last.split()[1]).read_text().startswith("<!DOCTYPE html>")
+
+    # per model: the test set's size, the seeds' spread and the saved model's bootstrap interval
+    n_test = (tmp_path / "embedkit-demo" / "data" / "labels.csv").read_text().count(",test\n")
+    for row in summary["results"]:
+        assert row["test_n"] == n_test and row["spread"]["macro_f1"]["n_runs"] == 2
+        ci = row["interval"]["macro_f1"]
+        assert ci["low"] <= row["test"]["macro_f1"] <= ci["high"]
+        assert row["peak_rss_mb"] == summary["steps"][row["model"]]["peak_rss_mb"]  # its own step's peak
+    assert f"test n: {n_test}" in r.stderr and "macro-F1" in r.stderr  # the table a user reads
+    if sys.platform == "linux":
+        assert summary["peak_rss_scope"] == "step"
+
+    # each message once for the run, not once per model; the synthetic data's expected findings in one line
+    said = [line for line in r.stderr.splitlines() if line.startswith(("groups:", "warning", "note", "leakage"))]
+    assert len(said) == len(set(said)), said
+    assert "leakage?" not in r.stderr and "have a near-duplicate" not in r.stderr and r.stderr.count("groups: ") == 1
+    assert r.stderr.count("the synthetic pictures") == (1 if summary["messages"]["by_design"] else 0)
+    folded = summary["library_warnings"]
+    assert (out / "warnings.txt").is_file() == (folded["count"] > 0)
+    assert "Warning:" not in r.stderr and "[transformers]" not in r.stderr, r.stderr
+    assert max(map(len, r.stderr.splitlines())) <= 80 or "open " in max(r.stderr.splitlines(), key=len)

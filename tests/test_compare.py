@@ -456,3 +456,18 @@ def test_cross_validation_folds_are_shared_and_cover_every_row_once(tmp_path):
     test = splits[splits["split"] == "test"]
     assert sorted(test["run"].unique()) == [0, 1, 2] and test["id"].is_unique and len(test) == 90
     assert (board[board["status"] == "ok"]["n_runs"] == 3).all()
+
+
+def test_robustness_of_the_top_configurations_as_a_modality_goes_missing(tmp_path):
+    emb = clinic_folder(tmp_path / "emb", n=120)
+    compare(emb, tmp_path / "out", quick(image_models=["img-good"], fusions=["early"], seeds=1, curve_top=1))
+    compare(emb, tmp_path / "drop", quick(image_models=["img-good"], fusions=["early"], seeds=1, curve_top=1,
+                                          modality_dropout=0.3))
+    plain, dropped = (json.loads((tmp_path / d / "compare.json").read_text())["robustness"] for d in ("out", "drop"))
+    name = "img-good + txt-noise · early"
+    # trained on complete rows only, the model refuses rows that lack a modality: said, never a number
+    assert all("refused" in p for p in plain[name]["image"]["points"] if p["rate"] > 0)
+    points = dropped[name]["image"]["points"]
+    assert [p["rate"] for p in points] == [0.0, 0.25, 0.5, 0.75, 1.0] and not any("refused" in p for p in points)
+    assert points[0]["macro_f1"] > points[-1]["macro_f1"]  # the image carries the label: losing it costs
+    assert "When a modality is missing" in (tmp_path / "drop" / "report.html").read_text()

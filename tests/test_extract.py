@@ -280,4 +280,4 @@ def test_cli_extract_exit_codes_and_streams(tiny_models, paired_folder, tmp_path
 def test_cli_models_lists_offline_availability():
     r = _cli("models")
     assert r.returncode == 0
-    assert "efficientnet-lite0" in r.stderr and "minilm" in r.stderr and "dinov2-base" in r.stderr
+    assert "efficientnet-lite0" in r.stdout and "minilm" in r.stdout and "dinov2-base" in r.stdout  # a listing

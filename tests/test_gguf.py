@@ -240,9 +240,11 @@ def test_named_gguf_spec_found_in_the_gguf_dir_and_checked(tiny_gguf, tmp_path, 
         create_encoder(resolve_spec("llama2-7b-q8", "text"), "text")
     r = _cli("models", env={"EMBEDKIT_GGUF_DIR": str(tmp_path), "HOME": str(tmp_path / "home")}, columns=400)
     assert r.returncode == 0, r.stderr
-    rows = {line.split("│")[1].strip(): line for line in r.stderr.splitlines() if line.count("│") > 3}
-    assert "yes" in rows["qwen2.5-0.5b-q8"] and "Qwen2.5-0.5B.Q8_0.gguf" in rows["qwen2.5-0.5b-q8"]
-    assert "no" in rows["llama3.2-1b-q8"] and "hf download mradermacher/Llama-3.2-1B-GGUF" in rows["llama3.2-1b-q8"]
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["qwen2.5-0.5b-q8"] and "no" in rows["llama3.2-1b-q8"]
+    where = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("  ")}  # below the table
+    assert "Qwen2.5-0.5B.Q8_0.gguf" in where["qwen2.5-0.5b-q8"]
+    assert "hf download mradermacher/Llama-3.2-1B-GGUF" in where["llama3.2-1b-q8"]
 
 
 # ---------------------------------------------------------------- end to end

@@ -281,8 +281,8 @@ def test_models_presets_lists_every_preset_with_its_description():
     r = _cli("models", "presets")
     assert r.returncode == 0, r.stderr
     for name in preset_names():
-        assert name in r.stderr
-    assert "ln_per_modality=True" in r.stderr and "match_budget=non_embedding" in r.stderr
+        assert name in r.stdout  # a listing: stdout
+    assert "ln_per_modality=True" in r.stdout and "match_budget=non_embedding" in r.stdout
 
 
 def test_residual_projections_start_scaled_by_depth():

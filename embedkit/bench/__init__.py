@@ -32,7 +32,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from embedkit.bench.config import PRESETS, SECTIONS, BenchConfig, Preset
@@ -44,8 +44,11 @@ __all__ = ["PRESETS", "SECTIONS", "BenchConfig", "Preset", "load_average", "mach
            "run_bench", "train_speed"]
 
 
-def run_bench(out: str | Path, config: BenchConfig | None = None, log=None) -> dict:
-    """Run the chosen sections and write bench.json, bench.md and PNG plots into `out`."""
+def run_bench(out: str | Path, config: BenchConfig | None = None, log=None, progress: bool = False) -> dict:
+    """Run the chosen sections and write bench.json, bench.md and PNG plots into `out`.
+
+    progress: a bar over the sections, each weighted by the seconds it took in the preset's reference run, so
+    that its time estimate is that run's remaining time scaled by how fast this one goes."""
     import torch
 
     from embedkit.bench.data import RandomModels
@@ -55,6 +58,8 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, log=None) -> d
 
     cfg = config or BenchConfig()
     p = cfg.sizes()
+    if cfg.sections is None:
+        cfg = replace(cfg, sections=p.sections)
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise EmbedkitError(f"unknown bench section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
@@ -72,18 +77,25 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, log=None) -> d
     log(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, load "
         f"{result['machine']['load_average_start']}")
     result["machine"]["matmul_gflops"] = round(matmul_gflops(p.matmul_n), 1)
-    with tempfile.TemporaryDirectory(prefix="embedkit-bench-") as tmp:
+    from embedkit.console import progress_bar
+
+    chosen = [name for name in SECTIONS if name in cfg.sections]  # each section is the module of its name
+    reference = dict(p.reference_seconds)
+    weight = {name: reference.get(name, sum(reference.values()) / len(reference) if reference else 1.0)
+              for name in chosen}
+    with tempfile.TemporaryDirectory(prefix="embedkit-bench-") as tmp, progress_bar(progress) as bar:
         work = Path(tmp)
         ctx = Context(work=work, models=RandomModels(work / "models"), preset=p, config=cfg, log=log)
-        for name in SECTIONS:  # each section is the module of its name
-            if name not in cfg.sections:
-                continue
+        task = bar.add_task("bench", total=sum(weight.values()), rate="")
+        for k, name in enumerate(chosen):
+            bar.update(task, description=f"bench {name} ({k + 1}/{len(chosen)})")
             log(f"{name}: running (load average {load_average()})")
             t0 = time.perf_counter()
             result["sections"][name] = importlib.import_module(f"embedkit.bench.{name}").run(ctx)
             result["section_seconds"][name] = round(time.perf_counter() - t0, 1)
             result["load_average"][name] = load_average()
             log(f"{name}: {result['section_seconds'][name]} s")
+            bar.advance(task, weight[name])
     result["machine"]["load_average_end"] = load_average()
     result["targets"] = targets(result)
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -28,6 +28,8 @@ class CompareConfig:
     epochs: int = 30  # the fusion heads' settings, as `train`'s defaults
     batch_size: int = 64
     lr: float = 1e-3
+    modality_dropout: float = 0.0  # heads of both modalities: share of training rows with one modality masked, so
+    #                                the robustness curves show how each holds up when a modality is missing
     # label efficiency: the best few configurations on nested shares of the training groups
     curve: bool = True
     curve_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)

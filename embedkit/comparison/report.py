@@ -132,7 +132,28 @@ def summary_lines(result: dict) -> list[str]:
     curve = result.get("curve") or {}
     if curve.get("verdict"):
         lines.append(f"label efficiency: {curve['verdict']}")
+    lines += robustness_lines(result.get("robustness") or {}, metric)
     return lines
+
+
+def robustness_lines(robustness: dict, metric: str) -> list[str]:
+    """For the best configuration that sees both modalities: how it holds up with half its test rows missing each."""
+    if not robustness:
+        return []
+    name, curves = next(iter(robustness.items()))
+    said = []
+    for modality, c in curves.items():
+        half = min(c["points"], key=lambda p: abs(p["rate"] - 0.5))
+        if "refused" in half:
+            said.append(f"it refuses rows without {modality} (it never saw one missing: --modality-dropout 0.3 "
+                        f"teaches it to cope)")
+        else:
+            iv = (half.get("intervals") or {}).get(metric if metric in half else "macro_f1") or {}
+            score = half.get(metric, half["macro_f1"])
+            said.append(f"with {modality} removed from {half['rate']:.0%} of its test rows: "
+                        f"{NAMES.get(metric if metric in half else 'macro_f1')} {score:.3f} "
+                        f"{_iv(iv.get('low'), iv.get('high'))}")
+    return [f"robustness of {name} (run 0): " + "; ".join(said)]
 
 
 def _n(k: int, noun: str) -> str:
@@ -178,6 +199,8 @@ def compare_html(result: dict) -> str:
             body.append(f"<h2>{title}</h2>" + png_img(figure_png(fig), title))
     if curve:
         body.append(_curve_table(curve, name, html_table))
+    if result.get("robustness"):
+        body.append("<h2>When a modality is missing</h2>" + _robustness_table(result["robustness"], html_table))
     if result.get("raw"):
         raw = result["raw"]
         body.append("<h2>Raw data through the encoders</h2>" + html_table(
@@ -305,6 +328,28 @@ def _curve_figure(curve: dict, name: str):
     ax.set_ylabel(f"test {name} (95% interval)")
     ax.legend(fontsize=8)
     return fig
+
+
+def _robustness_table(robustness: dict, html_table) -> str:
+    rates = sorted({p["rate"] for curves in robustness.values() for c in curves.values() for p in c["points"]})
+    rows = []
+    for config, curves in robustness.items():
+        for modality, c in curves.items():
+            by_rate = {p["rate"]: p for p in c["points"]}
+            rows.append([config, modality] + [_point(by_rate.get(r)) for r in rates])
+    return html_table(["configuration", "removed"] + [f"{r:.0%} of rows" for r in rates], rows,
+                      "Run 0's model as trained, its test rows with the modality removed from a growing share (nested); "
+                      "macro-F1 with a 95% bootstrap interval over test groups, or 'refused' when the model never saw "
+                      "that modality missing (compare --modality-dropout teaches it).")
+
+
+def _point(p: dict | None) -> str:
+    if p is None:
+        return ""
+    if "refused" in p:
+        return "refused"
+    iv = (p.get("intervals") or {}).get("macro_f1") or {}
+    return f"{p['macro_f1']:.3f} {_iv(iv.get('low'), iv.get('high'))}"
 
 
 def _curve_table(curve: dict, name: str, html_table) -> str:

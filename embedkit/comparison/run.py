@@ -278,7 +278,8 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
             else:
                 bar.update(task, rate=c.name)
                 ds = shared.ref if c.fusion in BASELINES else dataset_for(c, shared, cfg.label)
-                result = run_configuration(c, ds, splits, seeds, train_config(cfg, c.fusion, c.align), folder, key)
+                result = run_configuration(c, ds, splits, seeds, train_config(cfg, c.fusion, c.align), folder, key,
+                                           shared.groups)
             scored.append(Scored(result, read_predictions(folder, len(splits)) if result["status"] == "ok" else []))
             bar.update(task, advance=1)
     if reused:
@@ -294,6 +295,7 @@ def _run_grid(out: Path, cfg: CompareConfig, grid: list[Configuration], inputs: 
                        "splits_file": "splits.parquet", "leakage": leakage},
               "extraction": {f"{m}:{n}": v for (m, n), v in inputs.costs.items()},
               "configs": {r["config"]: s.result for r, s in zip(rows, _in_order(rows, scored))}}
+    result["robustness"] = _robustness(rows, result["configs"], cfg.curve_top)
     result["timing"] = {"configurations_s": round(time.perf_counter() - t_grid, 1)}
     if cfg.curve and summary.get("best"):
         from embedkit.comparison.curve import label_efficiency
@@ -325,6 +327,13 @@ def _leakage_scan(shared, idx: dict, label: str) -> dict | None:
     for line in format_leakage(result, label):
         say(f"[yellow]{line}[/]")
     return result
+
+
+def _robustness(rows: list[dict], configs: dict, top: int) -> dict:
+    """Run 0's robustness curves of the best `top` configurations that see both modalities."""
+    best = [r["config"] for r in rows if r["status"] == "ok" and r.get("image_model") and r.get("text_model")
+            and configs[r["config"]]["runs"] and "robustness" in configs[r["config"]]["runs"][0]][:top]
+    return {name: configs[name]["runs"][0]["robustness"] for name in best}
 
 
 def _in_order(rows: list[dict], scored: list) -> list:

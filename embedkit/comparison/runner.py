@@ -28,13 +28,16 @@ from embedkit.store import write_json_atomic
 
 RESULT, PREDICTIONS = "result.json", "predictions.parquet"
 SHIFT_SWEEP = "shift:0:1:0.25"  # `--align shift`: the gap-shift lambda chosen on validation in each run
+ROBUSTNESS_RESAMPLES = 300  # bootstrap resamples per point of a robustness curve (10 points per configuration)
 
 
 def train_config(cfg: CompareConfig, fusion: str = "early", align: str = "none"):
     """The TrainConfig of one configuration: `train`'s defaults, the comparison's shared settings."""
     from embedkit.train import TrainConfig
 
+    both = fusion not in ("image", "text", "logistic")  # modality dropout: for heads that see both modalities
     return TrainConfig(labels=[cfg.label], fusion=fusion, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       modality_dropout=cfg.modality_dropout if both else 0.0,
                        align=None if align in ("none", "shift") else align,
                        align_sweep=SHIFT_SWEEP if align == "shift" else None, group_col=cfg.group_col,
                        groups=cfg.groups, data_split=cfg.data_split, seeds=cfg.seeds, cv=cfg.cv, seed=cfg.seed,
@@ -73,14 +76,14 @@ def finished(folder: Path, key: str) -> dict | None:
 
 
 def run_configuration(conf: Configuration, ds, splits: list[dict], seeds: list[int], train_cfg, folder: Path,
-                      key: str) -> dict:
+                      key: str, groups=None) -> dict:
     """Train and score the configuration on every split; write its predictions, then its result."""
     reset_peak_rss()
     start_mb = current_rss_mb()
     t0 = time.perf_counter()
     try:
         runs, probas = (_baseline_runs(conf, ds, splits, seeds) if conf.fusion in ("majority", "chance")
-                        else _fusion_runs(conf, ds, splits, seeds, train_cfg))
+                        else _fusion_runs(conf, ds, splits, seeds, train_cfg, groups))
     except (EmbedkitError, ValueError) as e:  # this configuration cannot run on these rows; the others go on
         from embedkit.guards import one_line_error
 
@@ -103,11 +106,11 @@ def not_run(conf: Configuration, folder: Path, key: str) -> dict:
     return result
 
 
-def _fusion_runs(conf: Configuration, ds, splits, seeds, train_cfg) -> tuple[list[dict], list[np.ndarray]]:
+def _fusion_runs(conf: Configuration, ds, splits, seeds, train_cfg, groups) -> tuple[list[dict], list[np.ndarray]]:
     from embedkit.train import run_once
 
     runs, probas = [], []
-    for idx, seed in zip(splits, seeds):
+    for k, (idx, seed) in enumerate(zip(splits, seeds)):
         r = run_once(ds, train_cfg, conf.modalities, idx, seed)
         c = r.metrics["costs"]
         runs.append({"seed": seed, "task": r.est.task_, "classes": [jsonable(v) for v in r.est.classes_],
@@ -116,8 +119,21 @@ def _fusion_runs(conf: Configuration, ds, splits, seeds, train_cfg) -> tuple[lis
                      "val": _scalars(r.metrics["val"]), "test": _scalars(r.metrics["test"]),
                      "n_test": int(len(idx["test"])), "train_seconds": c["train_seconds"],
                      "predict_seconds": c["predict_seconds"], "model_bytes": _model_bytes(r.est)})
+        if k == 0 and len(conf.modalities) == 2:  # run 0: how the model as trained holds up as a modality goes missing
+            runs[0]["robustness"] = _robustness(r, ds, idx["test"], groups)
         probas.append(np.asarray(r.test_proba, dtype=np.float64))
     return runs, probas
+
+
+def _robustness(run, ds, test, groups) -> dict:
+    """Robustness curves of run 0's model on its test rows, image and text removed in turn."""
+    from embedkit.predict import robustness
+
+    info = {**run.info, "task": run.est.task_, "calibration": run.calibration}
+    blocks = {m: ds.blocks[m][test] for m in run.info["modalities"]}
+    g = None if groups is None else groups[test]
+    return {m: robustness(run.est, info, blocks, ds.y[test], g, m, n_resamples=ROBUSTNESS_RESAMPLES)
+            for m in run.info["modalities"]}
 
 
 def _baseline_runs(conf: Configuration, ds, splits, seeds) -> tuple[list[dict], list[np.ndarray]]:

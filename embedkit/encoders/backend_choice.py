@@ -125,7 +125,7 @@ def check_backends(model: str, modality: str | None = None, backend: str = "all"
                    threads: int | None = None, floor: float = DEFAULT_PARITY_FLOOR,
                    trust_remote_code: bool = False) -> list[dict]:
     """`embedkit models check`: every (backend, precision) asked for, with parity, speed and a verdict."""
-    from embedkit.encoders.registry import resolve_spec
+    from embedkit.encoders.registry import require_model, resolve_spec
 
     if backend != "all" and backend not in BACKENDS:
         raise EmbedkitError(f"unknown backend '{backend}' (choose all, {', '.join(BACKENDS)})")
@@ -135,6 +135,7 @@ def check_backends(model: str, modality: str | None = None, backend: str = "all"
     rows = []
     for m in modalities:
         spec = resolve_spec(model, m, trust_remote_code=trust_remote_code)
+        require_model(spec)  # not here and not fetchable now: one line, before any backend is tried
         only = None if backend == "all" else backend
         if only and only != "torch":
             check_request(spec, m, only, precision)

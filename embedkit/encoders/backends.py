@@ -182,7 +182,9 @@ class BackendTextEncoder(BackendEncoder):
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        # verbose=False: counting the long ones is the point, transformers' "longer than the maximum" warning is noise
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Embed one batch; returns (vectors, how many texts were cut at max_length), as TextEncoder does."""

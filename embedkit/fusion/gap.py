@@ -114,7 +114,8 @@ def _json_number(v):
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def gap_report(image, text, methods=ALIGN_METHODS, lambda_: float = 1.0, fit_rows=None, seed: int = 0) -> dict:
+def gap_report(image, text, methods=ALIGN_METHODS, lambda_: float = 1.0, fit_rows=None, seed: int = 0,
+               progress: bool = False) -> dict:
     """What each alignment method does to paired image/text rows, with plain-language explanations.
 
     Each method's aligner is fitted on `fit_rows` (indices or a boolean mask; default all rows)
@@ -123,8 +124,11 @@ def gap_report(image, text, methods=ALIGN_METHODS, lambda_: float = 1.0, fit_row
     distribution-level gap of the rows as the classifier sees them: probe_accuracy (at most 2000
     pairs, the aligner refitted inside each fold, see _probe_accuracy) and mmd2 (at most 1000
     pairs); one seeded draw for every method. `warnings` flags modalities collapsed before any
-    alignment. JSON-safe: a number that cannot be computed is None.
+    alignment. JSON-safe: a number that cannot be computed is None. progress: a bar over the methods
+    (alike in cost: the probe's folds dominate each).
     """
+    from embedkit.console import progress_bar
+
     aligners = fit_aligners(image, text, methods, lambda_, fit_rows)  # checks the rows and fit_rows
     image, text = np.asarray(image), np.asarray(text)
     n, n_fit = len(image), next(iter(aligners.values())).n_fit_rows_
@@ -134,13 +138,17 @@ def gap_report(image, text, methods=ALIGN_METHODS, lambda_: float = 1.0, fit_row
         fit_mask[np.arange(n)[np.asarray(fit_rows)]] = True
     sample = np.random.default_rng(seed).permutation(n)[:_PROBE_PAIRS]
     per_method = {}
-    for name, aligner in aligners.items():
-        out = aligner.transform({"image": image, "text": text})
-        stats = {**gap_geometry(out["image"], out["text"]),
-                 "probe_accuracy": _probe_accuracy(aligner, image, text, fit_mask, sample, seed),
-                 "mmd2": _mmd2(out["image"][sample[:_MMD_PAIRS]], out["text"][sample[:_MMD_PAIRS]])}
-        per_method[name] = {"description": _METHOD_NOTES[name], "params": aligner.get_params(),
-                            **{k: _json_number(v) for k, v in stats.items()}}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("gap per method", total=len(aligners), rate="")
+        for name, aligner in aligners.items():
+            bar.update(task, rate=name)
+            out = aligner.transform({"image": image, "text": text})
+            stats = {**gap_geometry(out["image"], out["text"]),
+                     "probe_accuracy": _probe_accuracy(aligner, image, text, fit_mask, sample, seed),
+                     "mmd2": _mmd2(out["image"][sample[:_MMD_PAIRS]], out["text"][sample[:_MMD_PAIRS]])}
+            per_method[name] = {"description": _METHOD_NOTES[name], "params": aligner.get_params(),
+                                **{k: _json_number(v) for k, v in stats.items()}}
+            bar.advance(task)
     return {
         "n_rows": n, "width": int(image.shape[1]), "n_fit_rows": n_fit,
         "fitted_on": f"all {n} rows" if n_fit == n else f"{n_fit} of {n} rows (fit_rows)",
@@ -151,7 +159,7 @@ def gap_report(image, text, methods=ALIGN_METHODS, lambda_: float = 1.0, fit_row
 
 
 def gap_report_for_folder(emb, methods: list[str], lambda_: float | None = None, split: str | None = None,
-                          out=None) -> tuple[dict, Path]:
+                          out=None, progress: bool = False) -> tuple[dict, Path]:
     """`embedkit gap`: the report of an extract folder, aligners fitted on `split` rows (default all);
     writes gap.json and gap_pca.png into `out` (default: the folder). Returns (report, out)."""
     from embedkit.fusion.align import plot_gap_pca
@@ -177,7 +185,7 @@ def gap_report_for_folder(emb, methods: list[str], lambda_: float | None = None,
                                 f"{', '.join(found[:10]) or 'none'})")
         fitted_on = f"{int(fit_rows.sum())} of {n} rows (split == '{split}')"
     lam = 1.0 if lambda_ is None else lambda_
-    report = gap_report(image, text, methods=methods, lambda_=lam, fit_rows=fit_rows)
+    report = gap_report(image, text, methods=methods, lambda_=lam, fit_rows=fit_rows, progress=progress)
     report.update(fitted_on=fitted_on, source=str(emb), unmatched_rows=es.unmatched)
     out = Path(out or emb)
     out.mkdir(parents=True, exist_ok=True)

@@ -156,23 +156,29 @@ def _check_pairs(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, n
 
 
 def _train(net: _Net, params: list, left, right, tr: np.ndarray, epochs: int, lr: float, weight_decay: float,
-           batch_size: int, seed: int) -> list[float]:
-    """Symmetric InfoNCE over minibatches of the training rows `tr`; left(rows)/right(rows) give unit vectors."""
+           batch_size: int, seed: int, progress: bool = False) -> list[float]:
+    """Symmetric InfoNCE over minibatches of the training rows `tr`; left(rows)/right(rows) give unit vectors.
+    progress: a bar over the epochs (all alike, so its time estimate holds)."""
+    from embedkit.console import progress_bar
+
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     bs = min(batch_size, len(tr))
     g = torch.Generator().manual_seed(seed)
     losses = []
     net.train()
-    for _ in range(epochs):
-        perm = torch.from_numpy(tr)[torch.randperm(len(tr), generator=g)]
-        epoch_loss = []
-        for b in perm[: len(tr) // bs * bs].view(-1, bs):
-            loss = clip_loss(left(b), right(b), net.scale())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss.append(loss.item())
-        losses.append(float(np.mean(epoch_loss)))
+    with progress_bar(progress) as bar:
+        task = bar.add_task("projection epochs", total=epochs, rate="")
+        for _ in range(epochs):
+            perm = torch.from_numpy(tr)[torch.randperm(len(tr), generator=g)]
+            epoch_loss = []
+            for b in perm[: len(tr) // bs * bs].view(-1, bs):
+                loss = clip_loss(left(b), right(b), net.scale())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                epoch_loss.append(loss.item())
+            losses.append(float(np.mean(epoch_loss)))
+            bar.update(task, advance=1, rate=f"loss {losses[-1]:.3f}")
     return losses
 
 
@@ -209,6 +215,7 @@ def fit_projection(
     groups: np.ndarray | None = None,
     arch: str = "linear",
     up: UniversalSettings | None = None,
+    progress: bool = False,
 ) -> tuple[ProjectionHeads, dict]:
     """Train a projection contrastively (symmetric InfoNCE) on row-aligned embedding pairs.
 
@@ -231,7 +238,8 @@ def fit_projection(
         getattr(net, f"{m}_mean").copy_(x[m][tr].mean(0))
         getattr(net, f"{m}_std").copy_(x[m][tr].std(0).clamp(min=1e-6))
     losses = _train(net, list(net.parameters()), lambda b: net.project(x["image"][b], "image"),
-                    lambda b: net.project(x["text"][b], "text"), tr, epochs, lr, weight_decay, batch_size, seed)
+                    lambda b: net.project(x["text"][b], "text"), tr, epochs, lr, weight_decay, batch_size, seed,
+                    progress)
     metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "val_rows": va.tolist(), "train_loss": losses,
                "seconds": round(time.perf_counter() - t0, 3), "config": heads.config}
     if len(va) >= 2:
@@ -252,6 +260,7 @@ def fit_added_modality(
     batch_size: int = 256,
     weight_decay: float = 0.01,
     groups: np.ndarray | None = None,
+    progress: bool = False,
 ) -> tuple[ProjectionHeads, dict]:
     """A copy of `heads` that also knows modality `name`: only its alignment layer is trained.
 
@@ -282,7 +291,7 @@ def fit_added_modality(
     getattr(net, f"{name}_std").copy_(xt[tr].std(0).clamp(min=1e-6))
     target = torch.from_numpy(out.transform(partner_x, partner))  # frozen: computed once
     losses = _train(net, params, lambda b: net.project(xt[b], name), lambda b: target[b], tr, epochs, lr,
-                    weight_decay, batch_size, seed)
+                    weight_decay, batch_size, seed, progress)
     before, after = heads.net.state_dict(), net.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     if changed:  # a guard on the promise: the frozen space must not move
@@ -345,7 +354,7 @@ class AddModality:
 
 def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs: int = 100, seed: int = 0,
                        models: dict | None = None, arch: str = "linear", up: UniversalSettings | None = None,
-                       add: AddModality | None = None) -> dict:
+                       add: AddModality | None = None, progress: bool = False) -> dict:
     """Put the image and text embeddings of an extract folder into one space, as a new extract folder.
 
     Without `heads_dir`, a projection (`arch`) is trained on the rows of the training split (all rows
@@ -374,11 +383,13 @@ def project_embeddings(emb_dir, out_dir, heads_dir=None, dim: int = 256, epochs:
                             "embeddings or the heads being applied")
     # re-running replaces, never appends; an extract folder (its manifest names no projection) is never replaced
     with replaced_folder(final, "projection --out", "manifest.json", "project", marker_key="projected_from") as staging:
-        return _project_into(emb_dir, staging, final, heads_dir, dim, epochs, seed, models, arch, up, add)
+        return _project_into(emb_dir, staging, final, heads_dir, dim, epochs, seed, models, arch, up, add,
+                             progress)
 
 
 def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epochs: int, seed: int,
-                  models: dict | None, arch: str, up: UniversalSettings | None, add: AddModality | None) -> dict:
+                  models: dict | None, arch: str, up: UniversalSettings | None, add: AddModality | None,
+                  progress: bool = False) -> dict:
     """project_embeddings, written into `out_dir` (a staging folder that becomes `final`)."""
     from embedkit.store import load_embeddings, write_json_atomic
 
@@ -388,15 +399,18 @@ def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epoc
     metrics, added = {}, None
     if heads_dir is None:
         train_rows = projection_rows(es.columns)
+        if train_rows.sum() < 2:  # every training row's group also has rows in another split, or no 'train' rows
+            raise EmbedkitError(f"no rows to fit the projection on in '{emb_dir}': it fits on split 'train' only, "
+                                f"minus rows whose group also has rows in another split ({int(train_rows.sum())} left)")
         heads, metrics = fit_projection(es.embeddings["image"][train_rows], es.embeddings["text"][train_rows],
-                                        dim=dim, epochs=epochs, seed=seed, arch=arch, up=up,
+                                        dim=dim, epochs=epochs, seed=seed, arch=arch, up=up, progress=progress,
                                         groups=held_out_groups({k: v[train_rows] for k, v in es.columns.items()}))
         metrics["val_ids"] = es.ids[train_rows][metrics.pop("val_rows")].tolist()  # rows -> ids: readable later
         metrics["fitted_on"] = fitted_on(es.columns, train_rows)
     else:
         heads = ProjectionHeads.load(heads_dir)
     if add is not None:
-        heads, added, new, source = _add_modality(heads, emb_dir, add, models, epochs, seed)
+        heads, added, new, source = _add_modality(heads, emb_dir, add, models, epochs, seed, progress)
         metrics = added.get("fit", {})
     if metrics:  # something was trained: it is saved with the output
         heads.save(out_dir / "projection")
@@ -418,7 +432,8 @@ def _project_into(emb_dir, out_dir: Path, final: Path, heads_dir, dim: int, epoc
     return result
 
 
-def _add_modality(heads: ProjectionHeads, emb_dir, add: AddModality, models: dict | None, epochs: int, seed: int):
+def _add_modality(heads: ProjectionHeads, emb_dir, add: AddModality, models: dict | None, epochs: int, seed: int,
+                  progress: bool = False):
     """Load the new modality's table, join it with the partner's rows, and train (or reuse) its alignment layer.
 
     -> (heads knowing add.name, summary, the new table as an EmbeddingSet, its modality there)."""
@@ -462,7 +477,7 @@ def _add_modality(heads: ProjectionHeads, emb_dir, add: AddModality, models: dic
     group_cols = {k: v[rows] for k, v in group_cols.items() if v is not None} or {"row": np.arange(int(rows.sum()))}
     out, fit = fit_added_modality(heads, add.name, new.embeddings[source][inew][rows],
                                   pset.embeddings[partner][ip][rows], partner, epochs=epochs, seed=seed,
-                                  groups=held_out_groups(group_cols))
+                                  groups=held_out_groups(group_cols), progress=progress)
     fit["joined_rows"], fit["source"] = int(len(common)), f"{Path(add.emb).resolve()} ({source})"
     fit["val_ids"] = common[rows][fit.pop("val_rows")].tolist()
     return out, {"modality": add.name, "partner": partner, "trained": True, "rows": int(len(new.ids)), "fit": fit}, \

@@ -45,7 +45,7 @@ def tokenize(tokenizer, texts: list[str], max_len: int, padding: str = "longest"
     if getattr(enc, "encodings", None):  # fast tokenizers keep what truncation cut off
         n_truncated = sum(bool(e.overflowing) for e in enc.encodings)
     else:
-        n_truncated = sum(len(ids) > max_len for ids in tokenizer(list(texts))["input_ids"])
+        n_truncated = sum(len(ids) > max_len for ids in tokenizer(list(texts), verbose=False)["input_ids"])
     return enc["input_ids"], enc["attention_mask"], n_truncated
 
 
