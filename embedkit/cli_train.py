@@ -111,11 +111,13 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     from rich.text import Text
 
     from embedkit.console import console
+    from embedkit.fusion.adequacy import MIN_TEST_ROWS, interval, number, why_undefined
 
     spread, boot = metrics["spread"], (metrics.get("bootstrap") or {}).get("metrics", {})
     unit = (metrics.get("bootstrap") or {}).get("unit", "row")
     n_test, groups = metrics["data"]["n"]["test"], metrics["data"]["groups"]
-    t = Table(title=Text(f"{out} · test set ({n_test} rows; groups: {groups})"))  # Text: a path is never markup
+    few = f": too few to tell anything, under {MIN_TEST_ROWS}" if n_test < MIN_TEST_ROWS else ""
+    t = Table(title=Text(f"{out} · test set ({n_test} rows{few}; groups: {groups})"))  # Text: a path is never markup
     t.add_column("metric")
     t.add_column("test (saved model)", justify="right")
     t.add_column(f"95% bootstrap over test {unit}s", justify="right")
@@ -127,11 +129,12 @@ def _print_metrics(metrics: dict, out: Path) -> None:
             continue
         one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
         defined = "" if s["n_runs"] == spread["n_runs"] else f" ({s['n_runs']} of {spread['n_runs']} runs)"
-        t.add_row(k, f"{metrics['test'][k]:.3f}", f"[{b['low']:.3f}, {b['high']:.3f}]" if b else "-",
+        t.add_row(k, number(metrics["test"][k], why_undefined(k, metrics["test"])),
+                  interval(b["low"], b["high"]) if b else "-",
                   "use --seeds or --cv" if one else (f"defined in {s['n_runs']} of {spread['n_runs']} runs" if
                                                      s["n_runs"] < 2 else f"{s['mean']:.3f} ± {s['std']:.3f} "
                                                      f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]{defined}"),
-                  f"{v['mean']:.3f}" if v else "-")
+                  number(v["mean"], why_undefined(k, metrics["val"])) if v else "-")
     console.print(t)
     from embedkit.fusion.clinical import banners
 
@@ -156,7 +159,8 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     for c, v in (op.get("classes") or {}).items() if len(op.get("classes") or {}) == 1 else ():
         iv = v.get("intervals") or {}
         console.print(f"operating point ({op['rule']}): " + ", ".join(
-            f"{r} {v[r]:.3f}" + (f" [{iv[r]['low']:.3f}, {iv[r]['high']:.3f}]" if r in iv else "")
+            f"{r} {number(v[r], 'no row predicted or observed in its denominator')}"
+            + (f" {interval(iv[r]['low'], iv[r]['high'])}" if r in iv and _finite(v[r]) else "")
             for r in ("sensitivity", "specificity", "ppv", "npv")), markup=False, soft_wrap=True)
     from embedkit.fusion.combinations import COMBINATION_COLUMNS, combination_rows
 
@@ -189,6 +193,10 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                                      for r in a["chosen_per_run"]) + ")" if a.get("selected_on") else "")
                       + (f"; learned lambda {', '.join(f'{v:.4f}' for v in a['learned_lambda'])}"
                          if a.get("learned_lambda") else ""))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
 
 
 def _print_rows(title: str, columns, rows: list[list[str]]) -> None:

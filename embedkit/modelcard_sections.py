@@ -31,10 +31,13 @@ def num(v, digits: int = 3) -> str:
     return str(v)
 
 
-def ci(b: dict | None) -> str:
-    if not b or b.get("low") is None or (isinstance(b.get("low"), float) and math.isnan(b["low"])):
+def ci(b: dict | None, n_rows: int | None = None) -> str:
+    """An interval as the card shows it: 'too wide to tell' / 'too few rows to tell' where it is (adequacy.py)."""
+    if not b:
         return "-"
-    return f"[{num(b['low'])}, {num(b['high'])}]"
+    from embedkit.fusion.adequacy import interval
+
+    return interval(b.get("low"), b.get("high"), n_rows)
 
 
 def sections(card) -> list[tuple]:
@@ -165,13 +168,18 @@ def _evaluation(card) -> list[tuple]:
     chance = ((m.get("clinical") or {}).get("chance") or {}).get("test") or {}
     from embedkit.fusion.clinical import chance_verdict
 
+    from embedkit.fusion.adequacy import MIN_TEST_ROWS, number, why_undefined
+
+    n_test, n_val = (((m.get("data") or {}).get("n") or {}).get(k) for k in ("test", "val"))
     rows = []
     for k in ("accuracy", "macro_f1", "weighted_f1", "auroc", "ece"):
         if k not in test:
             continue
         verdict = chance_verdict(card.interval(k), chance.get(k)) if k != "ece" else None
-        rows.append([k, num(test.get(k)), ci(card.interval(k)), num(val.get(k)), ci(card.interval(k, "bootstrap_val")),
+        rows.append([k, number(test.get(k), why_undefined(k, test)), ci(card.interval(k), n_test),
+                     number(val.get(k), why_undefined(k, val)), ci(card.interval(k, "bootstrap_val"), n_val),
                      num(chance.get(k)) if k in chance else "-",
+                     "too few rows to tell" if n_test is not None and n_test < MIN_TEST_ROWS and verdict else
                      {"above": "above chance", "covers": "cannot tell", "below": "below chance"}.get(verdict, "-")])
     boot = m.get("bootstrap") or {}
     note = (f"Test: {TEST_ROWS}. Intervals: 95% percentile bootstrap over {boot.get('n_units', '-')} test "

@@ -24,6 +24,7 @@ from embedkit.costs import Costs, dir_bytes, peak_rss_mb
 from embedkit.dataset import (Dataset, carried_columns, groups_for, load_dataset, purge_shared_groups, row_keys,
                               run_splits, warn_shared_inputs, warn_ungrouped)
 from embedkit.errors import EmbedkitError
+from embedkit.fusion.adequacy import parameters_finding
 from embedkit.fusion.missing import MASKED_FUSIONS, block_presence, combinations, handling
 from embedkit.fusion.ood import OODGuard, metrics_by_flag, ood_columns, ood_summary, split_blocks
 from embedkit.limits import MAX_SWEEP, check_classes, check_count, check_train_counts, fits_note
@@ -33,7 +34,6 @@ from embedkit.predict import (PROVENANCE_MATCH, apply_calibration, decide, evalu
 from embedkit.store import find_datasets, write_json_atomic
 
 FUSIONS = ("early", "late", "gated", "attention", "lowrank", "image", "text", "logistic")
-MIN_VAL_ROWS_PER_CLASS = 5
 
 
 @dataclass
@@ -424,7 +424,7 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
 
     with costs.stage("fit"):
         splits, seeds = run_splits(ds, cfg, groups)
-        _warn_small_validation(ds, splits[0])
+        small_data = _say_small_data(ds, splits[0], cfg)
         if note := fits_note(len(splits), len(candidates), "folds" if cfg.cv else "seeds"):
             say(note)
         runs = [run_once(ds, cfg, modalities, idx, s) for idx, s in zip(splits, seeds)]
@@ -504,6 +504,10 @@ def _train_into(emb_dir, out_dir: Path, cfg: TrainConfig, said: list[str] | None
                   "stage_seconds": costs.to_dict()["stage_seconds"]},
         "config": asdict(cfg),
     }
+    too_many = parameters_finding(metrics["costs"]["parameters"], len(first.idx["train"]))
+    if too_many:
+        say(f"[yellow]warning:[/] {too_many['message']}")
+    metrics["small_data"] = small_data + ([too_many] if too_many else [])
     if aligning:
         _alignment_artifacts(ds, first, out_dir, metrics)
     with costs.stage("intervals"):
@@ -531,17 +535,15 @@ def _clinical_metrics(ds: Dataset, run: Run, cfg: TrainConfig, groups, metrics: 
                                                  for m, x in first.items()}
 
 
-def _warn_small_validation(ds: Dataset, idx: dict) -> None:
+def _say_small_data(ds: Dataset, idx: dict, cfg: TrainConfig) -> list[dict]:
+    """Run 0's split: too few test rows, or too few rows of a class in a split (fusion/adequacy.py), said once."""
     from embedkit.console import say
+    from embedkit.fusion.adequacy import findings
 
-    y = ds.y[idx["val"]]
-    counts = dict(zip(*np.unique(y, return_counts=True))) if y.ndim == 1 else \
-        {f"label {j}": int(y[:, j].sum()) for j in range(y.shape[1])}
-    small = {str(k): int(v) for k, v in counts.items() if v < MIN_VAL_ROWS_PER_CLASS}
-    if small or (y.ndim == 1 and len(counts) < len(set(ds.y.tolist()))):
-        say(f"[yellow]warning:[/] validation has fewer than {MIN_VAL_ROWS_PER_CLASS} rows of "
-            + (", ".join(f"{k} ({v})" for k, v in small.items()) or "some class")
-            + ": the best epoch, threshold and temperature chosen on it are noisy; use more data or --cv")
+    found = findings(ds.y, idx, list(cfg.labels) if ds.y.ndim == 2 else None)
+    for f in found:
+        say(f"[yellow]warning:[/] {f['message']}")
+    return found
 
 
 def _leakage_scan(ds: Dataset, cfg: TrainConfig, run: Run, groups=None) -> dict | None:
