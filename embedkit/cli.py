@@ -60,8 +60,8 @@ def extract(
                                            help="int8: dynamic int8 Linear layers on CPU (transformer encoders; "
                                                 "faster, slightly different vectors)."),
     backend: str = typer.Option("torch", rich_help_panel=_RUN,
-                                help="torch, onnxruntime, openvino, or auto: the fastest on this machine that keeps "
-                                     "parity with torch fp32 (measured once, cached)."),
+                                help="torch, onnxruntime, openvino, or auto: the fastest here that keeps parity "
+                                     "with torch fp32 and repays its export on this run (else torch)."),
     precision: Optional[str] = typer.Option(None, rich_help_panel=_RUN,
                                             help="fp32, bf16, int8 or auto (default: --dtype/--quantize on torch, "
                                                  "fp32 elsewhere); refused below --parity-floor."),
@@ -188,8 +188,8 @@ def demo(
                                                                         "models, the best model's report.html."),
     n: int = typer.Option(300, help="Synthetic cases."),
     seeds: int = typer.Option(3, min=1),
-    backend: str = typer.Option("torch", help="Extraction backend: torch, or auto (first exports and times every "
-                                              "CPU backend here: about 4 more minutes, once)."),
+    backend: str = typer.Option("torch", help="Extraction backend: torch, or auto (a faster backend only where it "
+                                              "repays its export on this run)."),
     progress: bool = switch(True, "progress", "Show progress bars."),
 ):
     """End to end on a generated SYNTHETIC clinic: extract, train every fusion, one table of results and costs

@@ -68,6 +68,8 @@ def compare(
                                            "extrapolate to (default: the best + 0.05)."),
     raw_epochs: int = typer.Option(5, min=1, max=100, rich_help_panel=_CURVE, help="Epochs of the raw-data "
                                    "models (--raw)."),
+    raw_rows: Optional[int] = typer.Option(None, min=2, rich_help_panel=_CURVE, help="Train the raw-data models "
+                                           "on this many training rows, drawn at random (time; default all)."),
     budget_minutes: Optional[float] = typer.Option(None, min=0.1, rich_help_panel=_RUN, help="Drop the most "
                                                    "expensive configurations first to fit."),
     backend: str = typer.Option("torch", rich_help_panel=_RUN, help="Extraction backend: torch, onnxruntime, "
@@ -99,7 +101,7 @@ def compare(
                         fusions=_names(fusion), align=_names(align) or ["none"], seeds=seeds, cv=cv, seed=seed,
                         metric=metric, bootstrap=bootstrap, epochs=epochs, modality_dropout=modality_dropout,
                         curve=curve, curve_top=curve_top,
-                        curve_seeds=curve_seeds, target=target, raw=raw, raw_epochs=raw_epochs,
+                        curve_seeds=curve_seeds, target=target, raw=raw, raw_epochs=raw_epochs, raw_rows=raw_rows,
                         budget_minutes=budget_minutes, group_col=None if extracting else group_col, groups=groups,
                         data_split=data_split, progress=progress)
     extract_config = ExtractConfig(backend=backend, batch_size=batch_size, threads=threads, progress=progress,

@@ -130,7 +130,7 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         one = spread["n_runs"] == 1  # no spread from a single run: say so rather than print nan
         defined = "" if s["n_runs"] == spread["n_runs"] else f" ({s['n_runs']} of {spread['n_runs']} runs)"
         t.add_row(k, number(metrics["test"][k], why_undefined(k, metrics["test"])),
-                  interval(b["low"], b["high"]) if b else "-",
+                  interval(b["low"], b["high"], n_test) if b else "-",
                   "use --seeds or --cv" if one else (f"defined in {s['n_runs']} of {spread['n_runs']} runs" if
                                                      s["n_runs"] < 2 else f"{s['mean']:.3f} ± {s['std']:.3f} "
                                                      f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]{defined}"),
@@ -146,7 +146,7 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     cal = metrics.get("calibration") or {}
     if cal:
         iv = cal.get("ece_interval") or {}
-        span = {k: f" [{v['low']:.3f}, {v['high']:.3f}]" if v and v.get("low") == v.get("low") else ""
+        span = {k: f" {interval(v['low'], v['high'], n_test)}" if v and v.get("low") == v.get("low") else ""
                 for k, v in (("before", iv.get("test_before")), ("after", iv.get("test_after")))}
         console.print(f"calibration: temperature {cal['temperature']:.3f} "
                       f"({(cal.get('calibrated_on') or {}).get('note', 'not fitted')}), "
@@ -160,7 +160,7 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         iv = v.get("intervals") or {}
         console.print(f"operating point ({op['rule']}): " + ", ".join(
             f"{r} {number(v[r], 'no row predicted or observed in its denominator')}"
-            + (f" {interval(iv[r]['low'], iv[r]['high'])}" if r in iv and _finite(v[r]) else "")
+            + (f" {interval(iv[r]['low'], iv[r]['high'], n_test)}" if r in iv and _finite(v[r]) else "")
             for r in ("sensitivity", "specificity", "ppv", "npv")), markup=False, soft_wrap=True)
     from embedkit.fusion.combinations import COMBINATION_COLUMNS, combination_rows
 

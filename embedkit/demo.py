@@ -89,8 +89,8 @@ class DemoConfig:
     image_model: str = "efficientnet-lite0"
     text_model: str = "minilm"
     batch_size: int = 32
-    # torch fp32 starts at once; "auto" first exports and times every CPU backend on this machine (about 4
-    # minutes on 2 cores and ~200 MB of exports, cached), which pays off on large data, not on 300 cases
+    # torch fp32 starts at once; "auto" exports a faster backend only where the shipped speed table says it
+    # repays the export on this run (encoders/backend_choice.auto_for_run): large data, not 300 cases
     backend: str = "torch"
     epochs: int = 30
     noise_std: float = 0.1  # noise-injection variant (units of each feature's training std)

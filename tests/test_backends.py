@@ -237,6 +237,81 @@ def test_auto_picks_the_fastest_candidate_that_passes_and_caches_the_measurement
     assert backend_choice.choose_backend(spec, "text", threads=1, floor=0.4) == ("onnxruntime", "int8")
 
 
+def _table(path: Path, spec, modality: str, torch_ips: float, rows: list[dict], **rates) -> Path:
+    path.write_text(json.dumps({"format": 1, "families": {backend_choice.cpu_family(): {"models": {
+        f"{spec.name}/{modality}": {"torch_fp32_items_per_second": torch_ips, "candidates": rows,
+                                    "measured_on": {"cpu": "test"}, **rates}}}}}))
+    return path
+
+
+def _exports(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+def test_auto_for_a_small_run_stays_on_torch_and_measures_nothing(tiny_models, tmp_path, monkeypatch):
+    """A first run pays for a sweep only where the work at hand can repay it."""
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    spec = resolve_spec(str(tiny_models["bert"]), "text")
+    said = []
+    no_table = tmp_path / "absent.json"
+    assert backend_choice.auto_for_run(spec, "text", 300, table=no_table, log=said.append) == [("torch", "fp32")]
+    assert len(said) == 1 and said[0].startswith("auto: torch fp32 for ") and "models check" in said[0]
+    assert _exports(tmp_path / "cache") == []  # nothing exported, nothing timed
+
+    big = backend_choice.SWEEP_MIN_ITEMS
+    ranked = backend_choice.auto_for_run(spec, "text", big, table=no_table, log=said.append)
+    assert next((tmp_path / "cache").rglob("auto-text-*.json"))  # large enough: measured once, cached
+    assert ranked == backend_choice.rank_backends(spec, "text")
+    # once measured on this machine, the measurement decides whatever the size
+    assert backend_choice.auto_for_run(spec, "text", 10, table=no_table) == ranked
+    # `embedkit models check` (every backend) is such a measurement: the message's advice holds
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache2"))
+    backend_choice.check_backends(str(tiny_models["bert"]), "text")
+    monkeypatch.setattr(backend_choice, "measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    assert backend_choice.auto_for_run(spec, "text", 10, table=no_table) == backend_choice.rank_backends(spec, "text")
+
+
+def test_auto_weighs_the_shipped_table_against_the_run_size(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDKIT_CACHE", str(tmp_path / "cache"))
+    spec = resolve_spec(str(tiny_models["bert"]), "text")
+    table = _table(tmp_path / "speeds.json", spec, "text", 100.0, [
+        {"backend": "onnxruntime", "precision": "fp32", "speedup": 4.0, "min_cosine": 0.99999, "extra_seconds": 10},
+        {"backend": "onnxruntime", "precision": "int8", "speedup": 8.0, "min_cosine": 0.5, "extra_seconds": 5}])
+    said = []
+    # 300 texts: 3 s on torch, 2.25 s to save for 10 s of export and checks
+    assert backend_choice.auto_for_run(spec, "text", 300, table=table, log=said.append) == [("torch", "fp32")]
+    assert "would save about 2 s for about 10 s" in said[-1]
+    # 10,000 texts: 100 s on torch, 75 s to save; int8 is faster but below the parity floor
+    assert backend_choice.auto_for_run(spec, "text", 10_000, table=table, log=said.append) == [
+        ("onnxruntime", "fp32"), ("torch", "fp32")]
+    assert said[-1].startswith("auto: onnxruntime fp32 for ") and "saves about 75 s for about 10 s" in said[-1]
+    assert backend_choice.auto_for_run(spec, "text", 10_000, floor=0.4, table=table)[0] == ("onnxruntime", "int8")
+    # a saving that only covers its cost once is not taken: the table was measured on another machine
+    assert backend_choice.auto_for_run(spec, "text", 1_800, table=table) == [("torch", "fp32")]
+    assert backend_choice.auto_for_run(spec, "text", 2_700, table=table)[0] == ("onnxruntime", "fp32")
+    # texts are weighed by their characters where the table has torch's rate: 10,000 one-word notes are quick
+    by_chars = _table(tmp_path / "chars.json", spec, "text", 100.0, json.loads(table.read_text())["families"][
+        backend_choice.cpu_family()]["models"][f"{spec.name}/text"]["candidates"], torch_fp32_chars_per_second=1000.0)
+    assert backend_choice.auto_for_run(spec, "text", 10_000, table=by_chars, text_chars=3_000) == [("torch", "fp32")]
+    assert backend_choice.auto_for_run(spec, "text", 300, table=by_chars, text_chars=100_000)[0] == (
+        "onnxruntime", "fp32")
+    cap = backend_choice.CHARS_PER_TOKEN * (spec.max_length or 512)
+    assert backend_choice.text_work(spec, [10, 10 ** 6]) == 10 + cap
+    assert _exports(tmp_path / "cache") == []  # the table decided: nothing timed
+    other = _table(tmp_path / "other.json", spec, "image", 100.0, [])  # another model's entry does not answer
+    assert backend_choice.auto_for_run(spec, "text", 300, table=other) == [("torch", "fp32")]
+
+
+def test_extract_auto_on_a_small_folder_is_torch_with_its_reason(tiny_models, paired_folder, tmp_path):
+    cache = tmp_path / "cache"
+    run = _cli("extract", paired_folder, "--out", tmp_path / "a", "--image-model", tiny_models["dinov2"],
+               "--text-model", "none", "--backend", "auto", "--no-progress", cache=cache)
+    assert run.returncode == 0, run.output
+    assert "auto: torch fp32 for " in run.output and "images)" in run.output
+    assert read_embedding_table(tmp_path / "a" / "image__tiny-dinov2").provenance["backend"] == "torch"
+    assert _exports(cache) == []
+
+
 # ------------------------------------------------------------------ extraction: provenance, no mixing
 
 

@@ -63,6 +63,17 @@ def run(tmp_path_factory):
     return emb, root / "out", board
 
 
+def image_note_folder(data, n: int, note, size):
+    """n generated images with a note each (note(i)), label dx alternating no/yes, two rows per patient: t.csv."""
+    data.mkdir()
+    rows = ["id,image,note,dx,patient"]
+    for i in range(n):
+        make_image(data / f"c{i}.png", seed=i, size=size)
+        rows.append(f"c{i},c{i}.png,{note(i)},{'yes' if i % 2 else 'no'},p{i // 2}")
+    (data / "t.csv").write_text("\n".join(rows) + "\n")
+    return data
+
+
 def _predictions(out, slug):
     return pq.read_table(out / "configs" / slug / "predictions.parquet").to_pandas()
 
@@ -349,14 +360,9 @@ def test_bad_input(run, tmp_path):
 
 def test_cli_from_a_data_folder_with_the_offline_encoders(tmp_path):
     """Extraction, the leaderboard and the files, as a user runs it; and an unknown encoder's one line."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = ["id,image,note,dx"]
-    for i in range(24):
-        make_image(data / f"c{i}.png", seed=i, size=(48, 48))
-        # the note gives the label away on odd rows: the scan must say so before any training
-        rows.append(f"c{i},c{i}.png,routine review {i}{' positive' if i % 2 else ''},{'yes' if i % 2 else 'no'}")
-    (data / "t.csv").write_text("\n".join(rows) + "\n")
+    # the note gives the label away on odd rows: the scan must say so before any training
+    data = image_note_folder(tmp_path / "data", 24, lambda i: f"routine review {i}{' positive' if i % 2 else ''}",
+                             size=(48, 48))
     base = [sys.executable, "-m", "embedkit.cli", "compare", str(data), "--metadata", str(data / "t.csv"),
             "--id-col", "id", "--image-col", "image", "--text-col", "note", "--label", "dx"]
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--image-models", "dinov9-nope"], cwd=REPO,
@@ -471,3 +477,33 @@ def test_robustness_of_the_top_configurations_as_a_modality_goes_missing(tmp_pat
     assert [p["rate"] for p in points] == [0.0, 0.25, 0.5, 0.75, 1.0] and not any("refused" in p for p in points)
     assert points[0]["macro_f1"] > points[-1]["macro_f1"]  # the image carries the label: losing it costs
     assert "When a modality is missing" in (tmp_path / "drop" / "report.html").read_text()
+
+
+def test_raw_models_frozen_and_fine_tuned_beside_the_embeddings(tiny_models, tmp_path):
+    """`--raw`: the same head fed raw images and texts through the frozen backbones, then fine-tuned end to end,
+    scored on run 0's test rows and paired with the embedding model; epochs chosen on validation."""
+    data = image_note_folder(tmp_path / "data", 60, lambda i: f"note {i % 7} of case {i}", size=(40, 40))
+    r = subprocess.run([sys.executable, "-m", "embedkit.cli", "compare", str(data), "--metadata", str(data / "t.csv"),
+                        "--id-col", "id", "--image-col", "image", "--text-col", "note", "--label", "dx",
+                        "--group-col", "patient", "--image-models", str(tiny_models["dinov2"]), "--text-models",
+                        str(tiny_models["bert"]), "--fusion", "early", "--align", "none", "--seeds", "1", "--epochs",
+                        "3", "--no-curve", "--raw", "--raw-epochs", "4", "--raw-rows", "30", "--no-progress",
+                        "--out", str(tmp_path / "out")],
+                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    raw = result["raw"]
+    assert raw["train_rows"] == 30 and raw["reference"].endswith("· early")
+    frozen, tuned = raw["rows"]
+    assert (frozen["finetuned"], tuned["finetuned"]) == (False, True)
+    assert tuned["trainable_parameters"] > frozen["trainable_parameters"]  # the backbones learn too
+    n_test = int(pd.read_csv(tmp_path / "out" / "leaderboard.csv").query("status == 'ok'")["n_test"].iloc[0])
+    for row in (frozen, tuned):
+        assert [h["epoch"] for h in row["history"]] == [1, 2, 3, 4] and row["best_epoch"] in (1, 2, 3, 4)
+        # the epoch kept is the first best on validation: never chosen on test rows, nor simply the last
+        val = [h["val_macro_f1"] for h in row["history"]]
+        assert row["best_epoch"] == 1 + val.index(max(val)), val
+        assert row["macro_f1_low"] <= row["macro_f1"] <= row["macro_f1_high"]
+        assert row["low"] <= row["delta"] <= row["high"] and row["verdict"]
+        assert row["epoch_s"] > 0 and row["peak_rss_mb"] > 0
+    assert n_test > 0 and "raw" in (tmp_path / "out" / "report.html").read_text()

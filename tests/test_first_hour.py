@@ -97,6 +97,19 @@ def test_a_model_not_here_fails_at_once_in_one_line_when_the_hub_is_silent_or_of
     assert silent_hub.connections == asked  # offline means not even a probe
 
 
+def test_a_hub_that_refuses_at_once_costs_no_wait(paired_folder, tmp_path, silent_hub):
+    """A closed port (or a failed DNS lookup) ends the probe at once: no timeout is waited out."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now: connection refused
+    env = {**_online_env(tmp_path, silent_hub), "HF_ENDPOINT": url, "EMBEDKIT_HUB_TIMEOUT": "60"}
+    r, seconds = _cli(["models", "check", "dinov2-base"], env)
+    assert r.returncode == 2, r.stderr
+    assert "cannot be reached from here" in _one_error_line(r.stderr)
+    assert seconds < 30, seconds  # the 60 s timeout was not waited out
+
+
 def test_a_model_in_the_hub_cache_loads_with_no_network_call(tiny_models, paired_folder, tmp_path, silent_hub):
     from test_bundles import _hub_cache
 

@@ -101,6 +101,17 @@ def test_modality_dropout_is_training_only_and_saves_exactly(tmp_path):
     assert back.n_parameters_ == est.n_parameters_ and back.learned_missing_ == (True, True)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_dropout_is_training_only_in_every_head(fusion):
+    """With --dropout above 0, predict is the same call after call: no head leaves a dropout layer on."""
+    X, y = blocks(n=120, missing=0.3)
+    est = FusionClassifier(fusion=fusion, modality_dims=(6, 6), epochs=2, late_hidden_dim=16, hidden_dim=16,
+                           dropout=0.5).fit(X, y)
+    first = est.predict_proba(X)
+    for _ in range(3):
+        np.testing.assert_array_equal(est.predict_proba(X), first)
+
+
 @pytest.mark.parametrize("fusion", ["gated", "lowrank"])
 def test_new_fusions_save_and_load_exactly(fitted, fusion, tmp_path):
     X, _ = blocks(n=60, seed=3, missing=0.5)

@@ -39,6 +39,6 @@ class CompareConfig:
     # raw data through the encoders (opt-in, slow): frozen backbones every epoch, and end-to-end fine-tuning
     raw: bool = False
     raw_epochs: int = 5
-    raw_rows: int | None = None  # None: every row; a number: a stratified subsample of training rows (time)
+    raw_rows: int | None = None  # None: every training row; a number: that many, drawn at random (time)
     budget_minutes: float | None = None  # drop the most expensive configurations first to fit
     progress: bool = True

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 HUB_TIMEOUT_S = 2.0  # how long the probe waits for any answer from the hub (EMBEDKIT_HUB_TIMEOUT overrides)
+_REFUSED: set[str] = set()  # endpoints whose probe failed before its timeout (refused, no DNS)
 _PROBE: dict[str, bool] = {}  # endpoint -> answered; one probe per process
 
 
@@ -66,17 +67,21 @@ def hub_answers(timeout: float | None = None) -> bool:
     if endpoint in _PROBE:
         return _PROBE[endpoint]
     wait = hub_timeout() if timeout is None else timeout
-    answered = threading.Event()
+    done, answered = threading.Event(), []
 
     def probe():
         try:
             get_session().head(endpoint, timeout=wait)
-            answered.set()
+            answered.append(True)
         except Exception:  # noqa: BLE001 - no answer is the answer
             pass
+        finally:
+            done.set()  # a refused connection or a failed lookup ends the wait at once
 
     threading.Thread(target=probe, daemon=True, name="embedkit-hub-probe").start()
-    _PROBE[endpoint] = answered.wait(wait)
+    if done.wait(wait) and not answered:
+        _REFUSED.add(endpoint)
+    _PROBE[endpoint] = bool(answered)
     return _PROBE[endpoint]
 
 
@@ -88,8 +93,11 @@ def require_hub(source: str, name: str | None = None) -> None:
     if offline():
         raise EmbedkitError(missing_model_message(source, name, "HF_HUB_OFFLINE is set"))
     if not hub_answers():
-        raise EmbedkitError(missing_model_message(
-            source, name, f"the Hugging Face hub did not answer within {hub_timeout():g} s"))
+        from huggingface_hub import constants
+
+        why = ("the Hugging Face hub cannot be reached from here" if constants.ENDPOINT in _REFUSED
+               else f"the Hugging Face hub did not answer within {hub_timeout():g} s")
+        raise EmbedkitError(missing_model_message(source, name, why))
     quiet_hub()
 
 

@@ -21,17 +21,18 @@ MODEL_FILE = "model.onnx"
 
 def missing() -> str | None:
     """Why this backend cannot run here, or None."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # found, not imported: importing onnxruntime takes a second, and asking costs nothing here
+    if importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed: pip install 'embedkit[onnx]'"
     return None
 
 
 def version() -> str:
-    import onnxruntime
+    from importlib.metadata import version as installed_version
 
-    return onnxruntime.__version__
+    return installed_version("onnxruntime")
 
 
 def precision_problem(precision: str) -> str | None:

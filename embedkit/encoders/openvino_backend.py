@@ -21,17 +21,18 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def missing() -> str | None:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # found, not imported: importing openvino takes a second, and asking costs nothing here
+    if importlib.util.find_spec("openvino") is None:
         return "openvino is not installed: pip install 'embedkit[openvino]'"
     return None
 
 
 def version() -> str:
-    import openvino
+    from importlib.metadata import version as installed_version
 
-    return openvino.__version__
+    return installed_version("openvino")
 
 
 def cpu_has_bf16() -> bool:

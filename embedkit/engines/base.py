@@ -18,7 +18,7 @@ from embedkit.costs import Costs
 from embedkit.encoders.registry import EncoderSpec
 from embedkit.errors import EmbedkitError
 from embedkit.items import Item
-from embedkit.plan import EmbeddedBatch, Plan, read_item_text
+from embedkit.plan import EmbeddedBatch, Plan, input_size, read_item_text
 
 PARITY_SAMPLE = 32  # the run's first inputs a backend is checked on against torch fp32
 
@@ -95,15 +95,19 @@ def embed_texts(encoder, items: list[Item], costs: Costs):
 
 
 def backend_checked_on_inputs(modality: str, spec: EncoderSpec, plan: Plan, config, log):
-    """Resolve --backend/--precision auto (measured once, in the driver, never in each Ray actor), then
+    """Resolve --backend/--precision auto for this run's size (in the driver, never in each Ray actor), then
     check the backend against torch fp32 on this run's first inputs; with auto, the next fastest is tried when
     one falls below the floor. -> (resolved config, provenance fields, opened encoder or None)."""
     auto = config.backend == "auto" or config.precision == "auto"
     if auto:
-        from embedkit.encoders.backend_choice import rank_backends
+        from embedkit.encoders.backend_choice import auto_for_run, text_work
 
-        pairs = rank_backends(spec, modality, threads=config.threads, floor=config.parity_floor, device=config.device,
-                              log=log, only_backend=None if config.backend == "auto" else config.backend)
+        # the work at hand decides how much choosing is worth: a small run does not pay for exports and timings
+        chars = None if modality == "image" else text_work(spec, (
+            len(it.text) if it.text is not None else input_size(it.text_path) for it in plan.items()))
+        pairs = auto_for_run(spec, modality, sum(len(b) for b in plan.batches), threads=config.threads,
+                             floor=config.parity_floor, device=config.device, log=log, text_chars=chars,
+                             only_backend=None if config.backend == "auto" else config.backend)
     else:
         pairs = [(config.backend, config.precision)]
     sample = None
