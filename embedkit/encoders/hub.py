@@ -71,7 +71,8 @@ def hub_answers(timeout: float | None = None) -> bool:
 
     def probe():
         try:
-            get_session().head(endpoint, timeout=wait)
+            # its own timeout outlasts the wait: a hub that hangs is "did not answer", never "refused"
+            get_session().head(endpoint, timeout=2 * wait)
             answered.append(True)
         except Exception:  # noqa: BLE001 - no answer is the answer
             pass
