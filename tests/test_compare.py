@@ -506,4 +506,9 @@ def test_raw_models_frozen_and_fine_tuned_beside_the_embeddings(tiny_models, tmp
         assert row["macro_f1_low"] <= row["macro_f1"] <= row["macro_f1_high"]
         assert row["low"] <= row["delta"] <= row["high"] and row["verdict"]
         assert row["epoch_s"] > 0 and row["peak_rss_mb"] > 0
+        # paired with the input-blind predictors too: an embedding model at chance is a low bar to beat
+        assert row["vs_chance"] in ("above chance", "below chance", "cannot tell")
+        said = next(line for line in result["lines"] if line.startswith(row["name"]))
+        assert f"against the embedding model {row['verdict']}" in said and said.endswith(row["vs_chance"])
+        assert " ".join(said.split()) in " ".join(r.stderr.split())  # the CLI says it too
     assert n_test > 0 and "raw" in (tmp_path / "out" / "report.html").read_text()

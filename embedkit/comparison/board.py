@@ -92,9 +92,7 @@ def leaderboard(results: list[Scored], ref, splits: list[dict], weights: list[np
                            logistic_low=d["low"], logistic_high=d["high"],
                            verdict_vs_logistic="same" if s is ref_logistic else d["verdict"])
             if s.result["fusion"] not in ("majority", "chance") and chance:
-                verdicts = [diff(s, c) for c in chance]
-                row["vs_chance"] = ("above chance" if all(v["verdict"] == "better" for v in verdicts) else
-                                    "below chance" if all(v["verdict"] == "worse" for v in verdicts) else "cannot tell")
+                row["vs_chance"] = chance_verdict([diff(s, c)["verdict"] for c in chance])
                 strongest = max(chance, key=lambda c: point(c, metric))
                 d = diff(s, strongest)
                 row.update(delta_vs_chance=d["delta"], chance_low=d["low"], chance_high=d["high"])
@@ -107,6 +105,12 @@ def leaderboard(results: list[Scored], ref, splits: list[dict], weights: list[np
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["status"] != "ok", -_finite(rows[i].get(metric))))
     rows = [rows[i] | {"rank": n + 1 if rows[i]["status"] == "ok" else None} for n, i in enumerate(order)]
     return rows, _summary(rows, best, metric, len(models), chance)
+
+
+def chance_verdict(verdicts: list[str]) -> str:
+    """Against every predictor that ignores the input (paired verdicts): above, below, or cannot tell."""
+    return ("above chance" if all(v == "better" for v in verdicts) else
+            "below chance" if all(v == "worse" for v in verdicts) else "cannot tell")
 
 
 def _logistic_for(s: Scored, logistic: list[Scored], metric: str) -> Scored | None:

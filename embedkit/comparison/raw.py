@@ -54,19 +54,29 @@ def raw_rows(cfg, inputs, shared, splits, seeds, weights, scored, rows) -> dict:
         name = f"{pair['image_model']} + {pair['text_model']} · raw, {'fine-tuned' if finetune else 'frozen'}"
         say(f"raw: {name}, {cfg.raw_epochs} epochs on {len(idx['train'])} training rows")
         out.append(_train_raw(name, specs, items, shared, idx, seeds[0], cfg, finetune))
-    from embedkit.comparison.board import point
+    from embedkit.comparison.board import chance_verdict, point
     from embedkit.fusion.paired import interval, paired_difference, replicates
 
     y_test = shared.ref.y[idx["test"]]
+
+    def run0_replicates(s):  # a configuration's run-0 test predictions, on the shared resamples
+        run = s.result["runs"][0]
+        return replicates(y_test, s.probas[0], run["classes"], run["task"], run["threshold"], weights[0], cfg.metric)
+
     run0 = reference.result["runs"][0]
-    ref_reps = replicates(y_test, reference.probas[0], run0["classes"], run0["task"], run0["threshold"], weights[0],
-                          cfg.metric)
+    ref_reps = run0_replicates(reference)
+    # the embedding model may itself be at chance: each raw model is also paired with the input-blind predictors
+    chance = [(s.result["runs"][0]["test"][cfg.metric], run0_replicates(s)) for s in scored
+              if s.ok and s.result["fusion"] in ("majority", "chance")]
     for r in out:
         reps = replicates(y_test, r.pop("proba"), r["classes"], r["task"], r["threshold"], weights[0], cfg.metric)
         low, high, _ = interval(reps)
         d = paired_difference(reps, ref_reps, r[cfg.metric], run0["test"][cfg.metric])
         r.update({f"{cfg.metric}_low": low, f"{cfg.metric}_high": high, "delta": d["delta"], "low": d["low"],
                   "high": d["high"], "verdict": d["verdict"]})
+        if chance:
+            r["vs_chance"] = chance_verdict([paired_difference(reps, c_reps, r[cfg.metric], c_score)["verdict"]
+                                             for c_score, c_reps in chance])
     note = (f"run 0's split; compared (paired, run 0) with {pair['config']} on embeddings "
             f"({cfg.metric} {run0['test'][cfg.metric]:.3f}; mean over runs {point(reference, cfg.metric):.3f})")
     return {"rows": out, "note": note, "reference": pair["config"], "train_rows": int(len(idx["train"]))}

@@ -133,6 +133,10 @@ def summary_lines(result: dict) -> list[str]:
     if curve.get("verdict"):
         lines.append(f"label efficiency: {curve['verdict']}")
     lines += robustness_lines(result.get("robustness") or {}, metric)
+    for r in (result.get("raw") or {}).get("rows", []):
+        lines.append(f"{r['name']}: {name} {r[metric]:.3f} {_iv(r[f'{metric}_low'], r[f'{metric}_high'])}; against "
+                     f"the embedding model {r['verdict']}, {_signed_iv(r['delta'], r['low'], r['high'])} (run 0); "
+                     f"{r.get('vs_chance', 'not compared with chance')}")
     return lines
 
 
@@ -204,10 +208,10 @@ def compare_html(result: dict) -> str:
     if result.get("raw"):
         raw = result["raw"]
         body.append("<h2>Raw data through the encoders</h2>" + html_table(
-            ["model", name, "95% interval", "vs embeddings (paired)", "s/epoch", "peak MB"],
+            ["model", name, "95% interval", "vs embeddings (paired)", "vs chance", "s/epoch", "peak MB"],
             [[r["name"], _cell(r.get(metric)), _iv(r.get(f"{metric}_low"), r.get(f"{metric}_high")),
-              _signed_iv(r["delta"], r["low"], r["high"]) if "delta" in r else "", r.get("epoch_s"),
-              r.get("peak_rss_mb")] for r in raw.get("rows", [])], raw.get("note", "")))
+              _signed_iv(r["delta"], r["low"], r["high"]) if "delta" in r else "", r.get("vs_chance", ""),
+              r.get("epoch_s"), r.get("peak_rss_mb")] for r in raw.get("rows", [])], raw.get("note", "")))
     ex = result.get("extraction") or {}
     if ex:
         body.append("<h2>Extraction</h2>" + html_table(
