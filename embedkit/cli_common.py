@@ -112,14 +112,31 @@ def dicom_source_fields(dicom_window: str, dicom_frames: str, dicom_per, dicom_s
 
 
 # ---------------------------------------------------------------- help without placeholder noise
-# Typer labels every option with its Python type, a flag too ("--help <bool>", "--debug <bool>"), and writes a
-# required argument as "{data}" in the usage line. A flag takes no value, and an argument reads best as DATA.
+# Typer labels every option with its Python type, a flag too ("--help <bool>", "--label <list[str]>"), and
+# writes a required argument as "{data}" in the usage line. A flag takes no value, a value is named as click
+# names it (TEXT, INTEGER, FLOAT, PATH), and an argument reads best as DATA.
 
 
 def _plain_flags(params) -> None:
+    from typer.core import TyperArgument
+
     for p in params:
-        if getattr(p, "is_flag", False) and p.metavar is None:
-            p.metavar = ""  # typer prints the metavar, when there is one, instead of the type
+        if p.metavar is not None or isinstance(p, TyperArgument):  # an argument's metavar names it in the usage
+            continue
+        # typer prints the metavar, when there is one, instead of the Python type
+        if getattr(p, "is_flag", False):
+            p.metavar = ""
+            continue
+        try:
+            label = p.display_type(None).strip("<>")
+        except Exception:  # noqa: BLE001 - a type typer cannot name without a context keeps typer's label
+            continue
+        label = label.removeprefix("list[").removesuffix("]").removesuffix(" range")
+        p.metavar = _VALUE_NAMES.get(label, p.metavar)
+
+
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "file": "PATH",
+                "directory": "PATH"}
 
 
 def _usage_pieces(command, ctx) -> list[str]:

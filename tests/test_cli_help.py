@@ -50,6 +50,9 @@ def test_help_at_80_columns_shows_every_flag_name_whole(path, cmd, monkeypatch):
     assert "--no-no-" not in out
     assert "…" not in out, out  # rich's mark of a cut cell
     assert "<bool>" not in out, out  # a flag takes no value: no type placeholder beside it
+    # a value is named TEXT, INTEGER, FLOAT or PATH, never by its Python type (<list[str]>, <int>, <float>)
+    options = [line for line in out.splitlines() if line.lstrip("│ *").startswith("-")]
+    assert not [line for line in options if re.search(r"<(str|int|float|path|list\[)", line)], out
     usage = next(line for line in out.splitlines() if "Usage:" in line)
     assert "{" not in usage and "}" not in usage, usage  # arguments read DATA, not {data}
     for p in cmd.params:
