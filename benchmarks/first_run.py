@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def main() -> None:
                     runs[backend].append(r)
                     print(f"{job} {backend}: {r['wall_s']} s, {r['peak_rss_mb']} MB, {r['written_with']}",
                           file=sys.stderr)
-                    subprocess.run(["rm", "-rf", str(out)], check=True)
+                    shutil.rmtree(out)
             best = {b: min(rs, key=lambda r: r["wall_s"]) for b, rs in runs.items()}
             result["jobs"][job] = {"runs": runs, "auto_over_torch_wall": round(best["auto"]["wall_s"]
                                                                                / best["torch"]["wall_s"], 2)}

@@ -117,7 +117,7 @@ def dicom_source_fields(dicom_window: str, dicom_frames: str, dicom_per, dicom_s
 # names it (TEXT, INTEGER, FLOAT, PATH), and an argument reads best as DATA.
 
 
-def _plain_flags(params) -> None:
+def _plain_metavars(params) -> None:
     from typer.core import TyperArgument
 
     for p in params:
@@ -150,33 +150,28 @@ def _usage_pieces(command, ctx) -> list[str]:
     return pieces
 
 
-class PlainHelpCommand(typer.core.TyperCommand):
-    """A command whose --help shows no `<bool>` beside flags and names its arguments DATA, [OUT]."""
+class _PlainHelp:
+    """Shared by commands and groups: no `<bool>` beside flags, values named TEXT/INTEGER/PATH, arguments DATA."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _plain_flags(self.params)
+        _plain_metavars(self.params)
 
     def get_help_option(self, ctx):
         opt = super().get_help_option(ctx)
-        _plain_flags([opt] if opt is not None else [])
+        _plain_metavars([opt] if opt is not None else [])
         return opt
+
+
+class PlainHelpCommand(_PlainHelp, typer.core.TyperCommand):
+    """A command whose --help shows no `<bool>` beside flags and names its arguments DATA, [OUT]."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return _usage_pieces(self, ctx)
 
 
-class PlainHelpGroup(typer.core.TyperGroup):
+class PlainHelpGroup(_PlainHelp, typer.core.TyperGroup):
     """A group (the app, `models`) with the same plain help as PlainHelpCommand."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _plain_flags(self.params)
-
-    def get_help_option(self, ctx):
-        opt = super().get_help_option(ctx)
-        _plain_flags([opt] if opt is not None else [])
-        return opt
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [*_usage_pieces(self, ctx), self.subcommand_metavar]

@@ -20,6 +20,7 @@ import os
 import platform
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from embedkit.encoders import export_cache
@@ -123,6 +124,7 @@ def text_work(spec: EncoderSpec, sizes) -> int:
     return int(sum(min(int(s), cap) for s in sizes))
 
 
+@lru_cache(maxsize=1)
 def cpu_family() -> str:
     """The CPU features that decide which backend is fastest: the architecture and its widest matrix extension."""
     flags: set[str] = set()

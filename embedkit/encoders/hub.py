@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 HUB_TIMEOUT_S = 2.0  # how long the probe waits for any answer from the hub (EMBEDKIT_HUB_TIMEOUT overrides)
-_REFUSED: set[str] = set()  # endpoints whose probe failed before its timeout (refused, no DNS)
-_PROBE: dict[str, bool] = {}  # endpoint -> answered; one probe per process
+# endpoint -> "answered", "refused" (failed before the timeout: refused, no DNS) or "silent"; one probe per process
+_PROBE: dict[str, str] = {}
 
 
 def offline() -> bool:
@@ -55,8 +55,8 @@ def hub_timeout() -> float:
         return HUB_TIMEOUT_S
 
 
-def hub_answers(timeout: float | None = None) -> bool:
-    """Does the hub answer a HEAD request within `timeout` seconds? Asked once per process.
+def hub_probe(timeout: float | None = None) -> str:
+    """"answered", "refused" or "silent": the hub's response to one HEAD request, asked once per process.
 
     The request runs in a daemon thread so that a DNS lookup that hangs (getaddrinfo has no timeout)
     cannot hold the user longer than `timeout`; any HTTP status counts as an answer."""
@@ -71,7 +71,7 @@ def hub_answers(timeout: float | None = None) -> bool:
 
     def probe():
         try:
-            # its own timeout outlasts the wait: a hub that hangs is "did not answer", never "refused"
+            # its own timeout outlasts the wait: a hub that hangs is "silent", never "refused"
             get_session().head(endpoint, timeout=2 * wait)
             answered.append(True)
         except Exception:  # noqa: BLE001 - no answer is the answer
@@ -80,9 +80,8 @@ def hub_answers(timeout: float | None = None) -> bool:
             done.set()  # a refused connection or a failed lookup ends the wait at once
 
     threading.Thread(target=probe, daemon=True, name="embedkit-hub-probe").start()
-    if done.wait(wait) and not answered:
-        _REFUSED.add(endpoint)
-    _PROBE[endpoint] = bool(answered)
+    finished = done.wait(wait)
+    _PROBE[endpoint] = "answered" if answered else "refused" if finished else "silent"
     return _PROBE[endpoint]
 
 
@@ -93,10 +92,9 @@ def require_hub(source: str, name: str | None = None) -> None:
 
     if offline():
         raise EmbedkitError(missing_model_message(source, name, "HF_HUB_OFFLINE is set"))
-    if not hub_answers():
-        from huggingface_hub import constants
-
-        why = ("the Hugging Face hub cannot be reached from here" if constants.ENDPOINT in _REFUSED
+    state = hub_probe()
+    if state != "answered":
+        why = ("the Hugging Face hub cannot be reached from here" if state == "refused"
                else f"the Hugging Face hub did not answer within {hub_timeout():g} s")
         raise EmbedkitError(missing_model_message(source, name, why))
     quiet_hub()
